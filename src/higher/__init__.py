@@ -1,0 +1,58 @@
+"""higher: differentiate through optimization loops in PyTorch.
+
+The drop-in successor of facebookresearch/higher 0.2.1: wrap an ``nn.Module`` and a
+``torch.optim`` optimizer, unroll the optimizer differentiably, and backpropagate through the
+whole inner loop (meta-learning, hyperparameter optimization, learned optimizers)::
+
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for x, y in support:
+            diffopt.step(loss_fn(fmodel(x), y))
+        loss_fn(fmodel(xq), yq).backward()   # meta-gradient reaches model.parameters()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import optim, patch, rules, utils
+from .optim import DifferentiableOptimizer, create_diff_optim, get_diff_optim, register_optim
+from .patch import FunctionalModule, monkeypatch
+
+__version__ = "1.0.0.dev0"
+
+__all__ = ["innerloop_ctx"]
+
+
+@contextlib.contextmanager
+def innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: dict[str, Any] | None = None,
+    track_higher_grads: bool = True,
+) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
+    """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
+
+    Args:
+        model: the model whose inner-loop optimization is unrolled; never modified.
+        opt: a ``torch.optim`` optimizer over (some of) ``model``'s parameters; its
+            hyperparameters, parameter groups and state are copied.
+        device: where to put the fast weights, buffers and optimizer state.
+        copy_initial_weights: ``True`` (default): the initial fast weights are detached copies,
+            so meta-gradients stop at ``fmodel.parameters(time=0)``. ``False``: they stay
+            connected to ``model.parameters()``, which receive the meta-gradient (MAML).
+        override: hyperparameters to replace, e.g. ``{'lr': [lr_tensor]}``; tensors requiring
+            grad receive hypergradients.
+        track_higher_grads: ``False`` for a cheap loop without a graph through the updates.
+
+    Nothing is torn down on exit: both objects stay usable after the ``with`` block.
+    """
+    fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads)
+    diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, device=device, override=override,
+                             track_higher_grads=track_higher_grads)
+    yield fmodel, diffopt

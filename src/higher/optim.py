@@ -1,0 +1,613 @@
+"""Differentiable optimizers: the ``torch.optim`` front end over the update rules.
+
+A :class:`DifferentiableOptimizer` is built from an existing ``torch.optim`` optimizer. It copies
+the optimizer's parameter groups (hyperparameters) and state, and then, at each
+:meth:`~DifferentiableOptimizer.step`, takes the gradient of a loss with respect to the current
+fast weights and returns *new* tensors computed out of place by the optimizer's update rule
+(:mod:`higher.rules`), so that the whole unrolled optimization can be differentiated.
+
+The interface (names, signatures, the ``state[group][index]`` layout, ``override`` and
+``grad_callback``) is that of higher 0.2.1; the math is that of ``torch.optim`` in torch 2.13.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import Tensor
+
+from . import rules as _rules
+from .rules import PAIR_HYPERPARAMETERS, UpdateRule
+
+if TYPE_CHECKING:
+    from .patch import FunctionalModule
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "DifferentiableSGD",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdagrad",
+    "DifferentiableAdadelta",
+    "DifferentiableAdamax",
+    "DifferentiableASGD",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableNAdam",
+    "DifferentiableRAdam",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
+]
+
+_GroupedGradsType = list[list[Union[Tensor, None]]]
+_StateType = list[defaultdict]
+_GradCallbackType = Callable[[Sequence[Union[Tensor, None]]], Sequence[Union[Tensor, None]]]
+_OverrideType = dict[str, Any]
+
+
+class DifferentiableOptimizer:
+    """Base class of the differentiable optimizers.
+
+    Args:
+        other: the ``torch.optim.Optimizer`` whose parameter groups, hyperparameters and state
+            are copied (its own parameters are never modified).
+        reference_params: the tensors that ``other`` may track, in the order of the fast weights
+            (``model.parameters()`` for a patched model). Every tensor of ``other`` must be one
+            of them, by identity.
+        fmodel: the patched model whose fast weights ``step`` updates (optional).
+        device: where to put the copied optimizer state (default: where it is).
+        override: hyperparameters to replace, ``{name: [value]}`` (one value for all groups) or
+            ``{name: [value_group0, value_group1, ...]}``; a single number or 0-dim tensor also
+            applies to all groups. Tensors that require grad receive hypergradients.
+        grad_callback: called with the tuple of gradients (one per reference parameter, ``None``
+            where a parameter has no gradient) before the update; returns the gradients to use.
+        track_higher_grads: if ``False``, gradients are taken without a graph and every new fast
+            weight is a fresh leaf (cheap "test mode": no meta-gradient through the step).
+    """
+
+    #: The update rule, for the built-in optimizers; user subclasses override ``_update``.
+    rule: UpdateRule | None = None
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[Tensor],
+        fmodel: FunctionalModule | None = None,
+        device: torch.device | str | None = None,
+        override: _OverrideType | None = None,
+        grad_callback: _GradCallbackType | None = None,
+        track_higher_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        reference_params = list(reference_params)
+        position = {id(p): i for i, p in enumerate(reference_params)}
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: _StateType = []
+        self._group_to_param_list: list[list[int]] = []
+        for group in other.param_groups:
+            indices = []
+            for p in group["params"]:
+                if id(p) not in position:
+                    raise ValueError(
+                        f"Could not find parameter {_describe(p)} of the optimizer among the reference "
+                        f"parameters: the optimizer tracks a tensor that is not in the model. Build "
+                        f"the optimizer over the model's parameters (all or some of them)."
+                    )
+                indices.append(position[id(p)])
+            self._group_to_param_list.append(indices)
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            hyper["params"] = [None] * len(indices)
+            self.param_groups.append(hyper)
+            state: defaultdict = defaultdict(dict)
+            for index, p in enumerate(group["params"]):
+                copied = self._copy_torch_state(other.state.get(p), device)
+                if copied:
+                    state[index] = copied
+            self.state.append(state)
+        self._check_options(other)
+        self._fmodel = fmodel
+        self._track_higher_grads = track_higher_grads
+        self._grad_callback = grad_callback
+        self._num_reference_params = len(reference_params)
+        if override is not None:
+            self._apply_override(override)
+        else:
+            self._check_values(self.param_groups)
+
+    # ---------------------------------------------------------------- construction helpers
+    def _copy_torch_state(self, torch_state: dict | None, device: Any) -> dict:
+        """A detached copy of one parameter's ``torch.optim`` state (warm start).
+
+        For the built-in rules, a state that has not taken a step yet (Adagrad's initial sum)
+        is left to the rule's ``init`` so that hyperparameters given by ``override`` (such as
+        ``initial_accumulator_value``) take effect.
+        """
+        if not torch_state:
+            return {}
+        step = torch_state.get("step")
+        if self.rule is not None and step is not None and float(step) == 0:
+            return {}
+        copied: dict[str, Any] = {}
+        for key, value in torch_state.items():
+            if key == "step" and self.rule is not None:
+                copied[key] = int(float(value))
+            elif isinstance(value, Tensor):
+                value = value.detach().clone()
+                copied[key] = value if device is None else value.to(device)
+            else:
+                copied[key] = value
+        return copied
+
+    def _check_options(self, other: torch.optim.Optimizer) -> None:
+        """Refuse options of the torch optimizer that this rule cannot honour."""
+        rule = self.rule
+        if rule is None:
+            return
+        for group in self.param_groups:
+            for key, value in group.items():
+                if key == "params" or key in rule.options or key not in other.defaults:
+                    continue
+                raise ValueError(
+                    f"{type(self).__name__} does not support the option {key}={value!r} of "
+                    f"torch.optim.{rule.name}; remove it from the optimizer or use another optimizer."
+                )
+            for key in rule.options - set(group):
+                if key in rule.hyperparameters or key in rule.flags:
+                    raise ValueError(
+                        f"parameter group of torch.optim.{rule.name} has no '{key}': build the "
+                        f"optimizer with torch 2.x, which sets every option."
+                    )
+
+    def _check_values(self, groups: Iterable[dict[str, Any]]) -> None:
+        names = self.rule.hyperparameters if self.rule is not None else ()
+        for group in groups:
+            for name in names:
+                for value in _flat(group.get(name)):
+                    if _is_nan(value):
+                        raise ValueError(
+                            f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value."
+                        )
+
+    def _apply_override(self, override: _OverrideType) -> None:
+        """Replace hyperparameters, persistently (later steps keep the new values)."""
+        if not isinstance(override, dict):
+            raise TypeError(f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}")
+        rule = self.rule
+        for name, value in override.items():
+            if rule is not None and name not in rule.hyperparameters and name not in rule.flags:
+                raise ValueError(
+                    f"unknown hyperparameter '{name}' in override for {type(self).__name__}; "
+                    f"it has: {', '.join(rule.hyperparameters + rule.flags)}."
+                )
+            values = _per_group(name, value, len(self.param_groups))
+            for group, group_value in zip(self.param_groups, values):
+                group[name] = group_value
+        self._check_values(self.param_groups)
+
+    # ---------------------------------------------------------------- the step
+    def step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: _OverrideType | None = None,
+        grad_callback: _GradCallbackType | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """Take one differentiable optimizer step on ``loss`` and return the new parameters.
+
+        Args:
+            loss: a scalar tensor computed from the current fast weights.
+            params: the tensors to update (default: the attached fmodel's fast weights), in the
+                order of ``reference_params``.
+            override: hyperparameters to replace from this step on (see the class docstring).
+            grad_callback: replaces the constructor's ``grad_callback`` for this step.
+
+        Returns:
+            The list of new parameters (parameters not tracked by the optimizer are passed
+            through). If an fmodel is attached, it adopts them as its new fast weights.
+        """
+        if override is not None:
+            self._apply_override(override)
+        params = self._params_to_update(params)
+        grads = self._gradients(loss, params)
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            grads = list(callback(tuple(grads)))
+            if len(grads) != len(params):
+                raise ValueError(
+                    f"grad_callback returned {len(grads)} gradients for {len(params)} parameters; "
+                    f"return one (or None) per parameter."
+                )
+        grouped_grads = []
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            group["params"] = [params[i] for i in indices]
+            grouped_grads.append([grads[i] for i in indices])
+        self._update(grouped_grads, **kwargs)
+        new_params = list(params)
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            for i, p in zip(indices, group["params"]):
+                new_params[i] = p
+        if not self._track_higher_grads:
+            new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _params_to_update(self, params: Iterable[Tensor] | None) -> list[Tensor]:
+        if params is None:
+            if self._fmodel is None:
+                raise ValueError(
+                    "step() has no parameters to update: pass params=[...] or build the optimizer "
+                    "with fmodel=... (higher.innerloop_ctx does)."
+                )
+            fast = self._fmodel.fast_params
+            if fast is None:
+                raise ValueError("the fmodel has no fast weights yet: pass params=[...] to step().")
+            params = fast
+        params = list(params)
+        if len(params) != self._num_reference_params:
+            raise ValueError(
+                f"step() got {len(params)} parameters but the optimizer was built for "
+                f"{self._num_reference_params} reference parameters (same order)."
+            )
+        return params
+
+    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"step() needs a scalar loss, got {shape}; reduce it first (e.g. loss.mean())."
+            )
+        targets = [i for i, p in enumerate(params) if p.requires_grad]
+        grads: list[Tensor | None] = [None] * len(params)
+        if not targets:
+            return grads
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss does not depend on any parameter that requires grad: compute it from "
+                "the fmodel's output (or from the params passed to step())."
+            )
+        computed = torch.autograd.grad(
+            loss,
+            [params[i] for i in targets],
+            create_graph=self._track_higher_grads,
+            allow_unused=True,
+        )
+        for i, g in zip(targets, computed):
+            grads[i] = g
+        return grads
+
+    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+        """Apply the update rule to every parameter with a gradient, group by group.
+
+        Subclasses written for higher 0.2.1 override this method: read ``self.param_groups``
+        and ``self.state[group_index][param_index]``, and write the new tensors into
+        ``group['params'][param_index]``.
+        """
+        rule = self.rule
+        if rule is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
+        for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
+            params = group["params"]
+            for index, (param, grad) in enumerate(zip(params, grads)):
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise NotImplementedError(
+                        f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
+                        f"dense gradients (e.g. nn.Embedding(sparse=False))."
+                    )
+                current = state[index] or rule.init(param, group)
+                params[index], state[index] = rule.update(param, grad, current, group)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k != "params"):
+                lines.append(f"    {key}: {group[key]}")
+        return "\n".join(lines) + "\n)"
+
+
+def _describe(t: Tensor) -> str:
+    return f"of shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return bool(torch.isnan(value.detach()).any()) if value.is_floating_point() else False
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Number) or (isinstance(value, Tensor) and value.dim() == 0)
+
+
+def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
+    """One override value per parameter group, following higher 0.2.1's conventions.
+
+    A sequence (list, tuple, or tensor with at least one dimension) of length 1 applies to every
+    group and one of length ``num_groups`` gives one value per group. A number or 0-dim tensor
+    applies to every group, and so does a bare pair for ``betas``/``etas``/``step_sizes``.
+    """
+    if _is_scalar(value):
+        return [value] * num_groups
+    if name in PAIR_HYPERPARAMETERS and isinstance(value, tuple) and len(value) == 2 and all(map(_is_scalar, value)):
+        return [value] * num_groups
+    if isinstance(value, (list, tuple, Tensor)):
+        if len(value) == 1:
+            return [value[0]] * num_groups
+        if len(value) == num_groups:
+            return [value[i] for i in range(num_groups)]
+        raise ValueError(
+            f"override['{name}'] has {len(value)} values but the optimizer has {num_groups} parameter "
+            f"group(s): give one value for all groups ([v]) or one per group."
+        )
+    raise TypeError(f"override['{name}'] must be a number, a tensor or a list of them, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------- the classes
+# Each class is its rule plus the shared front end; see higher.rules for the math.
+
+
+class DifferentiableSGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.SGD``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["SGD"]
+
+
+class DifferentiableAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adam``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["Adam"]
+
+
+class DifferentiableAdamW(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.AdamW``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["AdamW"]
+
+
+class DifferentiableAdagrad(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adagrad``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["Adagrad"]
+
+
+class DifferentiableAdadelta(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adadelta``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["Adadelta"]
+
+
+class DifferentiableAdamax(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adamax``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["Adamax"]
+
+
+class DifferentiableASGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.ASGD``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["ASGD"]
+
+
+class DifferentiableRMSprop(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.RMSprop``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["RMSprop"]
+
+
+class DifferentiableRprop(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Rprop``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["Rprop"]
+
+
+class DifferentiableNAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.NAdam``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["NAdam"]
+
+
+class DifferentiableRAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.RAdam``: same math and options (see ``higher.rules``)."""
+
+    rule = _rules.RULES["RAdam"]
+
+
+_opt_mapping: dict[type, type[DifferentiableOptimizer]] = {
+    cls.rule.torch_optimizer: cls  # type: ignore[union-attr]
+    for cls in (
+        DifferentiableSGD, DifferentiableAdam, DifferentiableAdamW, DifferentiableAdagrad,
+        DifferentiableAdadelta, DifferentiableAdamax, DifferentiableASGD, DifferentiableRMSprop,
+        DifferentiableRprop, DifferentiableNAdam, DifferentiableRAdam,
+    )
+}
+
+
+def register_optim(optim_type: type[torch.optim.Optimizer], diff_optim_type: type[DifferentiableOptimizer]) -> None:
+    """Make :func:`get_diff_optim` (and ``innerloop_ctx``) use ``diff_optim_type`` for ``optim_type``."""
+    if not (isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)):
+        raise TypeError(f"register_optim needs a DifferentiableOptimizer subclass, got {diff_optim_type!r}")
+    _opt_mapping[optim_type] = diff_optim_type
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[Tensor],
+    fmodel: FunctionalModule | None = None,
+    device: torch.device | str | None = None,
+    override: _OverrideType | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """The differentiable optimizer for ``opt``, looked up by its exact type."""
+    cls = _opt_mapping.get(type(opt))
+    if cls is None:
+        kind = type(opt).__name__
+        for torch_type, diff_type in _opt_mapping.items():
+            if isinstance(opt, torch_type):
+                raise ValueError(
+                    f"{kind} is a subclass of {torch_type.__name__}, but subclasses may change the math, "
+                    f"so higher does not assume it. If it updates like {torch_type.__name__}, call "
+                    f"higher.register_optim({kind}, higher.optim.{diff_type.__name__}); otherwise "
+                    f"subclass higher.optim.DifferentiableOptimizer and register that."
+                )
+        supported = ", ".join(sorted(t.__name__ for t in _opt_mapping))
+        raise ValueError(
+            f"Optimizer type {kind} is not supported by higher (supported: {supported}). Write a "
+            f"DifferentiableOptimizer subclass and call higher.register_optim({kind}, YourClass)."
+        )
+    return cls(opt, reference_params, fmodel=fmodel, device=device, override=override,
+               track_higher_grads=track_higher_grads, **kwargs)
+
+
+def create_diff_optim(
+    opt_type: type[torch.optim.Optimizer],
+    opt_kwargs: dict[str, Any] | None = None,
+    params: Iterable[Any] | None = None,
+    fmodel: FunctionalModule | None = None,
+    device: torch.device | str | None = None,
+    override: _OverrideType | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """A differentiable optimizer of type ``opt_type`` without an existing torch optimizer.
+
+    ``params`` (tensors, or parameter-group dicts) give the shapes and grouping; by default the
+    fmodel's parameters. The tensors themselves are never modified: pass them (or any tensors of
+    the same shapes, in the same order) to ``step(loss, params=...)``.
+    """
+    if params is not None:
+        params = list(params)
+    elif fmodel is not None:
+        params = list(fmodel.parameters())
+    else:
+        raise ValueError("create_diff_optim needs params=... or fmodel=... to know what it optimizes.")
+    reference: list[Tensor] = []
+
+    def placeholders(tensors: Iterable[Tensor]) -> list[Tensor]:
+        made = [torch.zeros_like(t, device=device).requires_grad_() for t in tensors]
+        reference.extend(made)
+        return made
+
+    if params and isinstance(params[0], dict):
+        groups: list[Any] = [{**g, "params": placeholders(_as_list(g["params"]))} for g in params]
+    else:
+        groups = placeholders(params)
+    opt = opt_type(groups, **(opt_kwargs or {}))
+    return get_diff_optim(opt, reference, fmodel=fmodel, device=device, override=override,
+                          track_higher_grads=track_higher_grads, **kwargs)
+
+
+def _as_list(params: Any) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | str | None = None) -> _OverrideType:
+    """An ``override`` dict with a leaf tensor requiring grad for every numeric hyperparameter.
+
+    One entry per group for each hyperparameter whose values are numbers (pairs such as
+    ``betas`` become tuples of tensors). Boolean options are not hyperparameters and are left
+    out (higher 0.2.1 swept them in, since ``bool`` is an ``int``).
+    """
+    override: _OverrideType = {}
+    for group in opt.param_groups:
+        for key, value in group.items():
+            if key == "params" or not _is_numeric(value):
+                continue
+            override.setdefault(key, []).append(_to_leaf(value, device))
+    return override
+
+
+def _is_numeric(value: Any) -> bool:
+    values = _flat(value)
+    return bool(values) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+
+
+def _to_leaf(value: Any, device: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_leaf(v, device) for v in value)
+    return torch.tensor(float(value), device=device, requires_grad=True)
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideType) -> None:
+    """Write learned hyperparameters (an ``override`` dict) back into a torch optimizer."""
+    for name, value in override.items():
+        values = _per_group(name, value, len(opt.param_groups))
+        for group, learned in zip(opt.param_groups, values):
+            group[name] = _assign_like(group.get(name), learned)
+
+
+def _assign_like(target: Any, learned: Any) -> Any:
+    if isinstance(target, (list, tuple)):
+        return type(target)(_assign_like(t, v) for t, v in zip(target, learned))
+    if isinstance(target, Tensor):
+        with torch.no_grad():
+            target.copy_(learned if isinstance(learned, Tensor) else torch.as_tensor(learned))
+        return target
+    value = learned.item() if isinstance(learned, Tensor) else learned
+    return type(target)(value) if isinstance(target, numbers.Number) else value
+
+
+# -------------------------------------------- helpers kept for optimizers written for 0.2.1
+def _add(tensor: Tensor, a1: Any, a2: Any = None) -> Tensor:
+    """``tensor + a1 * a2`` (or ``tensor + a1``), out of place, in 0.2.1's argument order."""
+    value, other = (1, a1) if a2 is None else (a1, a2)
+    return tensor + value * other
+
+
+def _addcdiv(tensor: Tensor, a1: Any, a2: Tensor, a3: Tensor | None = None) -> Tensor:
+    """``tensor + a1 * a2 / a3`` (or ``tensor + a1 / a2``), out of place."""
+    value, num, den = (1, a1, a2) if a3 is None else (a1, a2, a3)
+    return tensor + value * (num / den)
+
+
+def _addcmul(tensor: Tensor, a1: Any, a2: Tensor, a3: Tensor | None = None) -> Tensor:
+    """``tensor + a1 * a2 * a3`` (or ``tensor + a1 * a2``), out of place."""
+    value, t1, t2 = (1, a1, a2) if a3 is None else (a1, a2, a3)
+    return tensor + value * (t1 * t2)
+
+
+def _get_mask_closure(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    """A gradient hook that zeroes gradient entries where ``mask`` is true, at every order."""
+
+    def closure(grad: Tensor) -> Tensor:
+        grad = torch.where(mask, torch.zeros_like(grad), grad)
+        if grad.requires_grad:
+            grad.register_hook(closure)
+        return grad
+
+    return closure
+
+
+def _maybe_mask(tensor: Tensor, mask: Tensor) -> None:
+    """Register :func:`_get_mask_closure` on ``tensor`` if it takes part in autograd."""
+    if tensor.requires_grad:
+        tensor.register_hook(_get_mask_closure(mask))
+
+
+def _recursive_apply(replacement: Any, target: Any) -> Any:
+    """Map a structure of replacements onto a structure of tensors of the same shape."""
+    if isinstance(target, Tensor):
+        return replacement if isinstance(replacement, Tensor) else torch.as_tensor(replacement)
+    if isinstance(target, (list, tuple)):
+        return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target))
+    if isinstance(target, dict):
+        return {k: _recursive_apply(replacement[k], v) for k, v in target.items()}
+    return replacement

@@ -1,0 +1,488 @@
+"""The update rules: one pure function per ``torch.optim`` optimizer.
+
+Each rule maps ``(parameter, gradient, state, hyperparameters)`` to ``(new parameter, new state)``
+and never modifies its inputs, so autograd can differentiate the new parameter with respect to
+the old one, to the gradient (second order) and to every hyperparameter given as a tensor. The
+math follows ``torch.optim``'s single-tensor kernels (torch 2.13) operation by operation; the
+only differences are out-of-place operations and the derivative of ``sqrt`` at 0 (see
+:func:`sqrt0`).
+
+Every front end (the ``Differentiable<Name>`` classes, the functional ``step`` and the
+task-batched mode) calls these same functions. The rules are elementwise, so they work unchanged
+on stacked tensors with a leading task dimension, with hyperparameters that broadcast against
+the parameter (one value per task, or one per parameter entry).
+
+Hyperparameter values may be Python numbers or tensors. A tensor hyperparameter always takes the
+general code path (``weight_decay`` given as a tensor 0 still builds the decay term), so its
+hypergradient is exact even at 0.
+
+Adding an optimizer means writing one ``init`` and one ``update`` function and one
+:class:`UpdateRule` entry in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Hyper = Mapping[str, Any]
+State = dict[str, Any]
+
+__all__ = ["RULES", "UpdateRule", "rule_for", "sqrt0"]
+
+
+class _Sqrt0(torch.autograd.Function):
+    """``sqrt`` whose derivative at 0 is taken to be 0 instead of infinity."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        root = x.sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        positive = root > 0
+        # Divide by a safe denominator so that higher-order derivatives stay finite too.
+        safe_root = torch.where(positive, root, torch.ones_like(root))
+        return torch.where(positive, grad / (2 * safe_root), torch.zeros_like(grad))
+
+
+def sqrt0(x: Tensor) -> Tensor:
+    """Square root with the convention ``d sqrt(x)/dx = 0`` at ``x == 0``.
+
+    Adaptive optimizers take ``sqrt`` of a running average of squared gradients. Where a
+    gradient entry has been exactly zero at every step so far (a dead ReLU unit, a parameter
+    that does not reach the loss), that average is exactly 0 and the true derivative of
+    ``sqrt`` is infinite; multiplied by the zero derivative of the squared gradient it gives NaN
+    meta-gradients. Such an entry's parameter did not move, and the convention used here,
+    derivative 0 at 0 (the value at which ``sqrt(x)`` is flat from the feasible side in the limit
+    of the optimizer's own ``eps``), keeps every meta-gradient finite and leaves every other
+    entry exact. Values are identical to ``torch.sqrt``.
+    """
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return x.sqrt()
+    return _Sqrt0.apply(x)
+
+
+def _active(value: Any) -> bool:
+    """Whether an optional term (weight decay, momentum) must be built.
+
+    A tensor hyperparameter is always active so that its gradient exists even at value 0.
+    """
+    return isinstance(value, Tensor) or value != 0
+
+
+def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
+    """``clamp`` accepting Python numbers and tensors (differentiable in both bounds)."""
+    if not isinstance(low, Tensor) and not isinstance(high, Tensor):
+        return x.clamp(low, high)
+    return torch.minimum(torch.maximum(x, torch.as_tensor(low, dtype=x.dtype, device=x.device)),
+                         torch.as_tensor(high, dtype=x.dtype, device=x.device))
+
+
+def _zeros(param: Tensor) -> Tensor:
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+# The four fused forms that torch.optim's kernels use. With a Python-number coefficient they call
+# the same fused kernel as torch.optim (bitwise-equal results). A coefficient given as a tensor that
+# requires grad takes the fused kernel for the value and gets its gradient from an exactly-zero
+# term ``(a - a.detach()) * y``, so values stay bitwise-equal and derivatives exact at every order.
+def _add_scaled(x: Tensor, y: Tensor, a: Any) -> Tensor:
+    """``x + a * y`` (torch: ``x.add(y, alpha=a)``)."""
+    if not isinstance(a, Tensor):
+        return x.add(y, alpha=a)
+    if not a.requires_grad:
+        return torch.addcmul(x, y, a)
+    fixed = a.detach()
+    return torch.addcmul(x, y, fixed) + (a - fixed) * y
+
+
+def _add_product(x: Tensor, y: Tensor, z: Tensor, a: Any) -> Tensor:
+    """``x + a * y * z`` (torch: ``x.addcmul(y, z, value=a)``)."""
+    if not isinstance(a, Tensor):
+        return torch.addcmul(x, y, z, value=a)
+    return x + a * (y * z)
+
+
+def _add_ratio(x: Tensor, y: Tensor, z: Tensor, a: Any) -> Tensor:
+    """``x + a * y / z`` (torch: ``x.addcdiv(y, z, value=a)``)."""
+    if not isinstance(a, Tensor):
+        return torch.addcdiv(x, y, z, value=a)
+    return x + a * (y / z)
+
+
+def _lerp(x: Tensor, y: Tensor, w: Any) -> Tensor:
+    """``x + w * (y - x)`` (torch: ``x.lerp(y, w)``)."""
+    if not isinstance(w, Tensor):
+        return torch.lerp(x, y, w)
+    return x + w * (y - x)
+
+
+# --------------------------------------------------------------------------------------------
+# SGD:  g <- g + wd p;  b <- mu b + (1 - dampening) g  (b_1 = g);  g <- g + mu b (nesterov) or b;
+#       p <- p - lr g
+# --------------------------------------------------------------------------------------------
+def sgd_init(param: Tensor, hp: Hyper) -> State:
+    return {}
+
+
+def sgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, momentum, dampening, weight_decay = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    new_state: State = {}
+    if _active(momentum):
+        buf = state.get("momentum_buffer")
+        buf = grad if buf is None else _add_scaled(buf * momentum, grad, 1 - dampening)
+        new_state["momentum_buffer"] = buf
+        grad = _add_scaled(grad, buf, momentum) if hp["nesterov"] else buf
+    return _add_scaled(param, grad, -lr), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Adam / AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019):
+#   m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  (amsgrad: v_max <- max(v_max, v))
+#   p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+#   weight decay: g <- g + wd p  (L2)  or  p <- p (1 - lr wd)  (decoupled, AdamW)
+# --------------------------------------------------------------------------------------------
+def adam_init(param: Tensor, hp: Hyper) -> State:
+    state: State = {"step": 0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+    if hp["amsgrad"]:
+        state["max_exp_avg_sq"] = _zeros(param)
+    return state
+
+
+def adam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    if _active(weight_decay):
+        if hp["decoupled_weight_decay"]:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = _add_scaled(grad, param, weight_decay)
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    new_state: State = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    second_moment = exp_avg_sq
+    if hp["amsgrad"]:
+        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = sqrt0(second_moment) / bias_correction2_sqrt + eps
+    return _add_ratio(param, exp_avg, denom, -(lr / bias_correction1)), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Adagrad (Duchi et al. 2011):  s <- s + g^2;  p <- p - lr/(1 + (t-1) lr_decay) * g / (sqrt(s) + eps)
+# --------------------------------------------------------------------------------------------
+def adagrad_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "sum": _zeros(param) + hp["initial_accumulator_value"]}
+
+
+def adagrad_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, lr_decay, eps, weight_decay = hp["lr"], hp["lr_decay"], hp["eps"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    accumulated = _add_product(state["sum"], grad, grad, 1)
+    std = sqrt0(accumulated) + eps
+    return _add_ratio(param, grad, std, -clr), {"step": step, "sum": accumulated}
+
+
+# --------------------------------------------------------------------------------------------
+# Adadelta (Zeiler 2012):  v <- rho v + (1-rho) g^2;  d = sqrt(u + eps)/sqrt(v + eps) g;
+#                          u <- rho u + (1-rho) d^2;  p <- p - lr d
+# --------------------------------------------------------------------------------------------
+def adadelta_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "square_avg": _zeros(param), "acc_delta": _zeros(param)}
+
+
+def adadelta_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, rho, eps, weight_decay = hp["lr"], hp["rho"], hp["eps"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    square_avg = _add_product(state["square_avg"] * rho, grad, grad, 1 - rho)
+    std = (square_avg + eps).sqrt()
+    delta = (state["acc_delta"] + eps).sqrt() / std * grad
+    acc_delta = _add_product(state["acc_delta"] * rho, delta, delta, 1 - rho)
+    new_state = {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
+    return _add_scaled(param, delta, -lr), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Adamax (Kingma & Ba 2015, sec. 7.1):  m <- b1 m + (1-b1) g;  u <- max(b2 u, |g| + eps);
+#                                       p <- p - lr/(1-b1^t) * m / u
+# --------------------------------------------------------------------------------------------
+def adamax_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "exp_avg": _zeros(param), "exp_inf": _zeros(param)}
+
+
+def adamax_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_inf = torch.maximum(state["exp_inf"] * beta2, grad.abs() + eps)
+    clr = lr / (1 - beta1**step)
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+    return _add_ratio(param, exp_avg, exp_inf, -clr), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# ASGD (Polyak & Juditsky 1992):  p <- p (1 - lambd eta) - eta g;  ax <- ax + mu (p - ax);
+#   eta <- lr / (1 + lambd lr t)^alpha;  mu <- 1 / max(1, t - t0)
+# --------------------------------------------------------------------------------------------
+def asgd_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "eta": hp["lr"], "mu": 1.0, "ax": _zeros(param)}
+
+
+def asgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, lambd, alpha, t0, weight_decay = hp["lr"], hp["lambd"], hp["alpha"], hp["t0"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    eta, mu = state["eta"], state["mu"]
+    param = param * (1 - lambd * eta)
+    param = _add_scaled(param, grad, -eta)
+    ax = state["ax"]
+    ax = ax + (param - ax) * mu if isinstance(mu, Tensor) or mu != 1 else param
+    new_eta = lr / ((1 + lambd * lr * step) ** alpha)
+    if isinstance(t0, Tensor):
+        new_mu: Any = 1 / torch.clamp(step - t0, min=1)
+    else:
+        new_mu = 1 / max(1, step - t0)
+    return param, {"step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+# --------------------------------------------------------------------------------------------
+# RMSprop (Hinton 2012; Graves 2013 for centered):  v <- a v + (1-a) g^2;
+#   centered: m <- a m + (1-a) g, avg = sqrt(v - m^2) + eps;  else avg = sqrt(v) + eps
+#   momentum: b <- mu b + g/avg, p <- p - lr b;  else p <- p - lr g/avg
+# --------------------------------------------------------------------------------------------
+def rmsprop_init(param: Tensor, hp: Hyper) -> State:
+    state: State = {"step": 0, "square_avg": _zeros(param)}
+    if _active(hp["momentum"]):
+        state["momentum_buffer"] = _zeros(param)
+    if hp["centered"]:
+        state["grad_avg"] = _zeros(param)
+    return state
+
+
+def rmsprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, alpha, eps, weight_decay, momentum = hp["lr"], hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
+    if hp["maximize"]:
+        grad = -grad
+    if _active(weight_decay):
+        grad = _add_scaled(grad, param, weight_decay)
+    square_avg = _add_product(state["square_avg"] * alpha, grad, grad, 1 - alpha)
+    new_state: State = {"step": state["step"] + 1, "square_avg": square_avg}
+    if hp["centered"]:
+        grad_avg = _lerp(state["grad_avg"], grad, 1 - alpha)
+        new_state["grad_avg"] = grad_avg
+        avg = sqrt0(_add_product(square_avg, grad_avg, grad_avg, -1)) + eps
+    else:
+        avg = sqrt0(square_avg) + eps
+    if _active(momentum):
+        buf = state.get("momentum_buffer")
+        buf = grad / avg if buf is None else _add_ratio(buf * momentum, grad, avg, 1)
+        new_state["momentum_buffer"] = buf
+        return _add_scaled(param, buf, -lr), new_state
+    return _add_ratio(param, grad, avg, -lr), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Rprop (Riedmiller & Braun 1993):  s = sign(g g_prev);  step <- clamp(step * (eta+ | eta- | 1));
+#   g <- 0 where the sign flipped;  p <- p - sign(g) step;  g_prev <- g
+# --------------------------------------------------------------------------------------------
+def rprop_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "prev": _zeros(param), "step_size": _zeros(param) + hp["lr"]}
+
+
+def rprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    etaminus, etaplus = hp["etas"]
+    step_size_min, step_size_max = hp["step_sizes"]
+    if hp["maximize"]:
+        grad = -grad
+    sign = (grad * state["prev"]).sign()
+    ones = torch.ones_like(sign)
+    factor = torch.where(sign > 0, etaplus, torch.where(sign < 0, etaminus, ones))
+    step_size = _clamp(state["step_size"] * factor, step_size_min, step_size_max)
+    grad = torch.where(factor == etaminus, torch.zeros_like(grad), grad)
+    new_state = {"step": state["step"] + 1, "prev": grad, "step_size": step_size}
+    return _add_product(param, grad.sign(), step_size, -1), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# NAdam (Dozat 2016):  mu_t = b1 (1 - 0.5 * 0.96^(t psi));  m, v as in Adam;
+#   p <- p - lr (1-mu_t)/(1-prod mu) g/d - lr mu_{t+1}/(1 - prod mu * mu_{t+1}) m/d,
+#   d = sqrt(v/(1-b2^t)) + eps
+# --------------------------------------------------------------------------------------------
+def nadam_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "mu_product": 1.0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+
+
+def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    momentum_decay = hp["momentum_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    bias_correction2 = 1 - beta2**step
+    if _active(weight_decay):
+        if hp["decoupled_weight_decay"]:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = _add_scaled(grad, param, weight_decay)
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    mu_product = state["mu_product"] * mu
+    mu_product_next = mu_product * mu_next
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    denom = sqrt0(exp_avg_sq / bias_correction2) + eps
+    param = _add_ratio(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product))
+    param = _add_ratio(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
+    new_state = {"step": step, "mu_product": mu_product, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return param, new_state
+
+
+# --------------------------------------------------------------------------------------------
+# RAdam (Liu et al. 2020):  m, v as in Adam;  rho_inf = 2/(1-b2) - 1;
+#   rho_t = rho_inf - 2 t b2^t / (1 - b2^t);  if rho_t > 5: p <- p - lr m_hat r_t sqrt(1-b2^t)/(sqrt(v)+eps)
+#   with r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)); else p <- p - lr m_hat
+# --------------------------------------------------------------------------------------------
+def radam_init(param: Tensor, hp: Hyper) -> State:
+    return {"step": 0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+
+
+def radam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+    lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    if hp["maximize"]:
+        grad = -grad
+    step = state["step"] + 1
+    if _active(weight_decay):
+        if hp["decoupled_weight_decay"]:
+            param = param * (1 - lr * weight_decay)
+        else:
+            grad = _add_scaled(grad, param, weight_decay)
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    corrected_exp_avg = exp_avg / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+
+    def adaptive_lr() -> Tensor:
+        return (bias_correction2**0.5) / (sqrt0(exp_avg_sq) + eps)
+
+    def rectification(rho: Any) -> Any:
+        return ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+
+    if isinstance(rho_t, Tensor) and rho_t.numel() > 1:
+        # One beta2 per task (batched mode): choose per entry, keeping both branches finite.
+        rectified = rho_t > 5.0
+        safe_rho = torch.where(rectified, rho_t, torch.full_like(rho_t, 6.0))
+        scale = torch.where(rectified, rectification(safe_rho) * adaptive_lr(), torch.ones_like(param))
+        return _add_scaled(param, corrected_exp_avg * lr * scale, -1.0), new_state
+    if rho_t > 5.0:
+        update = corrected_exp_avg * lr * adaptive_lr() * rectification(rho_t)
+    else:
+        update = corrected_exp_avg * lr
+    return _add_scaled(param, update, -1.0), new_state
+
+
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """A differentiable optimizer: its math and the ``torch.optim`` options it understands.
+
+    Attributes:
+        name: the ``torch.optim`` class name.
+        torch_optimizer: the ``torch.optim`` class whose math this is.
+        hyperparameters: numeric options; each may be given as a tensor (``override``) and then
+            receives an exact hypergradient. Pairs such as ``betas`` are tuples of two.
+        flags: boolean options that change the math (``amsgrad``, ``maximize``, ...).
+        init: ``init(param, hyperparameters) -> state``, the state before the first step.
+        update: ``update(param, grad, state, hyperparameters) -> (new_param, new_state)``.
+    """
+
+    name: str
+    torch_optimizer: type[torch.optim.Optimizer]
+    hyperparameters: tuple[str, ...]
+    flags: tuple[str, ...]
+    init: Callable[[Tensor, Hyper], State]
+    update: Callable[[Tensor, Tensor, State, Hyper], tuple[Tensor, State]]
+
+    @property
+    def options(self) -> frozenset[str]:
+        """Every group key this rule reads or accepts without effect (implementation flags)."""
+        return frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS)
+
+
+_ADAM_OPTIONS = dict(hyperparameters=("lr", "betas", "eps", "weight_decay"),
+                     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+                     init=adam_init, update=adam_update)
+
+RULES: dict[str, UpdateRule] = {
+    rule.name: rule
+    for rule in (
+        UpdateRule("SGD", torch.optim.SGD, ("lr", "momentum", "dampening", "weight_decay"),
+                   ("nesterov", "maximize"), sgd_init, sgd_update),
+        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS),
+        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS),
+        UpdateRule("Adagrad", torch.optim.Adagrad,
+                   ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value"),
+                   ("maximize",), adagrad_init, adagrad_update),
+        UpdateRule("Adadelta", torch.optim.Adadelta, ("lr", "rho", "eps", "weight_decay"),
+                   ("maximize",), adadelta_init, adadelta_update),
+        UpdateRule("Adamax", torch.optim.Adamax, ("lr", "betas", "eps", "weight_decay"),
+                   ("maximize",), adamax_init, adamax_update),
+        UpdateRule("ASGD", torch.optim.ASGD, ("lr", "lambd", "alpha", "t0", "weight_decay"),
+                   ("maximize",), asgd_init, asgd_update),
+        UpdateRule("RMSprop", torch.optim.RMSprop, ("lr", "alpha", "eps", "weight_decay", "momentum"),
+                   ("centered", "maximize"), rmsprop_init, rmsprop_update),
+        UpdateRule("Rprop", torch.optim.Rprop, ("lr", "etas", "step_sizes"),
+                   ("maximize",), rprop_init, rprop_update),
+        UpdateRule("NAdam", torch.optim.NAdam, ("lr", "betas", "eps", "weight_decay", "momentum_decay"),
+                   ("maximize", "decoupled_weight_decay"), nadam_init, nadam_update),
+        UpdateRule("RAdam", torch.optim.RAdam, ("lr", "betas", "eps", "weight_decay"),
+                   ("maximize", "decoupled_weight_decay"), radam_init, radam_update),
+    )
+}
+
+#: Hyperparameters that are pairs of numbers.
+PAIR_HYPERPARAMETERS = frozenset({"betas", "etas", "step_sizes"})
+
+
+def rule_for(optimizer_type: type) -> UpdateRule | None:
+    """The rule for exactly this ``torch.optim`` class (subclasses are not matched)."""
+    for rule in RULES.values():
+        if rule.torch_optimizer is optimizer_type:
+            return rule
+    return None
