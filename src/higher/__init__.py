@@ -24,7 +24,19 @@ from .patch import FunctionalModule, monkeypatch
 
 __version__ = "1.0.0.dev0"
 
-__all__ = ["innerloop_ctx"]
+__all__ = [
+    "DifferentiableOptimizer",
+    "FunctionalModule",
+    "create_diff_optim",
+    "get_diff_optim",
+    "innerloop_ctx",
+    "monkeypatch",
+    "optim",
+    "patch",
+    "register_optim",
+    "rules",
+    "utils",
+]
 
 
 @contextlib.contextmanager
@@ -52,7 +64,10 @@ def innerloop_ctx(
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
-    fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads)
-    diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, device=device, override=override,
-                             track_higher_grads=track_higher_grads)
+    fmodel = monkeypatch(
+        model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    )
+    diffopt = get_diff_optim(
+        opt, model.parameters(), fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
+    )
     yield fmodel, diffopt

@@ -179,7 +179,9 @@ class DifferentiableOptimizer:
     def _apply_override(self, override: _OverrideType) -> None:
         """Replace hyperparameters, persistently (later steps keep the new values)."""
         if not isinstance(override, dict):
-            raise TypeError(f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}")
+            raise TypeError(
+                f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}"
+            )
         rule = self.rule
         for name, value in override.items():
             if rule is not None and name not in rule.hyperparameters and name not in rule.flags:
@@ -263,9 +265,7 @@ class DifferentiableOptimizer:
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"step() needs a scalar loss, got {shape}; reduce it first (e.g. loss.mean())."
-            )
+            raise ValueError(f"step() needs a scalar loss, got {shape}; reduce it first (e.g. loss.mean()).")
         targets = [i for i, p in enumerate(params) if p.requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if not targets:
@@ -433,9 +433,17 @@ class DifferentiableRAdam(DifferentiableOptimizer):
 _opt_mapping: dict[type, type[DifferentiableOptimizer]] = {
     cls.rule.torch_optimizer: cls  # type: ignore[union-attr]
     for cls in (
-        DifferentiableSGD, DifferentiableAdam, DifferentiableAdamW, DifferentiableAdagrad,
-        DifferentiableAdadelta, DifferentiableAdamax, DifferentiableASGD, DifferentiableRMSprop,
-        DifferentiableRprop, DifferentiableNAdam, DifferentiableRAdam,
+        DifferentiableSGD,
+        DifferentiableAdam,
+        DifferentiableAdamW,
+        DifferentiableAdagrad,
+        DifferentiableAdadelta,
+        DifferentiableAdamax,
+        DifferentiableASGD,
+        DifferentiableRMSprop,
+        DifferentiableRprop,
+        DifferentiableNAdam,
+        DifferentiableRAdam,
     )
 }
 
@@ -473,8 +481,15 @@ def get_diff_optim(
             f"Optimizer type {kind} is not supported by higher (supported: {supported}). Write a "
             f"DifferentiableOptimizer subclass and call higher.register_optim({kind}, YourClass)."
         )
-    return cls(opt, reference_params, fmodel=fmodel, device=device, override=override,
-               track_higher_grads=track_higher_grads, **kwargs)
+    return cls(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
 
 
 def create_diff_optim(
@@ -511,8 +526,9 @@ def create_diff_optim(
     else:
         groups = placeholders(params)
     opt = opt_type(groups, **(opt_kwargs or {}))
-    return get_diff_optim(opt, reference, fmodel=fmodel, device=device, override=override,
-                          track_higher_grads=track_higher_grads, **kwargs)
+    return get_diff_optim(
+        opt, reference, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads, **kwargs
+    )
 
 
 def _as_list(params: Any) -> list[Tensor]:

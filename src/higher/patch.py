@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -107,7 +106,7 @@ class FunctionalModule(nn.Module):
         d["_hg_module"] = module
         d["_hg_path"] = path
         prefix = f"{path}." if path else ""
-        in_subtree = [(name[len(prefix):], slot) for name, slot in core.param_slots if name.startswith(prefix)]
+        in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
         seen: dict[int, str] = {}
@@ -115,7 +114,7 @@ class FunctionalModule(nn.Module):
             seen.setdefault(slot[2], name)
         d["_hg_param_idx"] = list(seen)
         d["_hg_param_names"] = list(seen.values())
-        buffers = [(name[len(prefix):], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
+        buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         d["_hg_buffer_names"] = list({slot[2]: name for name, slot in reversed(buffers)}.items())[::-1]
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
@@ -203,7 +202,9 @@ class FunctionalModule(nn.Module):
             return iter(self._hg_slice(entry))
         return iter([entry[i] for i in self._hg_own_params.values()])
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:  # type: ignore[override]
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:  # type: ignore[override]
         """Names and current fast weights, under the module's own parameter names."""
         entry = self._hg_entry(None)
         dot = f"{prefix}." if prefix else ""
@@ -218,7 +219,9 @@ class FunctionalModule(nn.Module):
     def buffers(self, recurse: bool = True) -> Iterator[Tensor]:  # type: ignore[override]
         return (b for _, b in self.named_buffers(recurse=recurse))
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:  # type: ignore[override]
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:  # type: ignore[override]
         """Names and the fmodel's buffers (copies of the module's, unless shared)."""
         buffers = self._hg_core.buffers
         dot = f"{prefix}." if prefix else ""
@@ -361,7 +364,9 @@ class FunctionalModule(nn.Module):
             if p.is_leaf:
                 p.grad = None if set_to_none else (None if p.grad is None else torch.zeros_like(p.grad))
 
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:  # type: ignore[override]
         """The module's state dict with the current fast weights and the fmodel's buffers."""
         if args:
             raise TypeError("pass state_dict options by keyword (destination=, prefix=, keep_vars=)")
@@ -416,8 +421,13 @@ class FunctionalModule(nn.Module):
         buffers = [b.detach().clone() for b in core.buffers]
         root = core.views[id(core.module)]
         modes = {name: view.training for name, view in root.named_modules()}
-        snapshot = {"module": core.module, "history": history, "buffers": buffers,
-                    "track_higher_grads": core.track_higher_grads, "modes": modes}
+        snapshot = {
+            "module": core.module,
+            "history": history,
+            "buffers": buffers,
+            "track_higher_grads": core.track_higher_grads,
+            "modes": modes,
+        }
         return (_restore, (snapshot, self._hg_path))
 
 
@@ -444,23 +454,23 @@ def _view_class(cls: type, root: bool) -> type[FunctionalModule]:
     return _VIEW_CLASSES[key]
 
 
-def make_functional(module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None) -> FunctionalModule:
+def make_functional(
+    module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None
+) -> FunctionalModule:
     """A functional view of ``module`` without fast weights: every call must pass ``params=``.
 
     ``encapsulator(fmodule, module)``, if given, runs at the end (``monkeypatch`` uses this
     hook to set the initial fast weights and buffers).
     """
     if isinstance(module, FunctionalModule):
-        raise ValueError(
-            "this module is already a functional (patched) module; patch the original nn.Module instead."
-        )
+        raise ValueError("this module is already a functional (patched) module; patch the original nn.Module instead.")
     if not isinstance(module, nn.Module):
         raise TypeError(f"make_functional needs an nn.Module, got {type(module).__name__}")
     core = _Core(module)
     named = list(module.named_modules())
     for name, sub in named:
         core.views[id(sub)] = _view_class(type(sub), root=not name)(core, sub, name)
-    for name, sub in named:
+    for _, sub in named:
         view = core.views[id(sub)]
         for child_name, child in sub._modules.items():
             if child is not None:

@@ -82,8 +82,10 @@ def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
     """``clamp`` accepting Python numbers and tensors (differentiable in both bounds)."""
     if not isinstance(low, Tensor) and not isinstance(high, Tensor):
         return x.clamp(low, high)
-    return torch.minimum(torch.maximum(x, torch.as_tensor(low, dtype=x.dtype, device=x.device)),
-                         torch.as_tensor(high, dtype=x.dtype, device=x.device))
+    return torch.minimum(
+        torch.maximum(x, torch.as_tensor(low, dtype=x.dtype, device=x.device)),
+        torch.as_tensor(high, dtype=x.dtype, device=x.device),
+    )
 
 
 def _zeros(param: Tensor) -> Tensor:
@@ -445,34 +447,83 @@ class UpdateRule:
         return frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS)
 
 
-_ADAM_OPTIONS = dict(hyperparameters=("lr", "betas", "eps", "weight_decay"),
-                     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
-                     init=adam_init, update=adam_update)
+_ADAM_OPTIONS = dict(
+    hyperparameters=("lr", "betas", "eps", "weight_decay"),
+    flags=("amsgrad", "maximize", "decoupled_weight_decay"),
+    init=adam_init,
+    update=adam_update,
+)
 
 RULES: dict[str, UpdateRule] = {
     rule.name: rule
     for rule in (
-        UpdateRule("SGD", torch.optim.SGD, ("lr", "momentum", "dampening", "weight_decay"),
-                   ("nesterov", "maximize"), sgd_init, sgd_update),
+        UpdateRule(
+            "SGD",
+            torch.optim.SGD,
+            ("lr", "momentum", "dampening", "weight_decay"),
+            ("nesterov", "maximize"),
+            sgd_init,
+            sgd_update,
+        ),
         UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS),
         UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS),
-        UpdateRule("Adagrad", torch.optim.Adagrad,
-                   ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value"),
-                   ("maximize",), adagrad_init, adagrad_update),
-        UpdateRule("Adadelta", torch.optim.Adadelta, ("lr", "rho", "eps", "weight_decay"),
-                   ("maximize",), adadelta_init, adadelta_update),
-        UpdateRule("Adamax", torch.optim.Adamax, ("lr", "betas", "eps", "weight_decay"),
-                   ("maximize",), adamax_init, adamax_update),
-        UpdateRule("ASGD", torch.optim.ASGD, ("lr", "lambd", "alpha", "t0", "weight_decay"),
-                   ("maximize",), asgd_init, asgd_update),
-        UpdateRule("RMSprop", torch.optim.RMSprop, ("lr", "alpha", "eps", "weight_decay", "momentum"),
-                   ("centered", "maximize"), rmsprop_init, rmsprop_update),
-        UpdateRule("Rprop", torch.optim.Rprop, ("lr", "etas", "step_sizes"),
-                   ("maximize",), rprop_init, rprop_update),
-        UpdateRule("NAdam", torch.optim.NAdam, ("lr", "betas", "eps", "weight_decay", "momentum_decay"),
-                   ("maximize", "decoupled_weight_decay"), nadam_init, nadam_update),
-        UpdateRule("RAdam", torch.optim.RAdam, ("lr", "betas", "eps", "weight_decay"),
-                   ("maximize", "decoupled_weight_decay"), radam_init, radam_update),
+        UpdateRule(
+            "Adagrad",
+            torch.optim.Adagrad,
+            ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value"),
+            ("maximize",),
+            adagrad_init,
+            adagrad_update,
+        ),
+        UpdateRule(
+            "Adadelta",
+            torch.optim.Adadelta,
+            ("lr", "rho", "eps", "weight_decay"),
+            ("maximize",),
+            adadelta_init,
+            adadelta_update,
+        ),
+        UpdateRule(
+            "Adamax",
+            torch.optim.Adamax,
+            ("lr", "betas", "eps", "weight_decay"),
+            ("maximize",),
+            adamax_init,
+            adamax_update,
+        ),
+        UpdateRule(
+            "ASGD",
+            torch.optim.ASGD,
+            ("lr", "lambd", "alpha", "t0", "weight_decay"),
+            ("maximize",),
+            asgd_init,
+            asgd_update,
+        ),
+        UpdateRule(
+            "RMSprop",
+            torch.optim.RMSprop,
+            ("lr", "alpha", "eps", "weight_decay", "momentum"),
+            ("centered", "maximize"),
+            rmsprop_init,
+            rmsprop_update,
+        ),
+        UpdateRule("Rprop", torch.optim.Rprop, ("lr", "etas", "step_sizes"), ("maximize",), rprop_init, rprop_update),
+        UpdateRule(
+            "NAdam",
+            torch.optim.NAdam,
+            ("lr", "betas", "eps", "weight_decay", "momentum_decay"),
+            ("maximize", "decoupled_weight_decay"),
+            nadam_init,
+            nadam_update,
+        ),
+        UpdateRule(
+            "RAdam",
+            torch.optim.RAdam,
+            ("lr", "betas", "eps", "weight_decay"),
+            ("maximize", "decoupled_weight_decay"),
+            radam_init,
+            radam_update,
+        ),
     )
 }
 

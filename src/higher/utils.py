@@ -19,7 +19,9 @@ def _copy_tensor(t: Tensor, safe_copy: bool, device: torch.device | str | None =
     return copied.detach().requires_grad_(t.requires_grad)
 
 
-def get_func_params(module: torch.nn.Module, device: torch.device | str | None = None, safe_copy: bool = True) -> list[Tensor]:
+def get_func_params(
+    module: torch.nn.Module, device: torch.device | str | None = None, safe_copy: bool = True
+) -> list[Tensor]:
     """Detached copies of ``module.parameters()`` (leaves, ``requires_grad`` as the originals)."""
     return [_copy_tensor(p, safe_copy, device) for p in module.parameters()]
 

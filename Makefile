@@ -1,0 +1,27 @@
+# Two commands for a fresh clone:  make demo  (install and run the main job)  /  make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test lint install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e .
+
+install-dev: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+
+demo: install
+	$(PY) examples/copy_initial_weights.py
+
+test: install-dev
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
