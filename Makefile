@@ -20,7 +20,7 @@ demo: install
 	$(PY) examples/copy_initial_weights.py
 
 test: install-dev
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:
