@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo example test lint install install-demo install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,15 @@ install: $(PY)
 install-dev: $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 
-demo: install
+install-demo: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo]"
+
+# The main job: MAML on sinusoid regression, table and PNG (higher-demo.png); see README.
+demo: install-demo
+	$(PY) -m higher demo
+
+# The worked example of copy_initial_weights / track_higher_grads (prints, no plots).
+example: install
 	$(PY) examples/copy_initial_weights.py
 
 test: install-dev
