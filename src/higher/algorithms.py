@@ -37,7 +37,6 @@ from .optim import create_diff_optim
 from .patch import FunctionalModule, monkeypatch
 
 __all__ = [
-    "LossFn",
     "adapt",
     "adaptation_losses",
     "maml_step",
