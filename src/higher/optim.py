@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DifferentiableOptimizer",
+    "PerParameter",
+    "PerStep",
     "DifferentiableSGD",
     "DifferentiableAdam",
     "DifferentiableAdamW",
@@ -53,7 +55,46 @@ _GradCallbackType = Callable[[Sequence[Union[Tensor, None]]], Sequence[Union[Ten
 _OverrideType = dict[str, Any]
 
 
-class DifferentiableOptimizer:
+class PerParameter(list):
+    """A hyperparameter value for each parameter of a group (e.g. Meta-SGD's learned rates).
+
+    ``override={'lr': PerParameter([lr_w, lr_b])}`` gives every parameter of the group its own
+    value: a number or a tensor shaped like the parameter (or broadcastable to its shape), one per
+    parameter, in the group's order. Tensors that require grad receive exact hypergradients.
+    With several groups, give one ``PerParameter`` per group: ``[PerParameter(...), PerParameter(...)]``.
+    """
+
+
+class PerStep:
+    """A hyperparameter that changes with the step: ``values[t]`` or ``values(t)`` at step ``t``.
+
+    ``t`` counts the differentiable optimizer's steps from 0. Values may be numbers, tensors
+    (which receive hypergradients: a learned schedule) or :class:`PerParameter` lists.
+    """
+
+    def __init__(self, values: Sequence[Any] | Callable[[int], Any]) -> None:
+        if not callable(values) and not isinstance(values, (list, tuple)):
+            raise TypeError(
+                f"PerStep needs a sequence of values or a callable of the step, got {type(values).__name__}"
+            )
+        self.values = values
+
+    def at(self, step: int) -> Any:
+        """The value at step ``step`` (0-based)."""
+        if callable(self.values):
+            return self.values(step)
+        if step >= len(self.values):
+            raise IndexError(
+                f"PerStep holds {len(self.values)} values but step {step} was taken; give one value per "
+                f"step (or a callable of the step)."
+            )
+        return self.values[step]
+
+    def __repr__(self) -> str:
+        return f"PerStep({self.values!r})"
+
+
+class DifferentiableOptimizer(torch.optim.Optimizer):
     """Base class of the differentiable optimizers.
 
     Args:
@@ -71,6 +112,14 @@ class DifferentiableOptimizer:
             where a parameter has no gradient) before the update; returns the gradients to use.
         track_higher_grads: if ``False``, gradients are taken without a graph and every new fast
             weight is a fresh leaf (cheap "test mode": no meta-gradient through the step).
+        first_order: if ``True``, gradients are taken without a graph (cheap, as with
+            ``track_higher_grads=False``) but each new fast weight stays connected to the previous
+            one through the update itself, so a meta-loss backpropagates to the initial weights
+            and hyperparameters with every gradient treated as a constant: first-order MAML.
+
+    A ``DifferentiableOptimizer`` is a ``torch.optim.Optimizer`` as far as
+    ``torch.optim.lr_scheduler`` is concerned: a scheduler attached to it sets ``lr`` in its
+    ``param_groups`` exactly as for the torch optimizer.
     """
 
     #: The update rule, for the built-in optimizers; user subclasses override ``_update``.
@@ -85,13 +134,23 @@ class DifferentiableOptimizer:
         override: _OverrideType | None = None,
         grad_callback: _GradCallbackType | None = None,
         track_higher_grads: bool = True,
+        *,
+        first_order: bool = False,
         **kwargs: Any,
     ) -> None:
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments: {', '.join(kwargs)}")
+        if first_order and not track_higher_grads:
+            raise ValueError(
+                "first_order=True needs track_higher_grads=True (first-order mode keeps the update graph)."
+            )
         reference_params = list(reference_params)
         position = {id(p): i for i, p in enumerate(reference_params)}
+        self.defaults = dict(other.defaults)
         self.param_groups: list[dict[str, Any]] = []
-        self.state: _StateType = []
+        self.state: _StateType = []  # type: ignore[assignment]
         self._group_to_param_list: list[list[int]] = []
+        self._group_shapes: list[list[torch.Size]] = []
         for group in other.param_groups:
             indices = []
             for p in group["params"]:
@@ -103,6 +162,7 @@ class DifferentiableOptimizer:
                     )
                 indices.append(position[id(p)])
             self._group_to_param_list.append(indices)
+            self._group_shapes.append([p.shape for p in group["params"]])
             hyper = {k: v for k, v in group.items() if k != "params"}
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
@@ -115,7 +175,9 @@ class DifferentiableOptimizer:
         self._check_options(other)
         self._fmodel = fmodel
         self._track_higher_grads = track_higher_grads
+        self._first_order = first_order
         self._grad_callback = grad_callback
+        self._steps_taken = 0
         self._num_reference_params = len(reference_params)
         if override is not None:
             self._apply_override(override)
@@ -168,13 +230,23 @@ class DifferentiableOptimizer:
 
     def _check_values(self, groups: Iterable[dict[str, Any]]) -> None:
         names = self.rule.hyperparameters if self.rule is not None else ()
-        for group in groups:
+        for group, shapes in zip(groups, self._group_shapes):
             for name in names:
-                for value in _flat(group.get(name)):
-                    if _is_nan(value):
-                        raise ValueError(
-                            f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value."
-                        )
+                value = group.get(name)
+                if isinstance(value, PerStep) and not callable(value.values):
+                    candidates = list(value.values)
+                elif isinstance(value, PerStep):
+                    continue  # a callable is checked when it is called
+                else:
+                    candidates = [value]
+                for candidate in candidates:
+                    if isinstance(candidate, PerParameter):
+                        _check_per_parameter(name, candidate, shapes)
+                    for leaf in _flat(candidate):
+                        if _is_nan(leaf):
+                            raise ValueError(
+                                f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value."
+                            )
 
     def _apply_override(self, override: _OverrideType) -> None:
         """Replace hyperparameters, persistently (later steps keep the new values)."""
@@ -233,6 +305,7 @@ class DifferentiableOptimizer:
             group["params"] = [params[i] for i in indices]
             grouped_grads.append([grads[i] for i in indices])
         self._update(grouped_grads, **kwargs)
+        self._steps_taken += 1
         new_params = list(params)
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             for i, p in zip(indices, group["params"]):
@@ -278,7 +351,7 @@ class DifferentiableOptimizer:
         computed = torch.autograd.grad(
             loss,
             [params[i] for i in targets],
-            create_graph=self._track_higher_grads,
+            create_graph=self._track_higher_grads and not self._first_order,
             allow_unused=True,
         )
         for i, g in zip(targets, computed):
@@ -295,8 +368,9 @@ class DifferentiableOptimizer:
         rule = self.rule
         if rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
-        for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
+        for group, grads, state, shapes in zip(self.param_groups, grouped_grads, self.state, self._group_shapes):
             params = group["params"]
+            hyper, per_parameter = self._resolve(group, shapes)
             for index, (param, grad) in enumerate(zip(params, grads)):
                 if grad is None:
                     continue
@@ -305,8 +379,67 @@ class DifferentiableOptimizer:
                         f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                         f"dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
-                current = state[index] or rule.init(param, group)
-                params[index], state[index] = rule.update(param, grad, current, group)
+                if per_parameter:
+                    hyper = {**hyper, **{name: values[index] for name, values in per_parameter.items()}}
+                current = state[index] or rule.init(param, hyper)
+                params[index], state[index] = rule.update(param, grad, current, hyper)
+
+    def _resolve(
+        self, group: dict[str, Any], shapes: list[torch.Size]
+    ) -> tuple[dict[str, Any], dict[str, PerParameter]]:
+        """The group's hyperparameters at this step, and those that differ per parameter."""
+        dynamic = [name for name, value in group.items() if isinstance(value, (PerStep, PerParameter))]
+        if not dynamic:
+            return group, {}
+        hyper = dict(group)
+        per_parameter: dict[str, PerParameter] = {}
+        for name in dynamic:
+            value = group[name]
+            if isinstance(value, PerStep):
+                value = value.at(self._steps_taken)
+                if isinstance(value, PerParameter):
+                    _check_per_parameter(name, value, shapes)
+                elif _is_nan(value):
+                    raise ValueError(f"hyperparameter '{name}' is NaN at step {self._steps_taken}; give finite values.")
+                hyper[name] = value
+            if isinstance(value, PerParameter):
+                per_parameter[name] = value
+        return hyper, per_parameter
+
+    # ---------------------------------------------------------------- truncation and torch.optim API
+    def detach_(self) -> DifferentiableOptimizer:
+        """Cut the graph through the optimizer state (momentum buffers, moment estimates...).
+
+        Use it with ``fmodel.detach_()`` between windows of a truncated unroll: the next window
+        starts from the same values with no graph to the earlier ones, so memory stays flat.
+        Hyperparameter tensors given through ``override`` are left as they are (still learned).
+        """
+        for group_state in self.state:
+            for param_state in group_state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, Tensor):
+                        param_state[key] = value.detach()
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: a differentiable optimizer never stores gradients in ``.grad``."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "a differentiable optimizer's groups come from the torch optimizer it copies: add the group "
+            "to that optimizer and build the differentiable one again."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            "differentiable optimizer state holds graph-connected tensors; save the torch optimizer's "
+            "state_dict instead (warm start copies it)."
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "load the state into the torch optimizer, then build the differentiable optimizer from it."
+        )
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -344,7 +477,7 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
     group and one of length ``num_groups`` gives one value per group. A number or 0-dim tensor
     applies to every group, and so does a bare pair for ``betas``/``etas``/``step_sizes``.
     """
-    if _is_scalar(value):
+    if _is_scalar(value) or isinstance(value, (PerParameter, PerStep)):
         return [value] * num_groups
     if name in PAIR_HYPERPARAMETERS and isinstance(value, tuple) and len(value) == 2 and all(map(_is_scalar, value)):
         return [value] * num_groups
@@ -358,6 +491,25 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
             f"group(s): give one value for all groups ([v]) or one per group."
         )
     raise TypeError(f"override['{name}'] must be a number, a tensor or a list of them, got {type(value).__name__}")
+
+
+def _check_per_parameter(name: str, values: PerParameter, shapes: list[torch.Size]) -> None:
+    if len(values) != len(shapes):
+        raise ValueError(
+            f"PerParameter for '{name}' has {len(values)} values but the parameter group has {len(shapes)} "
+            f"parameters; give one value per parameter of the group, in order."
+        )
+    for i, (value, shape) in enumerate(zip(values, shapes)):
+        if isinstance(value, Tensor):
+            try:
+                broadcast = torch.broadcast_shapes(value.shape, shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
+                raise ValueError(
+                    f"PerParameter value {i} for '{name}' has shape {tuple(value.shape)}, which does not "
+                    f"broadcast to its parameter's shape {tuple(shape)}."
+                )
 
 
 # ------------------------------------------------------------------------------- the classes
