@@ -571,6 +571,12 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideTy
 
 
 def _assign_like(target: Any, learned: Any) -> Any:
+    """``learned`` in the form of ``target``: tensors updated in place, numbers as Python numbers.
+
+    An ``int`` target (torch's defaults such as ``weight_decay=0`` are ints) stays an ``int`` only
+    if the learned value is a whole number; otherwise it becomes a ``float`` instead of being
+    truncated.
+    """
     if isinstance(target, (list, tuple)):
         return type(target)(_assign_like(t, v) for t, v in zip(target, learned))
     if isinstance(target, Tensor):
@@ -578,7 +584,11 @@ def _assign_like(target: Any, learned: Any) -> Any:
             target.copy_(learned if isinstance(learned, Tensor) else torch.as_tensor(learned))
         return target
     value = learned.item() if isinstance(learned, Tensor) else learned
-    return type(target)(value) if isinstance(target, numbers.Number) else value
+    if isinstance(target, bool):
+        return bool(value)
+    if isinstance(target, numbers.Integral) and float(value).is_integer():
+        return int(value)
+    return float(value) if isinstance(target, numbers.Real) else value
 
 
 # -------------------------------------------- helpers kept for optimizers written for 0.2.1
