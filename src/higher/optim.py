@@ -538,14 +538,16 @@ def _as_list(params: Any) -> list[Tensor]:
 def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | str | None = None) -> _OverrideType:
     """An ``override`` dict with a leaf tensor requiring grad for every numeric hyperparameter.
 
-    One entry per group for each hyperparameter whose values are numbers (pairs such as
-    ``betas`` become tuples of tensors). Boolean options are not hyperparameters and are left
-    out (higher 0.2.1 swept them in, since ``bool`` is an ``int``).
+    One entry per group for each of the optimizer's options (the keys of ``opt.defaults``) whose
+    values are numbers or one-element floating-point tensors (pairs such as ``betas`` become
+    tuples of tensors). Boolean options are not hyperparameters and are left out (higher 0.2.1
+    swept them in, since ``bool`` is an ``int``), and so are keys that others add to the groups,
+    such as an LR scheduler's ``initial_lr``, which are not options of the optimizer.
     """
     override: _OverrideType = {}
     for group in opt.param_groups:
         for key, value in group.items():
-            if key == "params" or not _is_numeric(value):
+            if key == "params" or key not in opt.defaults or not _is_numeric(value):
                 continue
             override.setdefault(key, []).append(_to_leaf(value, device))
     return override
@@ -553,12 +555,20 @@ def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | 
 
 def _is_numeric(value: Any) -> bool:
     values = _flat(value)
-    return bool(values) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(_is_number(v) for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and value.numel() == 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _to_leaf(value: Any, device: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_leaf(v, device) for v in value)
+    if isinstance(value, Tensor):
+        return value.detach().reshape(()).to(device=device, copy=True).requires_grad_()
     return torch.tensor(float(value), device=device, requires_grad=True)
 
 
