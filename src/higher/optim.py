@@ -260,6 +260,13 @@ class DifferentiableOptimizer:
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
             )
+        updated = [params[i] for indices in self._group_to_param_list for i in indices]
+        if updated and not any(p.requires_grad for p in updated):
+            raise ValueError(
+                "none of the tensors this optimizer updates requires grad, so there is no gradient to "
+                "step with and nothing would change: pass tensors with requires_grad=True "
+                "(e.g. p.detach().requires_grad_())."
+            )
         return params
 
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
