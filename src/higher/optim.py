@@ -239,9 +239,23 @@ class DifferentiableOptimizer:
                 new_params[i] = p
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
+            self._detach_state()
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _detach_state(self) -> None:
+        """Cut the optimizer state's graph too when not tracking higher-order gradients.
+
+        A hyperparameter given as a tensor that requires grad (``override``) puts a graph into
+        the state (e.g. Adam's moments through ``betas``) that would chain every step's graph to
+        the previous one: memory growing with the number of steps, in the mode meant to be cheap.
+        """
+        for state in self.state:
+            for param_state in state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, Tensor) and value.requires_grad:
+                        param_state[key] = value.detach()
 
     def _params_to_update(self, params: Iterable[Tensor] | None) -> list[Tensor]:
         if params is None:
