@@ -170,6 +170,12 @@ class DifferentiableOptimizer:
         names = self.rule.hyperparameters if self.rule is not None else ()
         for group in groups:
             for name in names:
+                if name in PAIR_HYPERPARAMETERS and not _is_pair(group.get(name)):
+                    raise ValueError(
+                        f"hyperparameter '{name}' of {type(self).__name__} must be a pair such as "
+                        f"(0.9, 0.999), got {group.get(name)!r}; in override, give one pair for all "
+                        f"groups or a list with one pair per group."
+                    )
                 for value in _flat(group.get(name)):
                     if _is_nan(value):
                         raise ValueError(
@@ -346,6 +352,11 @@ def _flat(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _flat(v)]
     return [value]
+
+
+def _is_pair(value: Any) -> bool:
+    sequence = isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1)
+    return sequence and len(value) == 2
 
 
 def _is_nan(value: Any) -> bool:
