@@ -159,6 +159,8 @@ class DifferentiableOptimizer:
                     f"{type(self).__name__} does not support the option {key}={value!r} of "
                     f"torch.optim.{rule.name}; remove it from the optimizer or use another optimizer."
                 )
+            for key, value in rule.flags_added_later:
+                group.setdefault(key, value)
             for key in rule.options - set(group):
                 if key in rule.hyperparameters or key in rule.flags:
                     raise ValueError(

@@ -432,6 +432,9 @@ class UpdateRule:
         flags: boolean options that change the math (``amsgrad``, ``maximize``, ...).
         init: ``init(param, hyperparameters) -> state``, the state before the first step.
         update: ``update(param, grad, state, hyperparameters) -> (new_param, new_state)``.
+        flags_added_later: ``(flag, value)`` for flags that older torch versions (>= 2.1) do not
+            put into the parameter groups, with the value that gives their behaviour (the value
+            torch's own ``__setstate__`` fills in for such groups).
     """
 
     name: str
@@ -440,6 +443,7 @@ class UpdateRule:
     flags: tuple[str, ...]
     init: Callable[[Tensor, Hyper], State]
     update: Callable[[Tensor, Tensor, State, Hyper], tuple[Tensor, State]]
+    flags_added_later: tuple[tuple[str, bool], ...] = ()
 
     @property
     def options(self) -> frozenset[str]:
@@ -465,8 +469,8 @@ RULES: dict[str, UpdateRule] = {
             sgd_init,
             sgd_update,
         ),
-        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS),
-        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS),
+        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", False),)),
+        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", True),)),
         UpdateRule(
             "Adagrad",
             torch.optim.Adagrad,
@@ -515,6 +519,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             nadam_init,
             nadam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
         UpdateRule(
             "RAdam",
@@ -523,6 +528,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             radam_init,
             radam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
     )
 }
