@@ -58,12 +58,15 @@ def sqrt0(x: Tensor) -> Tensor:
 
     Adaptive optimizers take ``sqrt`` of a running average of squared gradients. Where a
     gradient entry has been exactly zero at every step so far (a dead ReLU unit, a parameter
-    that does not reach the loss), that average is exactly 0 and the true derivative of
-    ``sqrt`` is infinite; multiplied by the zero derivative of the squared gradient it gives NaN
-    meta-gradients. Such an entry's parameter did not move, and the convention used here,
-    derivative 0 at 0 (the value at which ``sqrt(x)`` is flat from the feasible side in the limit
-    of the optimizer's own ``eps``), keeps every meta-gradient finite and leaves every other
-    entry exact. Values are identical to ``torch.sqrt``.
+    that does not reach the loss), that average ``v`` is exactly 0 and ``sqrt'(0)`` is infinite;
+    autograd multiplies it by zeros (``dv/dg = 2 (1 - beta2) g = 0``, and the numerator ``m`` or
+    ``g`` of the update is 0 too) and gets NaN meta-gradients. The update itself is smooth
+    there: e.g. Adam's ``m / (sqrt(v) + eps)`` with ``m = (1 - beta1) g``, ``v = (1 - beta2) g^2``
+    is ``(1 - beta1) g / (sqrt(1 - beta2) |g| + eps)``, whose derivative at ``g = 0`` is
+    ``(1 - beta1) / eps``, all of it through ``m``. Taking ``sqrt'(0) = 0`` drops only the 0 * inf
+    products, so the meta-gradient is that exact derivative (finite, and equal to finite
+    differences), while every entry with ``v > 0`` is untouched. Values are identical to
+    ``torch.sqrt``; first and second derivatives equal those of ``sqrt`` wherever ``x > 0``.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x.sqrt()
