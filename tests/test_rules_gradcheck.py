@@ -429,6 +429,33 @@ def test_plain_sqrt_would_give_nan_on_the_dead_problem(name, monkeypatch):
     assert any(torch.isnan(g).any() for g in meta_grads)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_exact_derivative_through_a_zero_gradient(name):
+    """At a stationary point the first gradient is exactly 0, but its derivative is not.
+
+    L(theta) = (theta - 1)^2 at theta0 = 1. For each of these optimizers the first update is
+    lr * g / (|g| + eps) (bias corrections and (1 - beta) factors cancel), so
+    d theta1 / d theta0 = 1 - lr * 2 / eps exactly. With sqrt0 autograd gets this number; with
+    torch.sqrt it gets NaN.
+    """
+    lr, eps = 1e-4, 1e-3
+    options = dict(lr=lr, eps=eps, weight_decay=0.0)
+
+    def first_step(theta0):
+        opt = getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **options)
+        diffopt = higher.get_diff_optim(opt, opt.param_groups[0]["params"])
+        (theta1,) = diffopt.step(((theta0 - 1) ** 2).sum(), params=[theta0])
+        return theta1
+
+    theta0 = torch.ones(1, requires_grad=True)
+    (derivative,) = torch.autograd.grad(first_step(theta0).sum(), theta0)
+    assert derivative.item() == pytest.approx(1 - 2 * lr / eps, rel=1e-12)
+    h = 1e-9  # << eps / 2, the scale on which g / (|g| + eps) bends
+    shifted = [(torch.ones(1) + shift).requires_grad_() for shift in (h, -h)]
+    numerical = (first_step(shifted[0]).item() - first_step(shifted[1]).item()) / (2 * h)
+    assert numerical == pytest.approx(1 - 2 * lr / eps, rel=1e-5)
+
+
 def test_sqrt0_values_and_derivatives():
     x = torch.tensor([0.0, 1e-12, 0.3, 2.0, 50.0], requires_grad=True)
     assert torch.equal(sqrt0(x), x.sqrt())
