@@ -185,12 +185,16 @@ class DifferentiableOptimizer:
                         )
 
     def _apply_override(self, override: _OverrideType) -> None:
-        """Replace hyperparameters, persistently (later steps keep the new values)."""
+        """Replace hyperparameters, persistently (later steps keep the new values).
+
+        All values are checked before any is applied, so a refused override changes nothing.
+        """
         if not isinstance(override, dict):
             raise TypeError(
                 f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}"
             )
         rule = self.rule
+        updated = [dict(group) for group in self.param_groups]
         for name, value in override.items():
             if rule is not None and name not in rule.hyperparameters and name not in rule.flags:
                 raise ValueError(
@@ -198,9 +202,11 @@ class DifferentiableOptimizer:
                     f"it has: {', '.join(rule.hyperparameters + rule.flags)}."
                 )
             values = _per_group(name, value, len(self.param_groups))
-            for group, group_value in zip(self.param_groups, values):
+            for group, group_value in zip(updated, values):
                 group[name] = group_value
-        self._check_values(self.param_groups)
+        self._check_values(updated)
+        for group, new_values in zip(self.param_groups, updated):
+            group.update(new_values)
 
     # ---------------------------------------------------------------- the step
     def step(
