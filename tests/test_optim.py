@@ -234,7 +234,12 @@ def test_nan_hyperparameter_raises(bad):
         higher.get_diff_optim(opt, params, override={"betas": (0.9, bad)})
     diffopt = higher.get_diff_optim(opt, params)
     with pytest.raises(ValueError, match="'weight_decay'.*NaN"):
-        diffopt.step(_loss(params), params=params, override={"weight_decay": [bad]})
+        diffopt.step(_loss(params), params=params, override={"lr": [0.5], "weight_decay": [bad]})
+    # The refused override changed nothing: the optimizer still steps with its own values.
+    assert diffopt.param_groups[0]["lr"] == 0.001 and diffopt.param_groups[0]["weight_decay"] == 0
+    fast = diffopt.step(_loss(params), params=params)
+    reference = higher.get_diff_optim(opt, params).step(_loss(params), params=params)
+    assert all(torch.equal(a, b) for a, b in zip(fast, reference))
 
 
 def test_unregistered_subclass_names_register_optim():
