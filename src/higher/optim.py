@@ -221,6 +221,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} does not support the option {key}={value!r} of "
                     f"torch.optim.{rule.name}; remove it from the optimizer or use another optimizer."
                 )
+            for key, value in rule.flags_added_later:
+                group.setdefault(key, value)
             for key in rule.options - set(group):
                 if key in rule.hyperparameters or key in rule.flags:
                     raise ValueError(
@@ -236,25 +238,37 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 if isinstance(value, PerStep) and not callable(value.values):
                     candidates = list(value.values)
                 elif isinstance(value, PerStep):
-                    continue  # a callable is checked when it is called
+                    continue  # a callable's values are checked when it is called
                 else:
                     candidates = [value]
                 for candidate in candidates:
                     if isinstance(candidate, PerParameter):
                         _check_per_parameter(name, candidate, shapes)
-                    for leaf in _flat(candidate):
-                        if _is_nan(leaf):
-                            raise ValueError(
-                                f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value."
-                            )
+                    for single in candidate if isinstance(candidate, PerParameter) else [candidate]:
+                        self._check_value(name, single)
+
+    def _check_value(self, name: str, value: Any) -> None:
+        if name in PAIR_HYPERPARAMETERS and not _is_pair(value):
+            raise ValueError(
+                f"hyperparameter '{name}' of {type(self).__name__} must be a pair such as "
+                f"(0.9, 0.999), got {value!r}; in override, give one pair for all "
+                f"groups or a list with one pair per group."
+            )
+        for leaf in _flat(value):
+            if _is_nan(leaf):
+                raise ValueError(f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value.")
 
     def _apply_override(self, override: _OverrideType) -> None:
-        """Replace hyperparameters, persistently (later steps keep the new values)."""
+        """Replace hyperparameters, persistently (later steps keep the new values).
+
+        All values are checked before any is applied, so a refused override changes nothing.
+        """
         if not isinstance(override, dict):
             raise TypeError(
                 f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}"
             )
         rule = self.rule
+        updated = [dict(group) for group in self.param_groups]
         for name, value in override.items():
             if rule is not None and name not in rule.hyperparameters and name not in rule.flags:
                 raise ValueError(
@@ -262,9 +276,11 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     f"it has: {', '.join(rule.hyperparameters + rule.flags)}."
                 )
             values = _per_group(name, value, len(self.param_groups))
-            for group, group_value in zip(self.param_groups, values):
+            for group, group_value in zip(updated, values):
                 group[name] = group_value
-        self._check_values(self.param_groups)
+        self._check_values(updated)
+        for group, new_values in zip(self.param_groups, updated):
+            group.update(new_values)
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -312,9 +328,23 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 new_params[i] = p
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
+            self._detach_state()
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _detach_state(self) -> None:
+        """Cut the optimizer state's graph too when not tracking higher-order gradients.
+
+        A hyperparameter given as a tensor that requires grad (``override``) puts a graph into
+        the state (e.g. Adam's moments through ``betas``) that would chain every step's graph to
+        the previous one: memory growing with the number of steps, in the mode meant to be cheap.
+        """
+        for state in self.state:
+            for param_state in state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, Tensor) and value.requires_grad:
+                        param_state[key] = value.detach()
 
     def _params_to_update(self, params: Iterable[Tensor] | None) -> list[Tensor]:
         if params is None:
@@ -332,6 +362,13 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
+            )
+        updated = [params[i] for indices in self._group_to_param_list for i in indices]
+        if updated and not any(p.requires_grad for p in updated):
+            raise ValueError(
+                "none of the tensors this optimizer updates requires grad, so there is no gradient to "
+                "step with and nothing would change: pass tensors with requires_grad=True "
+                "(e.g. p.detach().requires_grad_())."
             )
         return params
 
@@ -399,8 +436,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 value = value.at(self._steps_taken)
                 if isinstance(value, PerParameter):
                     _check_per_parameter(name, value, shapes)
-                elif _is_nan(value):
-                    raise ValueError(f"hyperparameter '{name}' is NaN at step {self._steps_taken}; give finite values.")
+                for single in value if isinstance(value, PerParameter) else [value]:
+                    self._check_value(name, single)
                 hyper[name] = value
             if isinstance(value, PerParameter):
                 per_parameter[name] = value
@@ -458,6 +495,11 @@ def _flat(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _flat(v)]
     return [value]
+
+
+def _is_pair(value: Any) -> bool:
+    sequence = isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1)
+    return sequence and len(value) == 2
 
 
 def _is_nan(value: Any) -> bool:
@@ -690,14 +732,16 @@ def _as_list(params: Any) -> list[Tensor]:
 def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | str | None = None) -> _OverrideType:
     """An ``override`` dict with a leaf tensor requiring grad for every numeric hyperparameter.
 
-    One entry per group for each hyperparameter whose values are numbers (pairs such as
-    ``betas`` become tuples of tensors). Boolean options are not hyperparameters and are left
-    out (higher 0.2.1 swept them in, since ``bool`` is an ``int``).
+    One entry per group for each of the optimizer's options (the keys of ``opt.defaults``) whose
+    values are numbers or one-element floating-point tensors (pairs such as ``betas`` become
+    tuples of tensors). Boolean options are not hyperparameters and are left out (higher 0.2.1
+    swept them in, since ``bool`` is an ``int``), and so are keys that others add to the groups,
+    such as an LR scheduler's ``initial_lr``, which are not options of the optimizer.
     """
     override: _OverrideType = {}
     for group in opt.param_groups:
         for key, value in group.items():
-            if key == "params" or not _is_numeric(value):
+            if key == "params" or key not in opt.defaults or not _is_numeric(value):
                 continue
             override.setdefault(key, []).append(_to_leaf(value, device))
     return override
@@ -705,12 +749,20 @@ def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | 
 
 def _is_numeric(value: Any) -> bool:
     values = _flat(value)
-    return bool(values) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(_is_number(v) for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and value.numel() == 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _to_leaf(value: Any, device: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_leaf(v, device) for v in value)
+    if isinstance(value, Tensor):
+        return value.detach().reshape(()).to(device=device, copy=True).requires_grad_()
     return torch.tensor(float(value), device=device, requires_grad=True)
 
 
@@ -723,6 +775,12 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideTy
 
 
 def _assign_like(target: Any, learned: Any) -> Any:
+    """``learned`` in the form of ``target``: tensors updated in place, numbers as Python numbers.
+
+    An ``int`` target (torch's defaults such as ``weight_decay=0`` are ints) stays an ``int`` only
+    if the learned value is a whole number; otherwise it becomes a ``float`` instead of being
+    truncated.
+    """
     if isinstance(target, (list, tuple)):
         return type(target)(_assign_like(t, v) for t, v in zip(target, learned))
     if isinstance(target, Tensor):
@@ -730,7 +788,11 @@ def _assign_like(target: Any, learned: Any) -> Any:
             target.copy_(learned if isinstance(learned, Tensor) else torch.as_tensor(learned))
         return target
     value = learned.item() if isinstance(learned, Tensor) else learned
-    return type(target)(value) if isinstance(target, numbers.Number) else value
+    if isinstance(target, bool):
+        return bool(value)
+    if isinstance(target, numbers.Integral) and float(value).is_integer():
+        return int(value)
+    return float(value) if isinstance(target, numbers.Real) else value
 
 
 # -------------------------------------------- helpers kept for optimizers written for 0.2.1

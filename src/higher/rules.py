@@ -58,12 +58,15 @@ def sqrt0(x: Tensor) -> Tensor:
 
     Adaptive optimizers take ``sqrt`` of a running average of squared gradients. Where a
     gradient entry has been exactly zero at every step so far (a dead ReLU unit, a parameter
-    that does not reach the loss), that average is exactly 0 and the true derivative of
-    ``sqrt`` is infinite; multiplied by the zero derivative of the squared gradient it gives NaN
-    meta-gradients. Such an entry's parameter did not move, and the convention used here,
-    derivative 0 at 0 (the value at which ``sqrt(x)`` is flat from the feasible side in the limit
-    of the optimizer's own ``eps``), keeps every meta-gradient finite and leaves every other
-    entry exact. Values are identical to ``torch.sqrt``.
+    that does not reach the loss), that average ``v`` is exactly 0 and ``sqrt'(0)`` is infinite;
+    autograd multiplies it by zeros (``dv/dg = 2 (1 - beta2) g = 0``, and the numerator ``m`` or
+    ``g`` of the update is 0 too) and gets NaN meta-gradients. The update itself is smooth
+    there: e.g. Adam's ``m / (sqrt(v) + eps)`` with ``m = (1 - beta1) g``, ``v = (1 - beta2) g^2``
+    is ``(1 - beta1) g / (sqrt(1 - beta2) |g| + eps)``, whose derivative at ``g = 0`` is
+    ``(1 - beta1) / eps``, all of it through ``m``. Taking ``sqrt'(0) = 0`` drops only the 0 * inf
+    products, so the meta-gradient is that exact derivative (finite, and equal to finite
+    differences), while every entry with ``v > 0`` is untouched. Values are identical to
+    ``torch.sqrt``; first and second derivatives equal those of ``sqrt`` wherever ``x > 0``.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x.sqrt()
@@ -432,6 +435,9 @@ class UpdateRule:
         flags: boolean options that change the math (``amsgrad``, ``maximize``, ...).
         init: ``init(param, hyperparameters) -> state``, the state before the first step.
         update: ``update(param, grad, state, hyperparameters) -> (new_param, new_state)``.
+        flags_added_later: ``(flag, value)`` for flags that older torch versions (>= 2.1) do not
+            put into the parameter groups, with the value that gives their behaviour (the value
+            torch's own ``__setstate__`` fills in for such groups).
     """
 
     name: str
@@ -440,6 +446,7 @@ class UpdateRule:
     flags: tuple[str, ...]
     init: Callable[[Tensor, Hyper], State]
     update: Callable[[Tensor, Tensor, State, Hyper], tuple[Tensor, State]]
+    flags_added_later: tuple[tuple[str, bool], ...] = ()
 
     @property
     def options(self) -> frozenset[str]:
@@ -465,8 +472,8 @@ RULES: dict[str, UpdateRule] = {
             sgd_init,
             sgd_update,
         ),
-        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS),
-        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS),
+        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", False),)),
+        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", True),)),
         UpdateRule(
             "Adagrad",
             torch.optim.Adagrad,
@@ -515,6 +522,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             nadam_init,
             nadam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
         UpdateRule(
             "RAdam",
@@ -523,6 +531,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             radam_init,
             radam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
     )
 }
