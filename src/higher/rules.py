@@ -130,6 +130,22 @@ def _lerp(x: Tensor, y: Tensor, w: Any) -> Tensor:
     return x + w * (y - x)
 
 
+def _weight_decay(param: Tensor, grad: Tensor, lr: Any, weight_decay: Any, decoupled: bool) -> tuple[Tensor, Tensor]:
+    """Weight decay as L2 on the gradient (``g + wd p``) or decoupled (``p (1 - lr wd)``, AdamW)."""
+    if not _active(weight_decay):
+        return param, grad
+    if decoupled:
+        return param * (1 - lr * weight_decay), grad
+    return param, _add_scaled(grad, param, weight_decay)
+
+
+def _moments(state: State, grad: Tensor, beta1: Any, beta2: Any) -> tuple[Tensor, Tensor]:
+    """Adam's moment estimates: ``m <- b1 m + (1-b1) g`` and ``v <- b2 v + (1-b2) g^2``."""
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    return exp_avg, exp_avg_sq
+
+
 # --------------------------------------------------------------------------------------------
 # SGD:  g <- g + wd p;  b <- mu b + (1 - dampening) g  (b_1 = g);  g <- g + mu b (nesterov) or b;
 #       p <- p - lr g
@@ -171,13 +187,8 @@ def adam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
     if hp["maximize"]:
         grad = -grad
     step = state["step"] + 1
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     new_state: State = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     second_moment = exp_avg_sq
     if hp["amsgrad"]:
@@ -355,17 +366,12 @@ def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
         grad = -grad
     step = state["step"] + 1
     bias_correction2 = 1 - beta2**step
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     mu_product = state["mu_product"] * mu
     mu_product_next = mu_product * mu_next
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     denom = sqrt0(exp_avg_sq / bias_correction2) + eps
     param = _add_ratio(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product))
     param = _add_ratio(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
@@ -387,13 +393,8 @@ def radam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
     if hp["maximize"]:
         grad = -grad
     step = state["step"] + 1
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
