@@ -13,13 +13,13 @@ whole inner loop (meta-learning, hyperparameter optimization, learned optimizers
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from . import optim, patch, rules, utils
-from .optim import DifferentiableOptimizer, create_diff_optim, get_diff_optim, register_optim
+from .optim import DifferentiableOptimizer, PerParameter, PerStep, create_diff_optim, get_diff_optim, register_optim
 from .patch import FunctionalModule, monkeypatch
 
 __version__ = "1.0.0.dev0"
@@ -27,6 +27,8 @@ __version__ = "1.0.0.dev0"
 __all__ = [
     "DifferentiableOptimizer",
     "FunctionalModule",
+    "PerParameter",
+    "PerStep",
     "create_diff_optim",
     "get_diff_optim",
     "innerloop_ctx",
@@ -47,6 +49,10 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: dict[str, Any] | None = None,
     track_higher_grads: bool = True,
+    *,
+    first_order: bool = False,
+    share_buffers: bool = False,
+    initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
 
@@ -61,13 +67,33 @@ def innerloop_ctx(
         override: hyperparameters to replace, e.g. ``{'lr': [lr_tensor]}``; tensors requiring
             grad receive hypergradients.
         track_higher_grads: ``False`` for a cheap loop without a graph through the updates.
+        first_order: ``True`` for first-order meta-gradients: inner gradients are taken without
+            a graph (cheap), but the fast weights stay connected to ``model``'s parameters (with
+            ``copy_initial_weights=False``) through the updates, so ``meta_loss.backward()``
+            deposits the first-order MAML gradient in ``model.parameters()``.
+        share_buffers: ``True`` to let the fmodel use (and update) ``model``'s own buffers, e.g.
+            BatchNorm running statistics, instead of copies.
+        initial_params: initial fast weights to use instead of copies of ``model``'s parameters
+            (all of them as a list, or some of them by name as a dict), e.g. produced by a
+            hypernetwork; meta-gradients flow back into them.
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
     fmodel = monkeypatch(
-        model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+        model,
+        device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
+        share_buffers=share_buffers,
+        initial_params=initial_params,
     )
     diffopt = get_diff_optim(
-        opt, model.parameters(), fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        first_order=first_order,
     )
     yield fmodel, diffopt

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DifferentiableOptimizer",
+    "PerParameter",
+    "PerStep",
     "DifferentiableSGD",
     "DifferentiableAdam",
     "DifferentiableAdamW",
@@ -53,7 +55,46 @@ _GradCallbackType = Callable[[Sequence[Union[Tensor, None]]], Sequence[Union[Ten
 _OverrideType = dict[str, Any]
 
 
-class DifferentiableOptimizer:
+class PerParameter(list):
+    """A hyperparameter value for each parameter of a group (e.g. Meta-SGD's learned rates).
+
+    ``override={'lr': PerParameter([lr_w, lr_b])}`` gives every parameter of the group its own
+    value: a number or a tensor shaped like the parameter (or broadcastable to its shape), one per
+    parameter, in the group's order. Tensors that require grad receive exact hypergradients.
+    With several groups, give one ``PerParameter`` per group: ``[PerParameter(...), PerParameter(...)]``.
+    """
+
+
+class PerStep:
+    """A hyperparameter that changes with the step: ``values[t]`` or ``values(t)`` at step ``t``.
+
+    ``t`` counts the differentiable optimizer's steps from 0. Values may be numbers, tensors
+    (which receive hypergradients: a learned schedule) or :class:`PerParameter` lists.
+    """
+
+    def __init__(self, values: Sequence[Any] | Callable[[int], Any]) -> None:
+        if not callable(values) and not isinstance(values, (list, tuple)):
+            raise TypeError(
+                f"PerStep needs a sequence of values or a callable of the step, got {type(values).__name__}"
+            )
+        self.values = values
+
+    def at(self, step: int) -> Any:
+        """The value at step ``step`` (0-based)."""
+        if callable(self.values):
+            return self.values(step)
+        if step >= len(self.values):
+            raise IndexError(
+                f"PerStep holds {len(self.values)} values but step {step} was taken; give one value per "
+                f"step (or a callable of the step)."
+            )
+        return self.values[step]
+
+    def __repr__(self) -> str:
+        return f"PerStep({self.values!r})"
+
+
+class DifferentiableOptimizer(torch.optim.Optimizer):
     """Base class of the differentiable optimizers.
 
     Args:
@@ -71,6 +112,14 @@ class DifferentiableOptimizer:
             where a parameter has no gradient) before the update; returns the gradients to use.
         track_higher_grads: if ``False``, gradients are taken without a graph and every new fast
             weight is a fresh leaf (cheap "test mode": no meta-gradient through the step).
+        first_order: if ``True``, gradients are taken without a graph (cheap, as with
+            ``track_higher_grads=False``) but each new fast weight stays connected to the previous
+            one through the update itself, so a meta-loss backpropagates to the initial weights
+            and hyperparameters with every gradient treated as a constant: first-order MAML.
+
+    A ``DifferentiableOptimizer`` is a ``torch.optim.Optimizer`` as far as
+    ``torch.optim.lr_scheduler`` is concerned: a scheduler attached to it sets ``lr`` in its
+    ``param_groups`` exactly as for the torch optimizer.
     """
 
     #: The update rule, for the built-in optimizers; user subclasses override ``_update``.
@@ -85,13 +134,23 @@ class DifferentiableOptimizer:
         override: _OverrideType | None = None,
         grad_callback: _GradCallbackType | None = None,
         track_higher_grads: bool = True,
+        *,
+        first_order: bool = False,
         **kwargs: Any,
     ) -> None:
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments: {', '.join(kwargs)}")
+        if first_order and not track_higher_grads:
+            raise ValueError(
+                "first_order=True needs track_higher_grads=True (first-order mode keeps the update graph)."
+            )
         reference_params = list(reference_params)
         position = {id(p): i for i, p in enumerate(reference_params)}
+        self.defaults = dict(other.defaults)
         self.param_groups: list[dict[str, Any]] = []
-        self.state: _StateType = []
+        self.state: _StateType = []  # type: ignore[assignment]
         self._group_to_param_list: list[list[int]] = []
+        self._group_shapes: list[list[torch.Size]] = []
         for group in other.param_groups:
             indices = []
             for p in group["params"]:
@@ -103,6 +162,7 @@ class DifferentiableOptimizer:
                     )
                 indices.append(position[id(p)])
             self._group_to_param_list.append(indices)
+            self._group_shapes.append([p.shape for p in group["params"]])
             hyper = {k: v for k, v in group.items() if k != "params"}
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
@@ -115,7 +175,9 @@ class DifferentiableOptimizer:
         self._check_options(other)
         self._fmodel = fmodel
         self._track_higher_grads = track_higher_grads
+        self._first_order = first_order
         self._grad_callback = grad_callback
+        self._steps_taken = 0
         self._num_reference_params = len(reference_params)
         if override is not None:
             self._apply_override(override)
@@ -159,6 +221,8 @@ class DifferentiableOptimizer:
                     f"{type(self).__name__} does not support the option {key}={value!r} of "
                     f"torch.optim.{rule.name}; remove it from the optimizer or use another optimizer."
                 )
+            for key, value in rule.flags_added_later:
+                group.setdefault(key, value)
             for key in rule.options - set(group):
                 if key in rule.hyperparameters or key in rule.flags:
                     raise ValueError(
@@ -168,21 +232,43 @@ class DifferentiableOptimizer:
 
     def _check_values(self, groups: Iterable[dict[str, Any]]) -> None:
         names = self.rule.hyperparameters if self.rule is not None else ()
-        for group in groups:
+        for group, shapes in zip(groups, self._group_shapes):
             for name in names:
-                for value in _flat(group.get(name)):
-                    if _is_nan(value):
-                        raise ValueError(
-                            f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value."
-                        )
+                value = group.get(name)
+                if isinstance(value, PerStep) and not callable(value.values):
+                    candidates = list(value.values)
+                elif isinstance(value, PerStep):
+                    continue  # a callable's values are checked when it is called
+                else:
+                    candidates = [value]
+                for candidate in candidates:
+                    if isinstance(candidate, PerParameter):
+                        _check_per_parameter(name, candidate, shapes)
+                    for single in candidate if isinstance(candidate, PerParameter) else [candidate]:
+                        self._check_value(name, single)
+
+    def _check_value(self, name: str, value: Any) -> None:
+        if name in PAIR_HYPERPARAMETERS and not _is_pair(value):
+            raise ValueError(
+                f"hyperparameter '{name}' of {type(self).__name__} must be a pair such as "
+                f"(0.9, 0.999), got {value!r}; in override, give one pair for all "
+                f"groups or a list with one pair per group."
+            )
+        for leaf in _flat(value):
+            if _is_nan(leaf):
+                raise ValueError(f"hyperparameter '{name}' of {type(self).__name__} is NaN; give a finite value.")
 
     def _apply_override(self, override: _OverrideType) -> None:
-        """Replace hyperparameters, persistently (later steps keep the new values)."""
+        """Replace hyperparameters, persistently (later steps keep the new values).
+
+        All values are checked before any is applied, so a refused override changes nothing.
+        """
         if not isinstance(override, dict):
             raise TypeError(
                 f"override must be a dict of hyperparameter name to value(s), got {type(override).__name__}"
             )
         rule = self.rule
+        updated = [dict(group) for group in self.param_groups]
         for name, value in override.items():
             if rule is not None and name not in rule.hyperparameters and name not in rule.flags:
                 raise ValueError(
@@ -190,9 +276,11 @@ class DifferentiableOptimizer:
                     f"it has: {', '.join(rule.hyperparameters + rule.flags)}."
                 )
             values = _per_group(name, value, len(self.param_groups))
-            for group, group_value in zip(self.param_groups, values):
+            for group, group_value in zip(updated, values):
                 group[name] = group_value
-        self._check_values(self.param_groups)
+        self._check_values(updated)
+        for group, new_values in zip(self.param_groups, updated):
+            group.update(new_values)
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -233,15 +321,30 @@ class DifferentiableOptimizer:
             group["params"] = [params[i] for i in indices]
             grouped_grads.append([grads[i] for i in indices])
         self._update(grouped_grads, **kwargs)
+        self._steps_taken += 1
         new_params = list(params)
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             for i, p in zip(indices, group["params"]):
                 new_params[i] = p
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
+            self._detach_state()
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _detach_state(self) -> None:
+        """Cut the optimizer state's graph too when not tracking higher-order gradients.
+
+        A hyperparameter given as a tensor that requires grad (``override``) puts a graph into
+        the state (e.g. Adam's moments through ``betas``) that would chain every step's graph to
+        the previous one: memory growing with the number of steps, in the mode meant to be cheap.
+        """
+        for state in self.state:
+            for param_state in state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, Tensor) and value.requires_grad:
+                        param_state[key] = value.detach()
 
     def _params_to_update(self, params: Iterable[Tensor] | None) -> list[Tensor]:
         if params is None:
@@ -259,6 +362,13 @@ class DifferentiableOptimizer:
             raise ValueError(
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
+            )
+        updated = [params[i] for indices in self._group_to_param_list for i in indices]
+        if updated and not any(p.requires_grad for p in updated):
+            raise ValueError(
+                "none of the tensors this optimizer updates requires grad, so there is no gradient to "
+                "step with and nothing would change: pass tensors with requires_grad=True "
+                "(e.g. p.detach().requires_grad_())."
             )
         return params
 
@@ -278,7 +388,7 @@ class DifferentiableOptimizer:
         computed = torch.autograd.grad(
             loss,
             [params[i] for i in targets],
-            create_graph=self._track_higher_grads,
+            create_graph=self._track_higher_grads and not self._first_order,
             allow_unused=True,
         )
         for i, g in zip(targets, computed):
@@ -295,8 +405,9 @@ class DifferentiableOptimizer:
         rule = self.rule
         if rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
-        for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
+        for group, grads, state, shapes in zip(self.param_groups, grouped_grads, self.state, self._group_shapes):
             params = group["params"]
+            hyper, per_parameter = self._resolve(group, shapes)
             for index, (param, grad) in enumerate(zip(params, grads)):
                 if grad is None:
                     continue
@@ -305,8 +416,67 @@ class DifferentiableOptimizer:
                         f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                         f"dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
-                current = state[index] or rule.init(param, group)
-                params[index], state[index] = rule.update(param, grad, current, group)
+                if per_parameter:
+                    hyper = {**hyper, **{name: values[index] for name, values in per_parameter.items()}}
+                current = state[index] or rule.init(param, hyper)
+                params[index], state[index] = rule.update(param, grad, current, hyper)
+
+    def _resolve(
+        self, group: dict[str, Any], shapes: list[torch.Size]
+    ) -> tuple[dict[str, Any], dict[str, PerParameter]]:
+        """The group's hyperparameters at this step, and those that differ per parameter."""
+        dynamic = [name for name, value in group.items() if isinstance(value, (PerStep, PerParameter))]
+        if not dynamic:
+            return group, {}
+        hyper = dict(group)
+        per_parameter: dict[str, PerParameter] = {}
+        for name in dynamic:
+            value = group[name]
+            if isinstance(value, PerStep):
+                value = value.at(self._steps_taken)
+                if isinstance(value, PerParameter):
+                    _check_per_parameter(name, value, shapes)
+                for single in value if isinstance(value, PerParameter) else [value]:
+                    self._check_value(name, single)
+                hyper[name] = value
+            if isinstance(value, PerParameter):
+                per_parameter[name] = value
+        return hyper, per_parameter
+
+    # ---------------------------------------------------------------- truncation and torch.optim API
+    def detach_(self) -> DifferentiableOptimizer:
+        """Cut the graph through the optimizer state (momentum buffers, moment estimates...).
+
+        Use it with ``fmodel.detach_()`` between windows of a truncated unroll: the next window
+        starts from the same values with no graph to the earlier ones, so memory stays flat.
+        Hyperparameter tensors given through ``override`` are left as they are (still learned).
+        """
+        for group_state in self.state:
+            for param_state in group_state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, Tensor):
+                        param_state[key] = value.detach()
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: a differentiable optimizer never stores gradients in ``.grad``."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "a differentiable optimizer's groups come from the torch optimizer it copies: add the group "
+            "to that optimizer and build the differentiable one again."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            "differentiable optimizer state holds graph-connected tensors; save the torch optimizer's "
+            "state_dict instead (warm start copies it)."
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "load the state into the torch optimizer, then build the differentiable optimizer from it."
+        )
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -327,6 +497,11 @@ def _flat(value: Any) -> list[Any]:
     return [value]
 
 
+def _is_pair(value: Any) -> bool:
+    sequence = isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1)
+    return sequence and len(value) == 2
+
+
 def _is_nan(value: Any) -> bool:
     if isinstance(value, Tensor):
         return bool(torch.isnan(value.detach()).any()) if value.is_floating_point() else False
@@ -344,7 +519,7 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
     group and one of length ``num_groups`` gives one value per group. A number or 0-dim tensor
     applies to every group, and so does a bare pair for ``betas``/``etas``/``step_sizes``.
     """
-    if _is_scalar(value):
+    if _is_scalar(value) or isinstance(value, (PerParameter, PerStep)):
         return [value] * num_groups
     if name in PAIR_HYPERPARAMETERS and isinstance(value, tuple) and len(value) == 2 and all(map(_is_scalar, value)):
         return [value] * num_groups
@@ -358,6 +533,25 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
             f"group(s): give one value for all groups ([v]) or one per group."
         )
     raise TypeError(f"override['{name}'] must be a number, a tensor or a list of them, got {type(value).__name__}")
+
+
+def _check_per_parameter(name: str, values: PerParameter, shapes: list[torch.Size]) -> None:
+    if len(values) != len(shapes):
+        raise ValueError(
+            f"PerParameter for '{name}' has {len(values)} values but the parameter group has {len(shapes)} "
+            f"parameters; give one value per parameter of the group, in order."
+        )
+    for i, (value, shape) in enumerate(zip(values, shapes)):
+        if isinstance(value, Tensor):
+            try:
+                broadcast = torch.broadcast_shapes(value.shape, shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
+                raise ValueError(
+                    f"PerParameter value {i} for '{name}' has shape {tuple(value.shape)}, which does not "
+                    f"broadcast to its parameter's shape {tuple(shape)}."
+                )
 
 
 # ------------------------------------------------------------------------------- the classes
@@ -538,14 +732,16 @@ def _as_list(params: Any) -> list[Tensor]:
 def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | str | None = None) -> _OverrideType:
     """An ``override`` dict with a leaf tensor requiring grad for every numeric hyperparameter.
 
-    One entry per group for each hyperparameter whose values are numbers (pairs such as
-    ``betas`` become tuples of tensors). Boolean options are not hyperparameters and are left
-    out (higher 0.2.1 swept them in, since ``bool`` is an ``int``).
+    One entry per group for each of the optimizer's options (the keys of ``opt.defaults``) whose
+    values are numbers or one-element floating-point tensors (pairs such as ``betas`` become
+    tuples of tensors). Boolean options are not hyperparameters and are left out (higher 0.2.1
+    swept them in, since ``bool`` is an ``int``), and so are keys that others add to the groups,
+    such as an LR scheduler's ``initial_lr``, which are not options of the optimizer.
     """
     override: _OverrideType = {}
     for group in opt.param_groups:
         for key, value in group.items():
-            if key == "params" or not _is_numeric(value):
+            if key == "params" or key not in opt.defaults or not _is_numeric(value):
                 continue
             override.setdefault(key, []).append(_to_leaf(value, device))
     return override
@@ -553,12 +749,20 @@ def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | 
 
 def _is_numeric(value: Any) -> bool:
     values = _flat(value)
-    return bool(values) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(_is_number(v) for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and value.numel() == 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _to_leaf(value: Any, device: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_leaf(v, device) for v in value)
+    if isinstance(value, Tensor):
+        return value.detach().reshape(()).to(device=device, copy=True).requires_grad_()
     return torch.tensor(float(value), device=device, requires_grad=True)
 
 
@@ -571,6 +775,12 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideTy
 
 
 def _assign_like(target: Any, learned: Any) -> Any:
+    """``learned`` in the form of ``target``: tensors updated in place, numbers as Python numbers.
+
+    An ``int`` target (torch's defaults such as ``weight_decay=0`` are ints) stays an ``int`` only
+    if the learned value is a whole number; otherwise it becomes a ``float`` instead of being
+    truncated.
+    """
     if isinstance(target, (list, tuple)):
         return type(target)(_assign_like(t, v) for t, v in zip(target, learned))
     if isinstance(target, Tensor):
@@ -578,7 +788,11 @@ def _assign_like(target: Any, learned: Any) -> Any:
             target.copy_(learned if isinstance(learned, Tensor) else torch.as_tensor(learned))
         return target
     value = learned.item() if isinstance(learned, Tensor) else learned
-    return type(target)(value) if isinstance(target, numbers.Number) else value
+    if isinstance(target, bool):
+        return bool(value)
+    if isinstance(target, numbers.Integral) and float(value).is_integer():
+        return int(value)
+    return float(value) if isinstance(target, numbers.Real) else value
 
 
 # -------------------------------------------- helpers kept for optimizers written for 0.2.1

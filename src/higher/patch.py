@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,9 @@ class _Core:
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
-        self.views: dict[int, FunctionalModule] = {}
+        # Views by id of their submodule. Weak, so that views (which hold the core) and the core
+        # form no reference cycle: a dropped fmodel is freed at once, without the cyclic collector.
+        self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
 
     def _slots(self, named: Iterable[tuple[str, Tensor]], kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
         slots = []
@@ -116,10 +119,13 @@ class FunctionalModule(nn.Module):
         d["_hg_param_names"] = list(seen.values())
         buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
-        d["_hg_buffer_names"] = list({slot[2]: name for name, slot in reversed(buffers)}.items())[::-1]
+        first_buffer_names: dict[int, str] = {}
+        for name, slot in buffers:
+            first_buffer_names.setdefault(slot[2], name)
+        d["_hg_buffer_names"] = [(name, i) for i, name in first_buffer_names.items()]
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
         d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
-        d["_hg_modes"] = []  # (user submodule, its view) for every module in the subtree
+        d["_hg_modes"] = []  # (user submodule, its view) for every module strictly below this one
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -148,6 +154,8 @@ class FunctionalModule(nn.Module):
         saved_params = [owner[key] for owner, key, _ in param_slots]
         saved_buffers = [owner[key] for owner, key, _ in buffer_slots]
         changed_modes = [(m, m.training) for m, view in self._hg_modes if m.training != view.training]
+        if self._hg_module.training != self.training:
+            changed_modes.append((self._hg_module, self._hg_module.training))
         for m, training in changed_modes:
             m.training = not training
         for owner, key, i in param_slots:
@@ -279,6 +287,41 @@ class FunctionalModule(nn.Module):
     def _fast_params(self) -> list[list[Tensor]]:
         """The whole history (one list of fast weights per update), as in higher 0.2.1."""
         return self._hg_core.history
+
+    def detach_(self) -> FunctionalModule:
+        """Cut the graph: keep only the latest fast weights, detached (same values, same ``requires_grad``).
+
+        For truncated unrolls: after ``fmodel.detach_()`` and ``diffopt.detach_()`` the loop
+        continues from the same point, but meta-gradients of later losses stop here and the
+        memory held by earlier steps (fast weights, their graph, the activations it keeps) is
+        freed, so memory stays flat however many windows run. ``time=0`` becomes this point.
+        Acts on the whole model whichever view it is called on.
+        """
+        core = self._hg_core
+        if core.latest is not None:
+            core.history = [[p.detach().requires_grad_(p.requires_grad) for p in core.latest]]
+        core.buffers = [b.detach() for b in core.buffers]
+        return self
+
+    def sync_buffers_to(self, module: nn.Module | None = None) -> None:
+        """Copy the fmodel's buffers (BatchNorm running statistics...) into ``module``'s, in place.
+
+        ``module`` defaults to the module this fmodel was made from (the part this view covers).
+        The fmodel keeps its own copies: buffers updated in the inner loop (e.g. BatchNorm in
+        train mode) reach the model only through this call, or with ``share_buffers=True``.
+        """
+        target = self._hg_module if module is None else module
+        theirs = list(target.named_buffers())
+        mine = [(name, self._hg_core.buffers[i]) for name, i in self._hg_buffer_names]
+        if [name for name, _ in theirs] != [name for name, _ in mine]:
+            raise KeyError(
+                f"sync_buffers_to: the module's buffers {[n for n, _ in theirs]} do not match the "
+                f"fmodel's {[n for n, _ in mine]}; give the module the fmodel was made from."
+            )
+        with torch.no_grad():
+            for (_, destination), (_, source) in zip(theirs, mine):
+                if destination is not source:
+                    destination.copy_(source)
 
     # ------------------------------------------------------------------ nn.Module behaviour
     def __getattr__(self, name: str) -> Any:
@@ -419,8 +462,11 @@ class FunctionalModule(nn.Module):
 
         history = [[detach(t) for t in entry] for entry in core.history]
         buffers = [b.detach().clone() for b in core.buffers]
-        root = core.views[id(core.module)]
-        modes = {name: view.training for name, view in root.named_modules()}
+        modes = {}
+        for name, sub in core.module.named_modules():
+            view = core.views.get(id(sub))
+            if view is not None:
+                modes[name] = view.training
         snapshot = {
             "module": core.module,
             "history": history,
@@ -468,15 +514,15 @@ def make_functional(
         raise TypeError(f"make_functional needs an nn.Module, got {type(module).__name__}")
     core = _Core(module)
     named = list(module.named_modules())
-    for name, sub in named:
-        core.views[id(sub)] = _view_class(type(sub), root=not name)(core, sub, name)
+    views = {id(sub): _view_class(type(sub), root=not name)(core, sub, name) for name, sub in named}
     for _, sub in named:
-        view = core.views[id(sub)]
+        view = views[id(sub)]
         for child_name, child in sub._modules.items():
             if child is not None:
-                view._modules[child_name] = core.views[id(child)]
-        view.__dict__["_hg_modes"] = [(m, core.views[id(m)]) for m in sub.modules()]
-    fmodule = core.views[id(module)]
+                view._modules[child_name] = views[id(child)]
+        view.__dict__["_hg_modes"] = [(m, views[id(m)]) for m in sub.modules() if m is not sub]
+    core.views.update(views)
+    fmodule = views[id(module)]
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -494,11 +540,28 @@ def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.devi
     core.buffers = [_copy_tensor(b, True, device) for _, b in theirs]
 
 
+def _given_initial_params(
+    fmodule: FunctionalModule, defaults: list[Tensor], given: Sequence[Tensor] | Mapping[str, Tensor]
+) -> list[Tensor]:
+    names = fmodule._hg_core.param_names
+    if isinstance(given, Mapping):
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise ValueError(
+                f"initial_params names {unknown} are not parameters of the model; its parameters are: {', '.join(names)}."
+            )
+        return [given.get(name, default) for name, default in zip(names, defaults)]
+    return list(given)
+
+
 def monkeypatch(
     module: nn.Module,
     device: torch.device | str | None = None,
     copy_initial_weights: bool = True,
     track_higher_grads: bool = True,
+    *,
+    share_buffers: bool = False,
+    initial_params: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
 ) -> FunctionalModule:
     """The fmodel of ``module``: a functional view with initial fast weights and its own buffers.
 
@@ -512,15 +575,30 @@ def monkeypatch(
             ``module.parameters()``'s ``.grad`` (MAML).
         track_higher_grads: if ``False``, no graph is kept through updates and only the latest
             fast weights are stored.
+        share_buffers: if ``True``, the fmodel uses ``module``'s own buffers instead of copies,
+            so BatchNorm running statistics updated in the inner loop are the model's.
+        initial_params: initial fast weights given by the caller instead of copies of the
+            parameters, e.g. the output of a hypernetwork: a list with one tensor per parameter
+            (``module.parameters()`` order) or a dict from parameter names (as in
+            ``module.named_parameters()``) to tensors for some of them. They are used as they
+            are, so meta-gradients flow back into whatever produced them.
     """
+    if share_buffers and device is not None:
+        if any(b.device != torch.device(device) for b in module.buffers()):
+            raise ValueError(
+                "share_buffers=True cannot move the buffers to another device; omit device= or share_buffers."
+            )
 
     def encapsulator(fmodule: FunctionalModule, original: nn.Module) -> None:
         if copy_initial_weights:
             params = get_func_params(original, device=device)
         else:
             params = [p.clone() if device is None else p.clone().to(device) for p in original.parameters()]
+        if initial_params is not None:
+            params = _given_initial_params(fmodule, params, initial_params)
         fmodule.update_params(params)
-        buffer_sync(original, fmodule, device)
+        if not share_buffers:
+            buffer_sync(original, fmodule, device)
 
     fmodule = make_functional(module, encapsulator=encapsulator)
     fmodule.track_higher_grads = track_higher_grads

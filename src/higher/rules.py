@@ -58,12 +58,15 @@ def sqrt0(x: Tensor) -> Tensor:
 
     Adaptive optimizers take ``sqrt`` of a running average of squared gradients. Where a
     gradient entry has been exactly zero at every step so far (a dead ReLU unit, a parameter
-    that does not reach the loss), that average is exactly 0 and the true derivative of
-    ``sqrt`` is infinite; multiplied by the zero derivative of the squared gradient it gives NaN
-    meta-gradients. Such an entry's parameter did not move, and the convention used here,
-    derivative 0 at 0 (the value at which ``sqrt(x)`` is flat from the feasible side in the limit
-    of the optimizer's own ``eps``), keeps every meta-gradient finite and leaves every other
-    entry exact. Values are identical to ``torch.sqrt``.
+    that does not reach the loss), that average ``v`` is exactly 0 and ``sqrt'(0)`` is infinite;
+    autograd multiplies it by zeros (``dv/dg = 2 (1 - beta2) g = 0``, and the numerator ``m`` or
+    ``g`` of the update is 0 too) and gets NaN meta-gradients. The update itself is smooth
+    there: e.g. Adam's ``m / (sqrt(v) + eps)`` with ``m = (1 - beta1) g``, ``v = (1 - beta2) g^2``
+    is ``(1 - beta1) g / (sqrt(1 - beta2) |g| + eps)``, whose derivative at ``g = 0`` is
+    ``(1 - beta1) / eps``, all of it through ``m``. Taking ``sqrt'(0) = 0`` drops only the 0 * inf
+    products, so the meta-gradient is that exact derivative (finite, and equal to finite
+    differences), while every entry with ``v > 0`` is untouched. Values are identical to
+    ``torch.sqrt``; first and second derivatives equal those of ``sqrt`` wherever ``x > 0``.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x.sqrt()
@@ -127,6 +130,22 @@ def _lerp(x: Tensor, y: Tensor, w: Any) -> Tensor:
     return x + w * (y - x)
 
 
+def _weight_decay(param: Tensor, grad: Tensor, lr: Any, weight_decay: Any, decoupled: bool) -> tuple[Tensor, Tensor]:
+    """Weight decay as L2 on the gradient (``g + wd p``) or decoupled (``p (1 - lr wd)``, AdamW)."""
+    if not _active(weight_decay):
+        return param, grad
+    if decoupled:
+        return param * (1 - lr * weight_decay), grad
+    return param, _add_scaled(grad, param, weight_decay)
+
+
+def _moments(state: State, grad: Tensor, beta1: Any, beta2: Any) -> tuple[Tensor, Tensor]:
+    """Adam's moment estimates: ``m <- b1 m + (1-b1) g`` and ``v <- b2 v + (1-b2) g^2``."""
+    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    return exp_avg, exp_avg_sq
+
+
 # --------------------------------------------------------------------------------------------
 # SGD:  g <- g + wd p;  b <- mu b + (1 - dampening) g  (b_1 = g);  g <- g + mu b (nesterov) or b;
 #       p <- p - lr g
@@ -168,13 +187,8 @@ def adam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
     if hp["maximize"]:
         grad = -grad
     step = state["step"] + 1
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     new_state: State = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     second_moment = exp_avg_sq
     if hp["amsgrad"]:
@@ -352,17 +366,12 @@ def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
         grad = -grad
     step = state["step"] + 1
     bias_correction2 = 1 - beta2**step
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     mu_product = state["mu_product"] * mu
     mu_product_next = mu_product * mu_next
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     denom = sqrt0(exp_avg_sq / bias_correction2) + eps
     param = _add_ratio(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product))
     param = _add_ratio(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
@@ -384,13 +393,8 @@ def radam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
     if hp["maximize"]:
         grad = -grad
     step = state["step"] + 1
-    if _active(weight_decay):
-        if hp["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = _add_scaled(grad, param, weight_decay)
-    exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = _add_product(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
+    exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -432,6 +436,9 @@ class UpdateRule:
         flags: boolean options that change the math (``amsgrad``, ``maximize``, ...).
         init: ``init(param, hyperparameters) -> state``, the state before the first step.
         update: ``update(param, grad, state, hyperparameters) -> (new_param, new_state)``.
+        flags_added_later: ``(flag, value)`` for flags that older torch versions (>= 2.1) do not
+            put into the parameter groups, with the value that gives their behaviour (the value
+            torch's own ``__setstate__`` fills in for such groups).
     """
 
     name: str
@@ -440,6 +447,7 @@ class UpdateRule:
     flags: tuple[str, ...]
     init: Callable[[Tensor, Hyper], State]
     update: Callable[[Tensor, Tensor, State, Hyper], tuple[Tensor, State]]
+    flags_added_later: tuple[tuple[str, bool], ...] = ()
 
     @property
     def options(self) -> frozenset[str]:
@@ -465,8 +473,8 @@ RULES: dict[str, UpdateRule] = {
             sgd_init,
             sgd_update,
         ),
-        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS),
-        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS),
+        UpdateRule("Adam", torch.optim.Adam, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", False),)),
+        UpdateRule("AdamW", torch.optim.AdamW, **_ADAM_OPTIONS, flags_added_later=(("decoupled_weight_decay", True),)),
         UpdateRule(
             "Adagrad",
             torch.optim.Adagrad,
@@ -515,6 +523,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             nadam_init,
             nadam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
         UpdateRule(
             "RAdam",
@@ -523,6 +532,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize", "decoupled_weight_decay"),
             radam_init,
             radam_update,
+            flags_added_later=(("decoupled_weight_decay", False),),
         ),
     )
 }
