@@ -48,7 +48,7 @@ def cut(ax, x, y):
     ax.text(x, y, "✕", ha="center", va="center", fontsize=16, color="tab:red", fontweight="bold")
 
 
-def row(ax, title, copy_initial_weights, track_higher_grads, notes):
+def row(ax, title, copy_initial_weights, track_higher_grads, notes, first_order=False):
     ax.set_xlim(-1.3, 16.0)
     ax.set_ylim(-1.95, 1.6)
     ax.axis("off")
@@ -75,15 +75,17 @@ def row(ax, title, copy_initial_weights, track_higher_grads, notes):
         FORWARD,
         "clone" if not copy_initial_weights else "clone + detach",
     )
+    step_label = "step (g constant)" if first_order else "diffopt.step"
     for t in range(STEPS):
-        arrow(ax, (xs[t] + half, y + 0.12), (xs[t + 1] - half, y + 0.12), FORWARD, "diffopt.step")
+        arrow(ax, (xs[t] + half, y + 0.12), (xs[t + 1] - half, y + 0.12), FORWARD, step_label)
     arrow(ax, (xs[-1] + half, y + 0.12), (loss_x - half, y + 0.12), FORWARD, "fmodel(x_query)")
     # backward
     back_y = y - 0.2
     arrow(ax, (loss_x - half, back_y), (xs[-1] + half, back_y), BACKWARD)
     if track_higher_grads:
         for t in range(STEPS, 0, -1):
-            arrow(ax, (xs[t] - half, back_y), (xs[t - 1] + half, back_y), BACKWARD)
+            style = BACKWARD | {"color": "tab:purple"} if first_order else BACKWARD
+            arrow(ax, (xs[t] - half, back_y), (xs[t - 1] + half, back_y), style)
         if copy_initial_weights:
             cut(ax, (half + xs[0] - half) / 2, back_y)
         else:
@@ -93,7 +95,7 @@ def row(ax, title, copy_initial_weights, track_higher_grads, notes):
             cut(ax, (xs[t] - half + xs[t - 1] + half) / 2, back_y)
         cut(ax, (half + xs[0] - half) / 2, back_y)
     # hyperparameters
-    if track_higher_grads:
+    if track_higher_grads and not first_order:
         hx = (xs[0] + xs[-1]) / 2
         ax.text(
             hx,
@@ -108,27 +110,12 @@ def row(ax, title, copy_initial_weights, track_higher_grads, notes):
             mid = (xs[t] + xs[t + 1]) / 2
             arrow(ax, (hx + 0.4 * (t - 1), 1.08), (mid - 0.15, 0.36), FORWARD | {"color": "#5a5", "lw": 0.8})
             arrow(ax, (mid + 0.15, 0.36), (hx + 0.4 * (t - 1) + 0.3, 1.08), BACKWARD | {"lw": 1.0})
-    else:
-        ax.annotate(
-            "",
-            xy=(0.0, -0.36),
-            xytext=(xs[-1], -0.36),
-            arrowprops={**BACKWARD, "ls": ":", "color": "tab:purple", "connectionstyle": "arc3,rad=-0.1"},
-        )
-        ax.text(
-            (xs[0] + xs[-1]) / 2,
-            -1.0,
-            "first-order MAML: add its .grad to model.parameters()' .grad",
-            ha="center",
-            fontsize=8.5,
-            color="tab:purple",
-        )
     for i, note in enumerate(notes):
         ax.text(-1.2, -1.4 - 0.28 * i, note, ha="left", va="center", fontsize=8.8)
 
 
 def main(out: Path = OUT) -> None:
-    fig, axes = plt.subplots(3, 1, figsize=(14, 10.5))
+    fig, axes = plt.subplots(4, 1, figsize=(14, 13.5))
     row(
         axes[0],
         "MAML: innerloop_ctx(model, opt, copy_initial_weights=False)   (track_higher_grads=True)",
@@ -152,17 +139,32 @@ def main(out: Path = OUT) -> None:
     )
     row(
         axes[2],
-        "First order / test mode: innerloop_ctx(model, opt, track_higher_grads=False)",
+        "First-order MAML: innerloop_ctx(model, opt, copy_initial_weights=False, first_order=True)",
+        copy_initial_weights=False,
+        track_higher_grads=True,
+        first_order=True,
+        notes=[
+            "Inner gradients g are taken without a graph (no second derivatives), but each step is still "
+            "W_t+1 = W_t - lr * g_t: backward() goes along",
+            "the chain with identity Jacobians (purple) into W: model.parameters()' .grad is the gradient at the "
+            "adapted weights, the first-order MAML gradient.",
+        ],
+    )
+    row(
+        axes[3],
+        "No graph (evaluation): innerloop_ctx(model, opt, track_higher_grads=False)",
         copy_initial_weights=True,
         track_higher_grads=False,
         notes=[
             "Each step's result is a fresh leaf: no graph through the steps, only the latest weights are kept.",
-            "backward() fills the latest fast weights' .grad: first-order MAML adds it to model.parameters()' "
-            ".grad (higher.algorithms.maml_step(first_order=True)).",
+            "backward() stops at the latest fast weights (their .grad); nothing reaches W or the hyperparameters.",
         ],
     )
     fig.text(
-        0.01, 0.005, "black: forward computation    red dashed: meta-gradient in backward()    ✕: graph cut", fontsize=9
+        0.01,
+        0.005,
+        "black: forward computation    red dashed: meta-gradient in backward()    purple: first-order path    ✕: graph cut",
+        fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(out, dpi=100)

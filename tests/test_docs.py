@@ -60,7 +60,14 @@ def test_relative_links_and_images_resolve(page):
 
 def test_docs_are_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for page in ("meta-gradients.md", "maml-tutorial.md", "hyperparameter-tutorial.md", "migrating.md", "api.md", "reference-run.md"):
+    for page in (
+        "meta-gradients.md",
+        "maml-tutorial.md",
+        "hyperparameter-tutorial.md",
+        "migrating.md",
+        "api.md",
+        "reference-run.md",
+    ):
         assert f"docs/{page}" in readme, page
 
 

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from . import innerloop_ctx
-from .optim import create_diff_optim
-from .patch import FunctionalModule, monkeypatch
+from .optim import PerParameter
+from .patch import FunctionalModule
 
 __all__ = [
     "adapt",
@@ -71,16 +71,18 @@ def adapt(
     *,
     copy_initial_weights: bool = False,
     track_higher_grads: bool = True,
+    first_order: bool = False,
     override: Mapping[str, Any] | None = None,
 ) -> FunctionalModule:
     """Take ``steps`` differentiable steps of ``inner_opt`` on ``loss_fn(fmodel(x), y)``.
 
     Returns the fmodel, whose ``parameters()`` are the adapted weights and whose
     ``parameters(time=t)`` are the weights after ``t`` steps (see ``higher.innerloop_ctx`` for
-    ``copy_initial_weights`` and ``track_higher_grads``). The defaults give the MAML graph: a
-    meta-loss computed from the fmodel backpropagates through all steps into
-    ``model.parameters()``. With ``track_higher_grads=False`` it is plain fine-tuning of a copy
-    (``model`` itself is never modified).
+    ``copy_initial_weights``, ``track_higher_grads`` and ``first_order``). The defaults give the
+    MAML graph: a meta-loss computed from the fmodel backpropagates through all steps into
+    ``model.parameters()``. ``first_order=True`` gives the first-order MAML gradient instead.
+    With ``track_higher_grads=False`` it is plain fine-tuning of a copy (``model`` itself is
+    never modified).
     """
     _check_steps(steps)
     with innerloop_ctx(
@@ -89,6 +91,7 @@ def adapt(
         copy_initial_weights=copy_initial_weights,
         track_higher_grads=track_higher_grads,
         override=dict(override) if override is not None else None,
+        first_order=first_order,
     ) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(loss_fn(fmodel(x), y))
@@ -121,17 +124,6 @@ def adaptation_losses(
     return values
 
 
-def _accumulate_grads(params: Iterable[Tensor], grads: Iterable[Tensor | None]) -> None:
-    """Add ``grads`` into ``params``' ``.grad``, as ``backward()`` would."""
-    for param, grad in zip(params, grads):
-        if grad is None:
-            continue
-        if param.grad is None:
-            param.grad = grad.detach().clone()
-        else:
-            param.grad.add_(grad.detach())
-
-
 def maml_step(
     model: nn.Module,
     inner_opt: torch.optim.Optimizer,
@@ -150,11 +142,11 @@ def maml_step(
     ``.grad`` (call ``meta_opt.zero_grad()`` before and ``meta_opt.step()`` after).
 
     ``first_order=True`` is first-order MAML (FOMAML; proposed in Finn et al. 2017 and analysed
-    by Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms"): the inner loop
-    runs without a graph (``track_higher_grads=False``) and the meta-gradient is the gradient of
-    the query loss *at the adapted weights*, deposited into ``model.parameters()``' ``.grad``
-    (the Jacobian of the adapted weights with respect to the initial ones is taken to be the
-    identity). It needs no second derivatives and its memory does not grow with the steps.
+    by Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms"): the inner
+    gradients are taken without a graph (``innerloop_ctx(..., first_order=True)``), so the
+    meta-gradient deposited into ``model.parameters()``' ``.grad`` is the gradient of the query
+    loss *at the adapted weights* (the Jacobian of the adapted weights with respect to the
+    initial ones is taken to be the identity). It needs no second derivatives.
 
     Args:
         model: the model whose initial weights are meta-learned (never modified here).
@@ -190,27 +182,9 @@ def _task_meta_gradient(
 ) -> float:
     """Adapt on one task and backpropagate its query loss / ``num_tasks``; return the query loss."""
     support_x, support_y, query_x, query_y = _unpack(task)
-    if not first_order:
-        fmodel = adapt(model, inner_opt, support_x, support_y, loss_fn, inner_steps)
-        query_loss = loss_fn(fmodel(query_x), query_y)
-        (query_loss / num_tasks).backward()
-        return float(query_loss.detach())
-    # First order: the adapted weights are fresh leaves (no graph through the inner loop), so
-    # backward() leaves the gradient at the adapted weights in their .grad; it also reaches
-    # whatever the query input depends on (ANIL's body). Hand it on to the initial weights.
-    fmodel = adapt(
-        model,
-        inner_opt,
-        support_x,
-        support_y,
-        loss_fn,
-        inner_steps,
-        copy_initial_weights=True,
-        track_higher_grads=False,
-    )
+    fmodel = adapt(model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order)
     query_loss = loss_fn(fmodel(query_x), query_y)
     (query_loss / num_tasks).backward()
-    _accumulate_grads(model.parameters(), [p.grad for p in fmodel.parameters()])
     return float(query_loss.detach())
 
 
@@ -222,12 +196,12 @@ class MetaSGD(nn.Module):
     ``w`` (elementwise product), and both ``w`` and ``alpha`` are trained by the meta-gradient of
     the query loss.
 
-    Implementation: each parameter gets its own parameter group of a differentiable optimizer
-    made by :func:`higher.create_diff_optim`, and the group's ``lr`` is replaced (``override``)
-    by the learned tensor. higher's update rules are elementwise, so a tensor ``lr`` of the
-    parameter's shape is exactly the per-weight learning rate, and its gradient is exact. With the
-    default ``optimizer=torch.optim.SGD`` this is the paper's Meta-SGD; any other optimizer
-    (``torch.optim.Adam``, ...) gives the same idea with that optimizer's update direction.
+    Implementation: the inner optimizer's ``lr`` is replaced (``override``) by
+    ``higher.PerParameter(self.lrs)``, one learned tensor of each parameter's shape. higher's
+    update rules are elementwise, so that tensor is exactly a per-weight learning rate, and its
+    gradient is exact. With the default ``optimizer=torch.optim.SGD`` this is the paper's
+    Meta-SGD; any other optimizer (``torch.optim.Adam``, ...) gives the same idea with that
+    optimizer's update direction.
 
     Args:
         model: the model whose initial weights are meta-learned; kept as ``self.model``, so
@@ -238,6 +212,8 @@ class MetaSGD(nn.Module):
 
     Attributes:
         lrs: ``nn.ParameterList``, one learning-rate tensor per parameter of ``model``.
+        inner_opt: the ``optimizer`` over ``model.parameters()``, never stepped itself: the inner
+            loop's update rule and its other hyperparameters.
     """
 
     def __init__(
@@ -250,10 +226,11 @@ class MetaSGD(nn.Module):
         super().__init__()
         self.model = model
         self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), float(lr))) for p in model.parameters()])
-        self.optimizer = optimizer
-        self.optimizer_kwargs = dict(optimizer_kwargs or {})
-        if "lr" in self.optimizer_kwargs:
+        options = dict(optimizer_kwargs or {})
+        if "lr" in options:
             raise ValueError("give the initial learning rate as MetaSGD(model, lr=...), not in optimizer_kwargs")
+        # Never stepped itself: it gives the inner loop its update rule and other hyperparameters.
+        self.inner_opt = optimizer(model.parameters(), lr=float(lr), **options)
 
     def adapt(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int = 1) -> FunctionalModule:
         """``steps`` inner updates with the learned learning rates; returns the adapted fmodel.
@@ -261,19 +238,8 @@ class MetaSGD(nn.Module):
         The graph is kept, so a loss of the returned fmodel backpropagates into
         ``self.model.parameters()`` and into ``self.lrs``.
         """
-        _check_steps(steps)
-        fmodel = monkeypatch(self.model, copy_initial_weights=False)
-        groups = [{"params": [p]} for p in self.model.parameters()]
-        diffopt = create_diff_optim(
-            self.optimizer,
-            {"lr": 1.0, **self.optimizer_kwargs},
-            params=groups,
-            fmodel=fmodel,
-            override={"lr": list(self.lrs)},
-        )
-        for _ in range(steps):
-            diffopt.step(loss_fn(fmodel(x), y))
-        return fmodel
+        override = {"lr": PerParameter(list(self.lrs))}
+        return adapt(self.model, self.inner_opt, x, y, loss_fn, steps, override=override)
 
     def meta_step(self, tasks: Iterable[TaskLike], loss_fn: LossFn, inner_steps: int = 1) -> float:
         """Accumulate the meta-gradient of the mean query loss into the weights' and ``lrs``' ``.grad``.
