@@ -71,7 +71,7 @@ def main() -> None:
         per_iteration = statistics.median(times)
         print(
             f"threads={threads}: {1000 * per_iteration:.1f} ms per iteration "
-            f"(11000 iterations: {11000 * per_iteration / 60:.1f} min; 70000: {70000 * per_iteration / 60:.1f} min)"
+            f"(16000 iterations: {16000 * per_iteration / 60:.1f} min; 70000: {70000 * per_iteration / 60:.1f} min)"
         )
 
 

@@ -39,9 +39,10 @@ __all__ = ["main", "build_parser"]
 
 # Defaults of each experiment for the options shared by all of them.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # 11000 iterations take about 4 minutes on one core of the 2-core development machine
-    # (measured; see docs/reference-run.md), leaving time for the install within 6 minutes.
-    "sinusoid": {"iterations": 11000, "shots": 10, "out": "higher-demo.png"},
+    # Measured on the 2-core development machine, one thread: 16.3 ms per iteration, so 16000
+    # iterations take about 4.4 minutes, and `make demo` on a fresh clone (install included)
+    # about 5 (see docs/reference-run.md).
+    "sinusoid": {"iterations": 16000, "shots": 10, "out": "higher-demo.png"},
     "digits": {"iterations": 1500, "shots": 1, "out": "higher-demo-digits.png"},
     "hyper": {"iterations": 200, "shots": 20, "out": "higher-demo-hyper.png"},
 }
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="meta-learning demos (default: MAML on sinusoid regression)",
         description=(
             "MAML on sinusoid regression (Finn et al. 2017) by default; 'digits' and 'hyper' run the other "
-            "demos. Defaults: sinusoid 11000 iterations, K=10; digits 1500 iterations, 5-way 1-shot; "
+            "demos. Defaults: sinusoid 16000 iterations, K=10; digits 1500 iterations, 5-way 1-shot; "
             "hyper 200 iterations, 20 points."
         ),
     )
