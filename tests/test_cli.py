@@ -108,6 +108,7 @@ BAD_OPTIONS = [
     (["demo", "--out", "result.jpg"], "must be a .png file"),
     (["demo", "--test-tasks", "0"], "must be at least 1"),
     (["demo", "digits", "--ways", "20"], "at most 16"),
+    (["demo", "digits", "--shots", "170"], "exceeds"),
     (["demo", "sideways"], "invalid choice"),
     ([], "required"),
 ]

@@ -437,8 +437,11 @@ def run_digits(args: argparse.Namespace) -> dict[str, list[list[float]]]:
     device, ways, shots, iterations = args.device, args.ways, args.shots, args.iterations
     inner_lr, train_steps, eval_steps, meta_batch = 0.4, 5, 10, 10
     start = time.perf_counter()
-    train_tasks = DigitsTasks("train", ways=ways, shots=shots, query=15, seed=args.seed)
-    test_tasks = DigitsTasks("test", ways=ways, shots=shots, query=15, seed=TEST_SEED)
+    try:
+        train_tasks = DigitsTasks("train", ways=ways, shots=shots, query=15, seed=args.seed)
+        test_tasks = DigitsTasks("test", ways=ways, shots=shots, query=15, seed=TEST_SEED)
+    except ValueError as error:
+        raise CliError(f"{error} (options --ways/--shots)") from None
     print(
         f"MAML, {ways}-way {shots}-shot digits (sklearn, rotations as classes): meta-train classes "
         f"{len(train_tasks.classes)} (digits 0-4), meta-test classes {len(test_tasks.classes)} (digits 5-8); "
@@ -622,8 +625,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.first_order = False
     if experiment == "digits" and args.ways > 16:
         raise CliError(f"--ways {args.ways}: the meta-test split has 16 classes; use at most 16")
-    if experiment == "digits" and args.shots + 15 > 170:
-        raise CliError(f"--shots {args.shots} is too large for the digits (about 170 images per class)")
     return args
 
 
