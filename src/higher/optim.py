@@ -117,6 +117,7 @@ class DifferentiableOptimizer:
         self._track_higher_grads = track_higher_grads
         self._grad_callback = grad_callback
         self._num_reference_params = len(reference_params)
+        self._reference_shapes = [p.shape for p in reference_params]
         if override is not None:
             self._apply_override(override)
         else:
@@ -260,6 +261,15 @@ class DifferentiableOptimizer:
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
             )
+        for i, (p, shape) in enumerate(zip(params, self._reference_shapes)):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"step(): params[{i}] is a {type(p).__name__}, not a tensor.")
+            if p.shape != shape:
+                raise ValueError(
+                    f"step(): params[{i}] has shape {tuple(p.shape)} but the optimizer was built for a "
+                    f"parameter of shape {tuple(shape)} at that position; pass the tensors in the order "
+                    f"and shapes of the reference parameters."
+                )
         return params
 
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
