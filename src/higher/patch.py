@@ -44,24 +44,14 @@ class _Core:
         self.param_index = {id(p): i for i, p in enumerate(params)}
         self.param_names = [name for name, _ in module.named_parameters()]
         self.param_shapes = [p.shape for p in params]
-        self.param_slots = self._slots(module.named_parameters(remove_duplicate=False), "_parameters", self.param_index)
         buffers = list(module.buffers())
         self.buffer_index = {id(b): i for i, b in enumerate(buffers)}
         self.buffer_names = [name for name, _ in module.named_buffers()]
-        self.buffer_slots = self._slots(module.named_buffers(remove_duplicate=False), "_buffers", self.buffer_index)
         # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
         self.views: dict[int, FunctionalModule] = {}
-
-    def _slots(self, named: Iterable[tuple[str, Tensor]], kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
-        slots = []
-        for name, tensor in named:
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(owner_name)
-            slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
-        return slots
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -73,6 +63,21 @@ class _Core:
             self.history.append(params)
         else:
             self.history = [params]
+
+
+def _named_slots(module: nn.Module, kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
+    """``(name, slot)`` for every parameter (``kind="_parameters"``) or buffer of ``module``'s subtree.
+
+    Shared tensors appear once per place they are held. ``index`` maps a tensor's id to its
+    position in the fmodel's list; a tensor that is not the patched model's raises ``KeyError``.
+    """
+    named = module.named_parameters if kind == "_parameters" else module.named_buffers
+    slots = []
+    for name, tensor in named(remove_duplicate=False):
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
+    return slots
 
 
 def _check_tensors(what: str, given: Sequence[Any], shapes: Sequence[torch.Size], names: Sequence[str]) -> None:
@@ -98,15 +103,16 @@ class FunctionalModule(nn.Module):
     """
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, core: _Core, module: nn.Module, path: str) -> None:
+    def __init__(self, core: _Core, module: nn.Module, path: str | None) -> None:
+        """The view of ``module`` (at ``path`` in the patched model; ``None`` for a container made
+        from the model's modules, such as a slice of a ``Sequential``)."""
         super().__init__()
         self.training = module.training
         d = self.__dict__
         d["_hg_core"] = core
         d["_hg_module"] = module
         d["_hg_path"] = path
-        prefix = f"{path}." if path else ""
-        in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
+        in_subtree = _named_slots(module, "_parameters", core.param_index)
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
         seen: dict[int, str] = {}
@@ -114,7 +120,7 @@ class FunctionalModule(nn.Module):
             seen.setdefault(slot[2], name)
         d["_hg_param_idx"] = list(seen)
         d["_hg_param_names"] = list(seen.values())
-        buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
+        buffers = _named_slots(module, "_buffers", core.buffer_index)
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         d["_hg_buffer_names"] = list({slot[2]: name for name, slot in reversed(buffers)}.items())[::-1]
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
@@ -244,7 +250,7 @@ class FunctionalModule(nn.Module):
         core = self._hg_core
         indices = self._hg_param_idx
         _check_tensors("params", params, [core.param_shapes[i] for i in indices], self._hg_param_names)
-        if len(indices) == len(core.param_shapes) and (not self._hg_path):
+        if len(indices) == len(core.param_shapes) and self._hg_module is core.module:
             core.push(params)
             return
         entry = list(core.latest) if core.latest is not None else None
