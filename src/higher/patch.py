@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from types import GeneratorType
 from typing import Any
 
 import torch
@@ -307,10 +308,26 @@ class FunctionalModule(nn.Module):
         if inspect.isfunction(static):
             # A method of the user's class: run it with the fast weights in place.
             method = getattr(module, name)
-            return functools.wraps(method)(lambda *args, **kwargs: self._hg_run(method, args, kwargs))
+            return functools.wraps(method)(lambda *args, **kwargs: self._hg_call(method, args, kwargs))
         if isinstance(static, property):
-            return self._hg_run(getattr, (module, name), {})
-        return getattr(module, name)
+            return self._hg_call(getattr, (module, name), {})
+        return self._hg_views_in(getattr(module, name))
+
+    def _hg_call(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run ``fn`` (a method of the user's module) with the fast weights; its result in view terms."""
+        result = self._hg_run(fn, args, kwargs)
+        if isinstance(result, GeneratorType):
+            return self._hg_lazy(result)
+        return self._hg_views_in(result)
+
+    def _hg_lazy(self, generator: Iterator[Any]) -> Iterator[Any]:
+        """A generator from the user's code, resumed with the fast weights in place at every item."""
+        while True:
+            try:
+                item = self._hg_run(next, (generator,), {})
+            except StopIteration:
+                return
+            yield self._hg_views_in(item)
 
     def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__
@@ -337,8 +354,7 @@ class FunctionalModule(nn.Module):
         super().__setattr__(name, value)
 
     def __getitem__(self, index: Any) -> Any:
-        item = self._hg_run(self._hg_module.__getitem__, (index,), {})
-        return self._hg_view_of(item)
+        return self._hg_call(self._hg_module.__getitem__, (index,), {})
 
     def __len__(self) -> int:
         return len(self._hg_module)
@@ -347,22 +363,62 @@ class FunctionalModule(nn.Module):
         return True
 
     def __iter__(self) -> Iterator[Any]:
-        items = self._hg_run(lambda: list(iter(self._hg_module)), (), {})
-        return iter([self._hg_view_of(item) for item in items])
+        return self._hg_lazy(iter(self._hg_module))
 
     def __contains__(self, item: Any) -> bool:
+        if isinstance(item, FunctionalModule):
+            item = item.__dict__["_hg_module"]
         return item in self._hg_module
 
-    def _hg_view_of(self, item: Any) -> Any:
-        if isinstance(item, nn.Module) and not isinstance(item, FunctionalModule):
-            view = self._hg_core.views.get(id(item))
-            if view is None:
-                raise NotImplementedError(
-                    f"{type(item).__name__} is not a submodule of the patched model (slicing a "
-                    f"container makes a new one); index single submodules instead."
-                )
+    def _hg_views_in(self, value: Any) -> Any:
+        """``value`` (a result of the user's code) with the model's modules replaced by their views.
+
+        So that a submodule reached through a method, a property, indexing or iteration
+        (``fmodel.blocks[1:]``, ``fmodel.values()``, ``fmodel.encoder_of(x)``) runs with the
+        fast weights. Lists, tuples, dicts and dict views are looked into.
+        """
+        if isinstance(value, nn.Module):
+            return self._hg_view_of(value)
+        if type(value) in (list, tuple):
+            return type(value)(self._hg_views_in(v) for v in value)
+        if isinstance(value, dict):
+            return type(value)((k, self._hg_views_in(v)) for k, v in value.items())
+        if isinstance(value, (ValuesView, ItemsView)):
+            return [self._hg_views_in(v) for v in value]
+        return value
+
+    def _hg_view_of(self, module: nn.Module) -> nn.Module:
+        """The view of one of the model's modules, or of a container made from them (a slice).
+
+        A module that holds none of the model's modules or tensors (e.g. a new one) is returned
+        as it is; one that mixes the model's and other tensors cannot be run with fast weights.
+        """
+        if isinstance(module, FunctionalModule):
+            return module
+        core = self._hg_core
+        view = core.views.get(id(module))
+        if view is not None:
             return view
-        return item
+        subtree = list(module.modules())
+        made = [m for m in subtree if id(m) not in core.views]
+        tensors = [t for m in made for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        known = [id(t) in core.param_index or id(t) in core.buffer_index for t in tensors]
+        if not any(known) and len(made) == len(subtree):
+            return module
+        if not all(known):
+            raise NotImplementedError(
+                f"{type(module).__name__} holds both tensors of the patched model and other tensors, so it "
+                f"cannot be run with the fast weights; call the patched model's own submodules instead."
+            )
+        views = {id(m): core.views.get(id(m)) or _view_class(type(m), root=False)(core, m, None) for m in subtree}
+        for m in made:
+            view = views[id(m)]
+            view.training = self.training
+            for child_name, child in m._modules.items():
+                if child is not None:
+                    view._modules[child_name] = views[id(child)]
+            view.__dict__["_hg_modes"] = [(sub, views[id(sub)]) for sub in m.modules()]
+        return views[id(module)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of the fast weights that are leaves (the others never hold one)."""
@@ -425,6 +481,11 @@ class FunctionalModule(nn.Module):
 
         history = [[detach(t) for t in entry] for entry in core.history]
         buffers = [b.detach().clone() for b in core.buffers]
+        if self._hg_path is None:
+            raise TypeError(
+                "this view of a container made from the patched model's modules (e.g. a slice) cannot be "
+                "pickled or copied; pickle the fmodel itself."
+            )
         root = core.views[id(core.module)]
         modes = {name: view.training for name, view in root.named_modules()}
         snapshot = {
