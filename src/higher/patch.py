@@ -458,13 +458,27 @@ class FunctionalModule(nn.Module):
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FunctionalModule:  # type: ignore[override]
-        """``.to()``, ``.double()``, ``.cuda()``...: convert the latest fast weights (a new history entry) and the buffers."""
+        """``.to()``, ``.double()``, ``.cuda()``...: convert the fast weights and the buffers.
+
+        Every history entry is converted in place (``time`` indices keep counting updates, and a
+        conversion that changes nothing, such as ``.to(same device)``, changes nothing). As with
+        ``nn.Module.to``, a leaf stays a leaf (same ``requires_grad``); a fast weight with a
+        history is converted differentiably, so meta-gradients still reach where it came from.
+        """
         core = self._hg_core
-        if core.latest is not None:
-            entry = list(core.latest)
+        converted: dict[int, Tensor] = {}
+
+        def convert(t: Tensor) -> Tensor:
+            if id(t) not in converted:
+                new = fn(t)
+                if t.is_leaf and new is not t:
+                    new = new.detach().requires_grad_(t.requires_grad)
+                converted[id(t)] = new
+            return converted[id(t)]
+
+        for entry in core.history:
             for i in self._hg_param_idx:
-                entry[i] = fn(entry[i])
-            core.push(entry)
+                entry[i] = convert(entry[i])
         for _, i in self._hg_buffer_names:
             core.buffers[i] = fn(core.buffers[i])
         return self
