@@ -123,7 +123,10 @@ class FunctionalModule(nn.Module):
         d["_hg_param_names"] = list(seen.values())
         buffers = _named_slots(module, "_buffers", core.buffer_index)
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
-        d["_hg_buffer_names"] = list({slot[2]: name for name, slot in reversed(buffers)}.items())[::-1]
+        first_buffer_names: dict[int, str] = {}
+        for name, slot in buffers:
+            first_buffer_names.setdefault(slot[2], name)
+        d["_hg_buffer_names"] = [(name, i) for i, name in first_buffer_names.items()]
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
         d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
         d["_hg_modes"] = []  # (user submodule, its view) for every module in the subtree
