@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from types import GeneratorType
 from typing import Any
@@ -30,6 +31,18 @@ __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch
 
 # A slot is where a module keeps one tensor: (the submodule's _parameters or _buffers dict, key, index).
 _Slot = tuple[dict, str, int]
+
+
+# The hook dicts of nn.Module that Module.__call__ reads (torch 2.x).
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
 
 
 class TimeIndexError(IndexError, ValueError):
@@ -53,6 +66,8 @@ class _Core:
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
         self.views: dict[int, FunctionalModule] = {}
+        # Set once a hook is registered on a view: from then on calls lend the views' hooks to the modules.
+        self.view_hooks = False
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -164,9 +179,12 @@ class FunctionalModule(nn.Module):
             owner[key] = params[i]
         for owner, key, i in buffer_slots:
             owner[key] = buffers[i]
+        lent_hooks = self._hg_lend_hooks() if core.view_hooks else ()
         try:
             return fn(*args, **kwargs)
         finally:
+            for module_dict, saved in lent_hooks:
+                module_dict.update(saved)
             for owner, key, i in buffer_slots:
                 buffers[i] = owner[key]  # a module may have replaced a buffer instead of updating it
             for (owner, key, _), tensor in zip(param_slots, saved_params):
@@ -175,6 +193,52 @@ class FunctionalModule(nn.Module):
                 owner[key] = tensor
             for m, training in changed_modes:
                 m.training = training
+
+    def _hg_lend_hooks(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Add the hooks registered on the views below this one to their modules, for one call.
+
+        ``fmodel.layer.register_forward_hook(hook)`` must fire when ``fmodel(x)`` runs the layer,
+        but the call runs the user's modules, not the views. So the hooks of every view in the
+        subtree (its own are run by its ``__call__``) are added after the module's own hooks for
+        the duration of the call; the module's hook dicts are put back afterwards.
+        Returns ``(module.__dict__, saved entries)`` pairs to restore.
+        """
+        lent = []
+        for module, view in self._hg_modes:
+            if view is self:
+                continue
+            theirs = view.__dict__
+            names = [name for name in _HOOK_DICTS if theirs.get(name)]
+            if not names:
+                continue
+            ours = module.__dict__
+            saved = {name: ours[name] for name in names}
+            saved["_is_full_backward_hook"] = ours.get("_is_full_backward_hook")
+            for name in names:
+                ours[name] = OrderedDict([*ours[name].items(), *theirs[name].items()])
+            if theirs.get("_backward_hooks"):
+                ours["_is_full_backward_hook"] = theirs["_is_full_backward_hook"]
+            lent.append((ours, saved))
+        return lent
+
+    def _hg_hooks_registered(self, handle: Any) -> Any:
+        self._hg_core.view_hooks = True
+        return handle
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_forward_pre_hook(*args, **kwargs))
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_forward_hook(*args, **kwargs))
+
+    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_full_backward_pre_hook(*args, **kwargs))
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_full_backward_hook(*args, **kwargs))
+
+    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_backward_hook(*args, **kwargs))
 
     def forward(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
         """Run the module with the latest fast weights, or with ``params``, which become the latest."""
