@@ -45,6 +45,9 @@ _HOOK_DICTS = (
 )
 
 
+_MISSING = object()
+
+
 class TimeIndexError(IndexError, ValueError):
     """``parameters(time=T)`` asked for a step that the fast-weight history does not hold."""
 
@@ -68,6 +71,29 @@ class _Core:
         self.views: dict[int, FunctionalModule] = {}
         # Set once a hook is registered on a view: from then on calls lend the views' hooks to the modules.
         self.view_hooks = False
+        # The fmodel's values of tensor attributes that are neither parameters nor buffers, keyed by
+        # (id(module), name), and where they live: see attribute_slots.
+        self.attributes: dict[tuple[int, str], Any] = {}
+        self._attribute_slots: dict[int, list[tuple[dict[str, Any], str, tuple[int, str]]]] = {}
+
+    def attribute_slots(self, module: nn.Module) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
+        """Plain attributes of ``module`` holding tensors (``module.__dict__[name]``), found once.
+
+        A forward may store tensors computed from the weights in plain attributes: the legacy
+        ``torch.nn.utils.weight_norm`` hook sets ``module.weight``, RNNs keep ``_flat_weights``. The
+        fmodel keeps its own values of these (starting from the module's) and swaps them in for a
+        call like the parameters, so the user's module never keeps tensors made from fast weights
+        (which would also keep the unrolled graph alive after the fmodel is gone).
+        """
+        key = id(module)
+        slots = self._attribute_slots.get(key)
+        if slots is None:
+            d = module.__dict__
+            slots = [(d, name, (key, name)) for name, value in d.items() if _holds_tensors(value)]
+            for _, name, slot_key in slots:
+                self.attributes[slot_key] = d[name]
+            self._attribute_slots[key] = slots
+        return slots
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -79,6 +105,15 @@ class _Core:
             self.history.append(params)
         else:
             self.history = [params]
+
+
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a non-empty list/tuple of tensors (``None`` allowed among them)."""
+    if isinstance(value, Tensor):
+        return True
+    if type(value) in (list, tuple) and value:
+        return all(v is None or isinstance(v, Tensor) for v in value) and any(isinstance(v, Tensor) for v in value)
+    return False
 
 
 def _named_slots(module: nn.Module, kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
@@ -145,6 +180,16 @@ class FunctionalModule(nn.Module):
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
         d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
         d["_hg_modes"] = []  # (user submodule, its view) for every module in the subtree
+        d["_hg_attribute_slots"] = []  # see _Core.attribute_slots
+        d["_hg_own_attributes"] = {}
+
+    def _hg_set_subtree(self, views: Mapping[int, FunctionalModule]) -> None:
+        """Record the modules of this view's subtree (with their views) and their tensor attributes."""
+        core, module = self._hg_core, self._hg_module
+        d = self.__dict__
+        d["_hg_modes"] = [(m, views[id(m)]) for m in module.modules()]
+        d["_hg_attribute_slots"] = [slot for m in module.modules() for slot in core.attribute_slots(m)]
+        d["_hg_own_attributes"] = {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -180,11 +225,24 @@ class FunctionalModule(nn.Module):
         for owner, key, i in buffer_slots:
             owner[key] = buffers[i]
         lent_hooks = self._hg_lend_hooks() if core.view_hooks else ()
+        attribute_slots = self._hg_attribute_slots
+        if attribute_slots:
+            attributes = core.attributes
+            saved_attributes = [owner.get(name, _MISSING) for owner, name, _ in attribute_slots]
+            for owner, name, key in attribute_slots:
+                owner[name] = attributes[key]
         try:
             return fn(*args, **kwargs)
         finally:
             for module_dict, saved in lent_hooks:
                 module_dict.update(saved)
+            if attribute_slots:
+                for (owner, name, key), value in zip(attribute_slots, saved_attributes):
+                    attributes[key] = owner.get(name)
+                    if value is _MISSING:
+                        owner.pop(name, None)
+                    else:
+                        owner[name] = value
             for owner, key, i in buffer_slots:
                 buffers[i] = owner[key]  # a module may have replaced a buffer instead of updating it
             for (owner, key, _), tensor in zip(param_slots, saved_params):
@@ -370,6 +428,8 @@ class FunctionalModule(nn.Module):
             return latest[own_params[name]]
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
+        if name in d["_hg_own_attributes"]:
+            return self._hg_core.attributes[d["_hg_own_attributes"][name]]
         module = d["_hg_module"]
         static = inspect.getattr_static(module, name, None)
         if inspect.isfunction(static):
@@ -412,6 +472,9 @@ class FunctionalModule(nn.Module):
                 return
             if name in d["_hg_own_buffers"]:
                 self._hg_core.buffers[d["_hg_own_buffers"][name]] = value
+                return
+            if name in d["_hg_own_attributes"]:
+                self._hg_core.attributes[d["_hg_own_attributes"][name]] = value
                 return
             if isinstance(inspect.getattr_static(d["_hg_module"], name, None), property):
                 raise AttributeError(
@@ -484,7 +547,7 @@ class FunctionalModule(nn.Module):
             for child_name, child in m._modules.items():
                 if child is not None:
                     view._modules[child_name] = views[id(child)]
-            view.__dict__["_hg_modes"] = [(sub, views[id(sub)]) for sub in m.modules()]
+            view._hg_set_subtree(views)
         return views[id(module)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -623,7 +686,7 @@ def make_functional(
         for child_name, child in sub._modules.items():
             if child is not None:
                 view._modules[child_name] = core.views[id(child)]
-        view.__dict__["_hg_modes"] = [(m, core.views[id(m)]) for m in sub.modules()]
+        view._hg_set_subtree(core.views)
     fmodule = core.views[id(module)]
     if encapsulator is not None:
         encapsulator(fmodule, module)
