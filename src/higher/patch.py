@@ -457,9 +457,19 @@ class FunctionalModule(nn.Module):
             yield self._hg_views_in(item)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments change the fmodel, never the user's module.
+
+        A tensor assigned to a parameter records a new fast weight (one history entry); to a
+        buffer, replaces the fmodel's buffer; any other attribute of the user's module (a tensor
+        or not, e.g. ``fmodel.dropout.p = 0.0``) gets an fmodel-owned value that the module sees
+        while the fmodel runs it.
+        """
         d = self.__dict__
         own_params = d.get("_hg_own_params")
-        if own_params is not None and isinstance(value, Tensor):
+        if own_params is None or name in d:  # under construction, or the view's own (training, ...)
+            super().__setattr__(name, value)
+            return
+        if isinstance(value, Tensor):
             if name in own_params:
                 core = self._hg_core
                 if core.latest is None:
@@ -473,15 +483,36 @@ class FunctionalModule(nn.Module):
             if name in d["_hg_own_buffers"]:
                 self._hg_core.buffers[d["_hg_own_buffers"][name]] = value
                 return
-            if name in d["_hg_own_attributes"]:
-                self._hg_core.attributes[d["_hg_own_attributes"][name]] = value
-                return
-            if isinstance(inspect.getattr_static(d["_hg_module"], name, None), property):
-                raise AttributeError(
-                    f"'{name}' is computed (a property, e.g. a parametrization) and cannot be assigned on a "
-                    f"functional module; assign the tensors it is computed from."
-                )
+        if name in d["_hg_own_attributes"]:
+            self._hg_core.attributes[d["_hg_own_attributes"][name]] = value
+            return
+        module = d["_hg_module"]
+        if isinstance(value, nn.Module) or name in d["_modules"]:
+            raise AttributeError(
+                f"cannot assign a module to '{name}' of a functional module: the fmodel runs the patched "
+                f"model's own submodules. Change the model and patch it again."
+            )
+        if isinstance(inspect.getattr_static(module, name, None), property):
+            raise AttributeError(
+                f"'{name}' is computed (a property, e.g. a parametrization) and cannot be assigned on a "
+                f"functional module; assign the tensors it is computed from."
+            )
+        if name in module.__dict__:
+            self._hg_override_attribute(name, value)
+            return
         super().__setattr__(name, value)
+
+    def _hg_override_attribute(self, name: str, value: Any) -> None:
+        """Give attribute ``name`` of the user's module an fmodel-owned value, swapped in for calls."""
+        core, module = self._hg_core, self._hg_module
+        key = (id(module), name)
+        slot = (module.__dict__, name, key)
+        core.attributes[key] = value
+        core.attribute_slots(module).append(slot)
+        self.__dict__["_hg_own_attributes"][name] = key
+        for view in core.views.values():
+            if any(m is module for m, _ in view._hg_modes):
+                view.__dict__["_hg_attribute_slots"].append(slot)
 
     def __getitem__(self, index: Any) -> Any:
         return self._hg_call(self._hg_module.__getitem__, (index,), {})
