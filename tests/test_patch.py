@@ -526,6 +526,8 @@ def test_assigning_other_attributes_changes_the_fmodel_only():
         fmodel.extra = nn.Linear(3, 3)
     fmodel.note = "mine"  # a new attribute lives on the view, as on any object
     assert fmodel.note == "mine" and not hasattr(model, "note")
+    copied = copy.deepcopy(fmodel)
+    assert copied[1].p == 0.0 and torch.equal(copied(x), copied[0](x))
 
 
 def check_copy(fmodel: FunctionalModule, copied: FunctionalModule, model: nn.Module, x: torch.Tensor) -> None:

@@ -230,7 +230,11 @@ class FunctionalModule(nn.Module):
             attributes = core.attributes
             saved_attributes = [owner.get(name, _MISSING) for owner, name, _ in attribute_slots]
             for owner, name, key in attribute_slots:
-                owner[name] = attributes[key]
+                value = attributes[key]
+                if value is _MISSING:
+                    owner.pop(name, None)
+                else:
+                    owner[name] = value
         try:
             return fn(*args, **kwargs)
         finally:
@@ -238,7 +242,7 @@ class FunctionalModule(nn.Module):
                 module_dict.update(saved)
             if attribute_slots:
                 for (owner, name, key), value in zip(attribute_slots, saved_attributes):
-                    attributes[key] = owner.get(name)
+                    attributes[key] = owner.get(name, _MISSING)
                     if value is _MISSING:
                         owner.pop(name, None)
                     else:
@@ -429,7 +433,10 @@ class FunctionalModule(nn.Module):
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
         if name in d["_hg_own_attributes"]:
-            return self._hg_core.attributes[d["_hg_own_attributes"][name]]
+            value = self._hg_core.attributes[d["_hg_own_attributes"][name]]
+            if value is _MISSING:
+                raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+            return value
         module = d["_hg_module"]
         static = inspect.getattr_static(module, name, None)
         if inspect.isfunction(static):
@@ -645,28 +652,43 @@ class FunctionalModule(nn.Module):
         return self
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        """Pickling and ``copy.deepcopy``: the module, detached fast weights, buffers and modes."""
+        """Pickling and ``copy.deepcopy``: the module, detached fast weights, buffers, attributes, modes.
+
+        The copy starts a graph of its own (its fast weights are leaves); hooks registered on
+        the views are not copied.
+        """
         core = self._hg_core
         detached: dict[int, Tensor] = {}
 
-        def detach(t: Tensor) -> Tensor:
+        def detach(t: Any) -> Any:
+            if isinstance(t, (list, tuple)):
+                return type(t)(detach(v) for v in t)
+            if not isinstance(t, Tensor):
+                return t
             if id(t) not in detached:
                 detached[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
             return detached[id(t)]
 
-        history = [[detach(t) for t in entry] for entry in core.history]
-        buffers = [b.detach().clone() for b in core.buffers]
         if self._hg_path is None:
             raise TypeError(
                 "this view of a container made from the patched model's modules (e.g. a slice) cannot be "
                 "pickled or copied; pickle the fmodel itself."
             )
+        history = [[detach(t) for t in entry] for entry in core.history]
+        buffers = [b.detach().clone() for b in core.buffers]
         root = core.views[id(core.module)]
         modes = {name: view.training for name, view in root.named_modules()}
+        paths = {id(m): name for name, m in core.module.named_modules()}
+        attributes = {
+            (paths[module_id], name): detach(value)
+            for (module_id, name), value in core.attributes.items()
+            if module_id in paths and value is not _MISSING
+        }
         snapshot = {
             "module": core.module,
             "history": history,
             "buffers": buffers,
+            "attributes": attributes,
             "track_higher_grads": core.track_higher_grads,
             "modes": modes,
         }
@@ -681,6 +703,8 @@ def _restore(snapshot: dict[str, Any], path: str) -> FunctionalModule:
     core.track_higher_grads = snapshot["track_higher_grads"]
     for name, view in fmodel.named_modules():
         view.training = snapshot["modes"].get(name, view.training)
+    for (module_path, name), value in snapshot.get("attributes", {}).items():
+        setattr(fmodel.get_submodule(module_path), name, value)
     return fmodel.get_submodule(path) if path else fmodel
 
 
