@@ -604,7 +604,14 @@ class FunctionalModule(nn.Module):
         return self._hg_run(self._hg_module.state_dict, (), kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        """Adopt parameters (as new fast weights) and buffers from ``state_dict``."""
+        """Adopt parameters (as new fast weights, one history entry) and buffers from ``state_dict``.
+
+        Tensors that require grad are adopted as they are (gradients flow to where they came
+        from). Others, such as those of ``model.state_dict()``, which share storage with the
+        model, are copied: parameters get the ``requires_grad`` of the fast weight they replace
+        (so that the inner loop keeps updating them), buffers are copied so that the fmodel's
+        BatchNorm updates never reach the model.
+        """
         core = self._hg_core
         named_params = dict(self._hg_all_param_names)
         named_buffers = dict(self._hg_buffer_names)
@@ -617,12 +624,16 @@ class FunctionalModule(nn.Module):
         entry = list(core.latest)
         for name, i in named_params.items():
             if name in state_dict:
-                entry[i] = state_dict[name]
+                value = state_dict[name]
+                if isinstance(value, Tensor) and not value.requires_grad:
+                    value = value.detach().clone().requires_grad_(entry[i].requires_grad)
+                entry[i] = value
         _check_tensors("state_dict", entry, core.param_shapes, core.param_names)
         core.push(entry)
         for name, i in named_buffers.items():
             if name in state_dict:
-                core.buffers[i] = state_dict[name]
+                value = state_dict[name]
+                core.buffers[i] = value.detach().clone() if isinstance(value, Tensor) else value
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FunctionalModule:  # type: ignore[override]
