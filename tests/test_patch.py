@@ -605,6 +605,15 @@ def test_named_parameters_state_dict_and_buffers():
     fmodel.load_state_dict(model.state_dict())
     assert len(fmodel._fast_params) == length + 1
     assert all(torch.equal(a, b) for a, b in zip(fmodel.parameters(), model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fmodel.buffers(), model.buffers()))
+    # ... copied: the inner loop keeps updating the weights, and never touches the model's statistics
+    assert all(p.requires_grad for p in fmodel.parameters())
+    fmodel(x)
+    assert int(model.bn.num_batches_tracked) == 0 and int(fmodel.bn.num_batches_tracked) == 1
+    with pytest.raises(RuntimeError, match="missing keys \\['head.bias'\\]"):
+        fmodel.load_state_dict({k: v for k, v in model.state_dict().items() if k != "head.bias"})
+    with pytest.raises(ValueError, match="'head.bias' has shape \\(3,\\), the parameter has shape \\(2,\\)"):
+        fmodel.load_state_dict({**model.state_dict(), "head.bias": torch.zeros(3)})
 
 
 def test_train_and_eval_change_the_fmodel_only():
