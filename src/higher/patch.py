@@ -588,6 +588,28 @@ class FunctionalModule(nn.Module):
             view._hg_set_subtree(views)
         return views[id(module)]
 
+    def train(self, mode: bool = True) -> FunctionalModule:
+        """Set the fmodel's training mode (the user's module keeps its own), running the user's ``train``.
+
+        A model may override ``train`` (e.g. to keep its BatchNorm layers in eval mode), so the
+        module's own ``train(mode)`` runs, on the module with the fmodel's modes and fast weights
+        swapped in, and the modes it leaves are the fmodel's; the module's are then put back.
+        """
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        modes = self._hg_modes
+        saved = [m.training for m, _ in modes]
+        try:
+            for m, view in modes:
+                m.training = view.training
+            self._hg_run(self._hg_module.train, (mode,), {})
+            for m, view in modes:
+                view.training = m.training
+        finally:
+            for (m, _), training in zip(modes, saved):
+                m.training = training
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of the fast weights that are leaves (the others never hold one)."""
         for p in self.parameters():
