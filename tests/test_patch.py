@@ -638,6 +638,30 @@ def test_train_and_eval_change_the_fmodel_only():
     assert fmodel.training and not fmodel[1].training
 
 
+class FrozenBatchNorm(nn.Sequential):
+    """Overrides train() to keep its BatchNorm in eval mode, a common fine-tuning pattern."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_train_runs_the_user_classes_train_override():
+    model = FrozenBatchNorm().eval()
+    fmodel = higher.monkeypatch(model)
+    assert fmodel.train() is fmodel
+    assert fmodel.training and not fmodel[1].training  # the override applied to the fmodel
+    assert not model.training and not model[1].training  # the model's modes untouched
+    fmodel(torch.randn(8, 3))
+    assert int(fmodel[1].num_batches_tracked) == 0  # BatchNorm ran in eval mode
+    with pytest.raises(ValueError, match="boolean"):
+        fmodel.train(1)
+
+
 def test_to_and_dtype_conversion_convert_the_history_in_place():
     model = MLP()
     x = torch.randn(6, 3)
