@@ -610,6 +610,40 @@ class FunctionalModule(nn.Module):
                 m.training = training
         return self
 
+    def get_parameter(self, target: str) -> Tensor:
+        """The fast weight named ``target`` (e.g. ``"layer.weight"``), as ``named_parameters`` names it."""
+        module_path, _, name = target.rpartition(".")
+        view = self.get_submodule(module_path)
+        if name not in view.__dict__["_hg_own_params"]:
+            raise AttributeError(f"{type(view).__name__} has no parameter '{name}'")
+        return getattr(view, name)
+
+    def get_buffer(self, target: str) -> Tensor:
+        """The fmodel's buffer named ``target`` (e.g. ``"bn.running_mean"``)."""
+        module_path, _, name = target.rpartition(".")
+        view = self.get_submodule(module_path)
+        if name not in view.__dict__["_hg_own_buffers"]:
+            raise AttributeError(f"{type(view).__name__} has no buffer '{name}'")
+        return getattr(view, name)
+
+    def _hg_cannot_add(self, what: str, name: str) -> None:
+        raise AttributeError(
+            f"cannot add {what} '{name}' to a functional module: the fmodel runs the patched model's own "
+            f"modules, which would never see it. Add it to the model and patch the model again."
+        )
+
+    def register_parameter(self, name: str, param: Any) -> None:
+        self._hg_cannot_add("parameter", name)
+
+    def register_buffer(self, name: str, tensor: Any, persistent: bool = True) -> None:
+        self._hg_cannot_add("buffer", name)
+
+    def add_module(self, name: str, module: Any) -> None:
+        self._hg_cannot_add("module", name)
+
+    def register_module(self, name: str, module: Any) -> None:
+        self._hg_cannot_add("module", name)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of the fast weights that are leaves (the others never hold one)."""
         for p in self.parameters():
