@@ -594,6 +594,13 @@ def test_named_parameters_state_dict_and_buffers():
     for name, p in named:
         assert torch.equal(state[name], p) and not state[name].requires_grad  # detached, as nn.Module does
     assert fmodel.state_dict(keep_vars=True)["head.weight"] is fmodel.head.weight
+    assert fmodel.get_parameter("head.weight") is fmodel.head.weight
+    assert fmodel.get_buffer("bn.running_mean") is fmodel.bn.running_mean
+    with pytest.raises(AttributeError, match="no parameter 'running_mean'"):
+        fmodel.get_parameter("bn.running_mean")
+    for add in (fmodel.register_parameter, fmodel.register_buffer, fmodel.bn.add_module):
+        with pytest.raises(AttributeError, match="cannot add"):
+            add("extra", None)
     assert int(state["bn.num_batches_tracked"]) == 2  # one forward per inner step
     buffers = dict(fmodel.named_buffers())
     assert list(buffers) == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
