@@ -543,16 +543,20 @@ class FunctionalModule(nn.Module):
 
         So that a submodule reached through a method, a property, indexing or iteration
         (``fmodel.blocks[1:]``, ``fmodel.values()``, ``fmodel.encoder_of(x)``) runs with the
-        fast weights. Lists, tuples, dicts and dict views are looked into.
+        fast weights. Lists, tuples, dicts and dict views are looked into; a container without
+        modules is returned as it is (the same object).
         """
         if isinstance(value, nn.Module):
             return self._hg_view_of(value)
         if type(value) in (list, tuple):
-            return type(value)(self._hg_views_in(v) for v in value)
-        if isinstance(value, dict):
-            return type(value)((k, self._hg_views_in(v)) for k, v in value.items())
+            items = [self._hg_views_in(v) for v in value]
+            return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+        if type(value) in (dict, OrderedDict):
+            items = {k: self._hg_views_in(v) for k, v in value.items()}
+            return value if all(items[k] is v for k, v in value.items()) else type(value)(items)
         if isinstance(value, (ValuesView, ItemsView)):
-            return [self._hg_views_in(v) for v in value]
+            items = [self._hg_views_in(v) for v in value]
+            return value if all(a is b for a, b in zip(items, value)) else items
         return value
 
     def _hg_view_of(self, module: nn.Module) -> nn.Module:
