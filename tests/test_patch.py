@@ -43,6 +43,7 @@ class MLP(nn.Module):
         super().__init__()
         self.layer = nn.Linear(3, 8)
         self.out = nn.Linear(8, 2)
+        self.settings = {"scale": 1.0}  # a plain container attribute
 
     def forward(self, x):
         return self.out(torch.tanh(self.layer(x)))
@@ -471,6 +472,7 @@ def test_methods_properties_and_generators_of_the_user_class_use_fast_weights():
     assert fmodel.weight_norm.grad_fn is not None
     layers = list(fmodel.layers())
     assert layers[0] is fmodel.layer and layers[1] is fmodel.out
+    assert fmodel.settings is model.settings  # containers without modules are not copied
 
 
 @pytest.mark.parametrize("root", ["custom", "sequential", "own"])
