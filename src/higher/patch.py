@@ -47,6 +47,9 @@ _HOOK_DICTS = (
 
 _MISSING = object()
 
+# Types of module attributes that never hold tensors (checked first, cheaply, at patch time).
+_PLAIN_TYPES = frozenset({dict, OrderedDict, set, str, bool, int, float, type(None)})
+
 
 class TimeIndexError(IndexError, ValueError):
     """``parameters(time=T)`` asked for a step that the fast-weight history does not hold."""
@@ -64,6 +67,9 @@ class _Core:
         buffers = list(module.buffers())
         self.buffer_index = {id(b): i for i, b in enumerate(buffers)}
         self.buffer_names = [name for name, _ in module.named_buffers()]
+        # Every place a tensor is held, under its full name: the views of the tree take their share.
+        self.param_slots = _named_slots(module, "_parameters", self.param_index)
+        self.buffer_slots = _named_slots(module, "_buffers", self.buffer_index)
         # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
@@ -89,7 +95,11 @@ class _Core:
         slots = self._attribute_slots.get(key)
         if slots is None:
             d = module.__dict__
-            slots = [(d, name, (key, name)) for name, value in d.items() if _holds_tensors(value)]
+            slots = [
+                (d, name, (key, name))
+                for name, value in d.items()
+                if type(value) not in _PLAIN_TYPES and _holds_tensors(value)
+            ]
             for _, name, slot_key in slots:
                 self.attributes[slot_key] = d[name]
             self._attribute_slots[key] = slots
@@ -163,7 +173,13 @@ class FunctionalModule(nn.Module):
         d["_hg_core"] = core
         d["_hg_module"] = module
         d["_hg_path"] = path
-        in_subtree = _named_slots(module, "_parameters", core.param_index)
+        if path is None:
+            in_subtree = _named_slots(module, "_parameters", core.param_index)
+            buffers = _named_slots(module, "_buffers", core.buffer_index)
+        else:
+            prefix = f"{path}." if path else ""
+            in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
+            buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
         seen: dict[int, str] = {}
@@ -171,7 +187,6 @@ class FunctionalModule(nn.Module):
             seen.setdefault(slot[2], name)
         d["_hg_param_idx"] = list(seen)
         d["_hg_param_names"] = list(seen.values())
-        buffers = _named_slots(module, "_buffers", core.buffer_index)
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         first_buffer_names: dict[int, str] = {}
         for name, slot in buffers:
@@ -187,8 +202,9 @@ class FunctionalModule(nn.Module):
         """Record the modules of this view's subtree (with their views) and their tensor attributes."""
         core, module = self._hg_core, self._hg_module
         d = self.__dict__
-        d["_hg_modes"] = [(m, views[id(m)]) for m in module.modules()]
-        d["_hg_attribute_slots"] = [slot for m in module.modules() for slot in core.attribute_slots(m)]
+        modules = list(module.modules())
+        d["_hg_modes"] = [(m, views[id(m)]) for m in modules]
+        d["_hg_attribute_slots"] = [slot for m in modules for slot in core.attribute_slots(m)]
         d["_hg_own_attributes"] = {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
 
     @property  # type: ignore[misc]
