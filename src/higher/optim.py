@@ -179,6 +179,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._grad_callback = grad_callback
         self._steps_taken = 0
         self._num_reference_params = len(reference_params)
+        self._reference_shapes = [p.shape for p in reference_params]
         if override is not None:
             self._apply_override(override)
         else:
@@ -363,6 +364,15 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
             )
+        for i, (p, shape) in enumerate(zip(params, self._reference_shapes)):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"step(): params[{i}] is a {type(p).__name__}, not a tensor.")
+            if p.shape != shape:
+                raise ValueError(
+                    f"step(): params[{i}] has shape {tuple(p.shape)} but the optimizer was built for a "
+                    f"parameter of shape {tuple(shape)} at that position; pass the tensors in the order "
+                    f"and shapes of the reference parameters."
+                )
         updated = [params[i] for indices in self._group_to_param_list for i in indices]
         if updated and not any(p.requires_grad for p in updated):
             raise ValueError(

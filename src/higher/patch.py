@@ -18,7 +18,9 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
+from types import GeneratorType
 from typing import Any
 
 import torch
@@ -30,6 +32,24 @@ __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch
 
 # A slot is where a module keeps one tensor: (the submodule's _parameters or _buffers dict, key, index).
 _Slot = tuple[dict, str, int]
+
+
+# The hook dicts of nn.Module that Module.__call__ reads (torch 2.x).
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+_MISSING = object()
+
+# Types of module attributes that never hold tensors (checked first, cheaply, at patch time).
+_PLAIN_TYPES = frozenset({dict, OrderedDict, set, str, bool, int, float, type(None)})
 
 
 class TimeIndexError(IndexError, ValueError):
@@ -45,11 +65,12 @@ class _Core:
         self.param_index = {id(p): i for i, p in enumerate(params)}
         self.param_names = [name for name, _ in module.named_parameters()]
         self.param_shapes = [p.shape for p in params]
-        self.param_slots = self._slots(module.named_parameters(remove_duplicate=False), "_parameters", self.param_index)
         buffers = list(module.buffers())
         self.buffer_index = {id(b): i for i, b in enumerate(buffers)}
         self.buffer_names = [name for name, _ in module.named_buffers()]
-        self.buffer_slots = self._slots(module.named_buffers(remove_duplicate=False), "_buffers", self.buffer_index)
+        # Every place a tensor is held, under its full name: the views of the tree take their share.
+        self.param_slots = _named_slots(module, "_parameters", self.param_index)
+        self.buffer_slots = _named_slots(module, "_buffers", self.buffer_index)
         # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
@@ -57,13 +78,34 @@ class _Core:
         # Views by id of their submodule. Weak, so that views (which hold the core) and the core
         # form no reference cycle: a dropped fmodel is freed at once, without the cyclic collector.
         self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
+        # Set once a hook is registered on a view: from then on calls lend the views' hooks to the modules.
+        self.view_hooks = False
+        # The fmodel's values of tensor attributes that are neither parameters nor buffers, keyed by
+        # (id(module), name), and where they live: see attribute_slots.
+        self.attributes: dict[tuple[int, str], Any] = {}
+        self._attribute_slots: dict[int, list[tuple[dict[str, Any], str, tuple[int, str]]]] = {}
 
-    def _slots(self, named: Iterable[tuple[str, Tensor]], kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
-        slots = []
-        for name, tensor in named:
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(owner_name)
-            slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
+    def attribute_slots(self, module: nn.Module) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
+        """Plain attributes of ``module`` holding tensors (``module.__dict__[name]``), found once.
+
+        A forward may store tensors computed from the weights in plain attributes: the legacy
+        ``torch.nn.utils.weight_norm`` hook sets ``module.weight``, RNNs keep ``_flat_weights``. The
+        fmodel keeps its own values of these (starting from the module's) and swaps them in for a
+        call like the parameters, so the user's module never keeps tensors made from fast weights
+        (which would also keep the unrolled graph alive after the fmodel is gone).
+        """
+        key = id(module)
+        slots = self._attribute_slots.get(key)
+        if slots is None:
+            d = module.__dict__
+            slots = [
+                (d, name, (key, name))
+                for name, value in d.items()
+                if type(value) not in _PLAIN_TYPES and _holds_tensors(value)
+            ]
+            for _, name, slot_key in slots:
+                self.attributes[slot_key] = d[name]
+            self._attribute_slots[key] = slots
         return slots
 
     @property
@@ -76,6 +118,30 @@ class _Core:
             self.history.append(params)
         else:
             self.history = [params]
+
+
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a non-empty list/tuple of tensors (``None`` allowed among them)."""
+    if isinstance(value, Tensor):
+        return True
+    if type(value) in (list, tuple) and value:
+        return all(v is None or isinstance(v, Tensor) for v in value) and any(isinstance(v, Tensor) for v in value)
+    return False
+
+
+def _named_slots(module: nn.Module, kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
+    """``(name, slot)`` for every parameter (``kind="_parameters"``) or buffer of ``module``'s subtree.
+
+    Shared tensors appear once per place they are held. ``index`` maps a tensor's id to its
+    position in the fmodel's list; a tensor that is not the patched model's raises ``KeyError``.
+    """
+    named = module.named_parameters if kind == "_parameters" else module.named_buffers
+    slots = []
+    for name, tensor in named(remove_duplicate=False):
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
+    return slots
 
 
 def _check_tensors(what: str, given: Sequence[Any], shapes: Sequence[torch.Size], names: Sequence[str]) -> None:
@@ -101,15 +167,22 @@ class FunctionalModule(nn.Module):
     """
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, core: _Core, module: nn.Module, path: str) -> None:
+    def __init__(self, core: _Core, module: nn.Module, path: str | None) -> None:
+        """The view of ``module`` (at ``path`` in the patched model; ``None`` for a container made
+        from the model's modules, such as a slice of a ``Sequential``)."""
         super().__init__()
         self.training = module.training
         d = self.__dict__
         d["_hg_core"] = core
         d["_hg_module"] = module
         d["_hg_path"] = path
-        prefix = f"{path}." if path else ""
-        in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
+        if path is None:
+            in_subtree = _named_slots(module, "_parameters", core.param_index)
+            buffers = _named_slots(module, "_buffers", core.buffer_index)
+        else:
+            prefix = f"{path}." if path else ""
+            in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
+            buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
         seen: dict[int, str] = {}
@@ -117,7 +190,6 @@ class FunctionalModule(nn.Module):
             seen.setdefault(slot[2], name)
         d["_hg_param_idx"] = list(seen)
         d["_hg_param_names"] = list(seen.values())
-        buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         first_buffer_names: dict[int, str] = {}
         for name, slot in buffers:
@@ -126,6 +198,21 @@ class FunctionalModule(nn.Module):
         d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
         d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
         d["_hg_modes"] = []  # (user submodule, its view) for every module strictly below this one
+        d["_hg_attribute_slots"] = []  # see _Core.attribute_slots
+        d["_hg_own_attributes"] = {}
+
+    def _hg_set_subtree(self, views: Mapping[int, FunctionalModule]) -> None:
+        """Record the modules of this view's subtree (with their views) and their tensor attributes.
+
+        ``_hg_modes`` leaves out this view's own module: a view that listed itself would be part of
+        a reference cycle and outlive its last user reference.
+        """
+        core, module = self._hg_core, self._hg_module
+        d = self.__dict__
+        modules = list(module.modules())
+        d["_hg_modes"] = [(m, views[id(m)]) for m in modules if m is not module]
+        d["_hg_attribute_slots"] = [slot for m in modules for slot in core.attribute_slots(m)]
+        d["_hg_own_attributes"] = {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -162,9 +249,29 @@ class FunctionalModule(nn.Module):
             owner[key] = params[i]
         for owner, key, i in buffer_slots:
             owner[key] = buffers[i]
+        lent_hooks = self._hg_lend_hooks() if core.view_hooks else ()
+        attribute_slots = self._hg_attribute_slots
+        if attribute_slots:
+            attributes = core.attributes
+            saved_attributes = [owner.get(name, _MISSING) for owner, name, _ in attribute_slots]
+            for owner, name, key in attribute_slots:
+                value = attributes[key]
+                if value is _MISSING:
+                    owner.pop(name, None)
+                else:
+                    owner[name] = value
         try:
             return fn(*args, **kwargs)
         finally:
+            for module_dict, saved in lent_hooks:
+                module_dict.update(saved)
+            if attribute_slots:
+                for (owner, name, key), value in zip(attribute_slots, saved_attributes):
+                    attributes[key] = owner.get(name, _MISSING)
+                    if value is _MISSING:
+                        owner.pop(name, None)
+                    else:
+                        owner[name] = value
             for owner, key, i in buffer_slots:
                 buffers[i] = owner[key]  # a module may have replaced a buffer instead of updating it
             for (owner, key, _), tensor in zip(param_slots, saved_params):
@@ -173,6 +280,50 @@ class FunctionalModule(nn.Module):
                 owner[key] = tensor
             for m, training in changed_modes:
                 m.training = training
+
+    def _hg_lend_hooks(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Add the hooks registered on the views below this one to their modules, for one call.
+
+        ``fmodel.layer.register_forward_hook(hook)`` must fire when ``fmodel(x)`` runs the layer,
+        but the call runs the user's modules, not the views. So the hooks of every view in the
+        subtree (its own are run by its ``__call__``) are added after the module's own hooks for
+        the duration of the call; the module's hook dicts are put back afterwards.
+        Returns ``(module.__dict__, saved entries)`` pairs to restore.
+        """
+        lent = []
+        for module, view in self._hg_modes:
+            theirs = view.__dict__
+            names = [name for name in _HOOK_DICTS if theirs.get(name)]
+            if not names:
+                continue
+            ours = module.__dict__
+            saved = {name: ours[name] for name in names}
+            saved["_is_full_backward_hook"] = ours.get("_is_full_backward_hook")
+            for name in names:
+                ours[name] = OrderedDict([*ours[name].items(), *theirs[name].items()])
+            if theirs.get("_backward_hooks"):
+                ours["_is_full_backward_hook"] = theirs["_is_full_backward_hook"]
+            lent.append((ours, saved))
+        return lent
+
+    def _hg_hooks_registered(self, handle: Any) -> Any:
+        self._hg_core.view_hooks = True
+        return handle
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_forward_pre_hook(*args, **kwargs))
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_forward_hook(*args, **kwargs))
+
+    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_full_backward_pre_hook(*args, **kwargs))
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_full_backward_hook(*args, **kwargs))
+
+    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        return self._hg_hooks_registered(super().register_backward_hook(*args, **kwargs))
 
     def forward(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
         """Run the module with the latest fast weights, or with ``params``, which become the latest."""
@@ -252,7 +403,7 @@ class FunctionalModule(nn.Module):
         core = self._hg_core
         indices = self._hg_param_idx
         _check_tensors("params", params, [core.param_shapes[i] for i in indices], self._hg_param_names)
-        if len(indices) == len(core.param_shapes) and (not self._hg_path):
+        if len(indices) == len(core.param_shapes) and self._hg_module is core.module:
             core.push(params)
             return
         entry = list(core.latest) if core.latest is not None else None
@@ -339,20 +490,51 @@ class FunctionalModule(nn.Module):
             return latest[own_params[name]]
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
+        if name in d["_hg_own_attributes"]:
+            value = self._hg_core.attributes[d["_hg_own_attributes"][name]]
+            if value is _MISSING:
+                raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+            return value
         module = d["_hg_module"]
         static = inspect.getattr_static(module, name, None)
         if inspect.isfunction(static):
             # A method of the user's class: run it with the fast weights in place.
             method = getattr(module, name)
-            return functools.wraps(method)(lambda *args, **kwargs: self._hg_run(method, args, kwargs))
+            return functools.wraps(method)(lambda *args, **kwargs: self._hg_call(method, args, kwargs))
         if isinstance(static, property):
-            return self._hg_run(getattr, (module, name), {})
-        return getattr(module, name)
+            return self._hg_call(getattr, (module, name), {})
+        return self._hg_views_in(getattr(module, name))
+
+    def _hg_call(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run ``fn`` (a method of the user's module) with the fast weights; its result in view terms."""
+        result = self._hg_run(fn, args, kwargs)
+        if isinstance(result, GeneratorType):
+            return self._hg_lazy(result)
+        return self._hg_views_in(result)
+
+    def _hg_lazy(self, generator: Iterator[Any]) -> Iterator[Any]:
+        """A generator from the user's code, resumed with the fast weights in place at every item."""
+        while True:
+            try:
+                item = self._hg_run(next, (generator,), {})
+            except StopIteration:
+                return
+            yield self._hg_views_in(item)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments change the fmodel, never the user's module.
+
+        A tensor assigned to a parameter records a new fast weight (one history entry); to a
+        buffer, replaces the fmodel's buffer; any other attribute of the user's module (a tensor
+        or not, e.g. ``fmodel.dropout.p = 0.0``) gets an fmodel-owned value that the module sees
+        while the fmodel runs it.
+        """
         d = self.__dict__
         own_params = d.get("_hg_own_params")
-        if own_params is not None and isinstance(value, Tensor):
+        if own_params is None or name in d:  # under construction, or the view's own (training, ...)
+            super().__setattr__(name, value)
+            return
+        if isinstance(value, Tensor):
             if name in own_params:
                 core = self._hg_core
                 if core.latest is None:
@@ -366,16 +548,39 @@ class FunctionalModule(nn.Module):
             if name in d["_hg_own_buffers"]:
                 self._hg_core.buffers[d["_hg_own_buffers"][name]] = value
                 return
-            if isinstance(inspect.getattr_static(d["_hg_module"], name, None), property):
-                raise AttributeError(
-                    f"'{name}' is computed (a property, e.g. a parametrization) and cannot be assigned on a "
-                    f"functional module; assign the tensors it is computed from."
-                )
+        if name in d["_hg_own_attributes"]:
+            self._hg_core.attributes[d["_hg_own_attributes"][name]] = value
+            return
+        module = d["_hg_module"]
+        if isinstance(value, nn.Module) or name in d["_modules"]:
+            raise AttributeError(
+                f"cannot assign a module to '{name}' of a functional module: the fmodel runs the patched "
+                f"model's own submodules. Change the model and patch it again."
+            )
+        if isinstance(inspect.getattr_static(module, name, None), property):
+            raise AttributeError(
+                f"'{name}' is computed (a property, e.g. a parametrization) and cannot be assigned on a "
+                f"functional module; assign the tensors it is computed from."
+            )
+        if name in module.__dict__:
+            self._hg_override_attribute(name, value)
+            return
         super().__setattr__(name, value)
 
+    def _hg_override_attribute(self, name: str, value: Any) -> None:
+        """Give attribute ``name`` of the user's module an fmodel-owned value, swapped in for calls."""
+        core, module = self._hg_core, self._hg_module
+        key = (id(module), name)
+        slot = (module.__dict__, name, key)
+        core.attributes[key] = value
+        core.attribute_slots(module).append(slot)
+        self.__dict__["_hg_own_attributes"][name] = key
+        for view in core.views.values():
+            if view._hg_module is module or any(m is module for m, _ in view._hg_modes):
+                view.__dict__["_hg_attribute_slots"].append(slot)
+
     def __getitem__(self, index: Any) -> Any:
-        item = self._hg_run(self._hg_module.__getitem__, (index,), {})
-        return self._hg_view_of(item)
+        return self._hg_call(self._hg_module.__getitem__, (index,), {})
 
     def __len__(self) -> int:
         return len(self._hg_module)
@@ -384,22 +589,122 @@ class FunctionalModule(nn.Module):
         return True
 
     def __iter__(self) -> Iterator[Any]:
-        items = self._hg_run(lambda: list(iter(self._hg_module)), (), {})
-        return iter([self._hg_view_of(item) for item in items])
+        return self._hg_lazy(iter(self._hg_module))
 
     def __contains__(self, item: Any) -> bool:
+        if isinstance(item, FunctionalModule):
+            item = item.__dict__["_hg_module"]
         return item in self._hg_module
 
-    def _hg_view_of(self, item: Any) -> Any:
-        if isinstance(item, nn.Module) and not isinstance(item, FunctionalModule):
-            view = self._hg_core.views.get(id(item))
-            if view is None:
-                raise NotImplementedError(
-                    f"{type(item).__name__} is not a submodule of the patched model (slicing a "
-                    f"container makes a new one); index single submodules instead."
-                )
+    def _hg_views_in(self, value: Any) -> Any:
+        """``value`` (a result of the user's code) with the model's modules replaced by their views.
+
+        So that a submodule reached through a method, a property, indexing or iteration
+        (``fmodel.blocks[1:]``, ``fmodel.values()``, ``fmodel.encoder_of(x)``) runs with the
+        fast weights. Lists, tuples, dicts and dict views are looked into; a container without
+        modules is returned as it is (the same object).
+        """
+        if isinstance(value, nn.Module):
+            return self._hg_view_of(value)
+        if type(value) in (list, tuple):
+            items = [self._hg_views_in(v) for v in value]
+            return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+        if type(value) in (dict, OrderedDict):
+            items = {k: self._hg_views_in(v) for k, v in value.items()}
+            return value if all(items[k] is v for k, v in value.items()) else type(value)(items)
+        if isinstance(value, (ValuesView, ItemsView)):
+            items = [self._hg_views_in(v) for v in value]
+            return value if all(a is b for a, b in zip(items, value)) else items
+        return value
+
+    def _hg_view_of(self, module: nn.Module) -> nn.Module:
+        """The view of one of the model's modules, or of a container made from them (a slice).
+
+        A module that holds none of the model's modules or tensors (e.g. a new one) is returned
+        as it is; one that mixes the model's and other tensors cannot be run with fast weights.
+        """
+        if isinstance(module, FunctionalModule):
+            return module
+        core = self._hg_core
+        view = core.views.get(id(module))
+        if view is not None:
             return view
-        return item
+        subtree = list(module.modules())
+        made = [m for m in subtree if id(m) not in core.views]
+        tensors = [t for m in made for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        known = [id(t) in core.param_index or id(t) in core.buffer_index for t in tensors]
+        if not any(known) and len(made) == len(subtree):
+            return module
+        if not all(known):
+            raise NotImplementedError(
+                f"{type(module).__name__} holds both tensors of the patched model and other tensors, so it "
+                f"cannot be run with the fast weights; call the patched model's own submodules instead."
+            )
+        views = {id(m): core.views.get(id(m)) or _view_class(type(m), root=False)(core, m, None) for m in subtree}
+        for m in made:
+            view = views[id(m)]
+            view.training = self.training
+            for child_name, child in m._modules.items():
+                if child is not None:
+                    view._modules[child_name] = views[id(child)]
+            view._hg_set_subtree(views)
+        return views[id(module)]
+
+    def train(self, mode: bool = True) -> FunctionalModule:
+        """Set the fmodel's training mode (the user's module keeps its own), running the user's ``train``.
+
+        A model may override ``train`` (e.g. to keep its BatchNorm layers in eval mode), so the
+        module's own ``train(mode)`` runs, on the module with the fmodel's modes and fast weights
+        swapped in, and the modes it leaves are the fmodel's; the module's are then put back.
+        """
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        modes = [(self._hg_module, self), *self._hg_modes]
+        saved = [m.training for m, _ in modes]
+        try:
+            for m, view in modes:
+                m.training = view.training
+            self._hg_run(self._hg_module.train, (mode,), {})
+            for m, view in modes:
+                view.training = m.training
+        finally:
+            for (m, _), training in zip(modes, saved):
+                m.training = training
+        return self
+
+    def get_parameter(self, target: str) -> Tensor:
+        """The fast weight named ``target`` (e.g. ``"layer.weight"``), as ``named_parameters`` names it."""
+        module_path, _, name = target.rpartition(".")
+        view = self.get_submodule(module_path)
+        if name not in view.__dict__["_hg_own_params"]:
+            raise AttributeError(f"{type(view).__name__} has no parameter '{name}'")
+        return getattr(view, name)
+
+    def get_buffer(self, target: str) -> Tensor:
+        """The fmodel's buffer named ``target`` (e.g. ``"bn.running_mean"``)."""
+        module_path, _, name = target.rpartition(".")
+        view = self.get_submodule(module_path)
+        if name not in view.__dict__["_hg_own_buffers"]:
+            raise AttributeError(f"{type(view).__name__} has no buffer '{name}'")
+        return getattr(view, name)
+
+    def _hg_cannot_add(self, what: str, name: str) -> None:
+        raise AttributeError(
+            f"cannot add {what} '{name}' to a functional module: the fmodel runs the patched model's own "
+            f"modules, which would never see it. Add it to the model and patch the model again."
+        )
+
+    def register_parameter(self, name: str, param: Any) -> None:
+        self._hg_cannot_add("parameter", name)
+
+    def register_buffer(self, name: str, tensor: Any, persistent: bool = True) -> None:
+        self._hg_cannot_add("buffer", name)
+
+    def add_module(self, name: str, module: Any) -> None:
+        self._hg_cannot_add("module", name)
+
+    def register_module(self, name: str, module: Any) -> None:
+        self._hg_cannot_add("module", name)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of the fast weights that are leaves (the others never hold one)."""
@@ -417,7 +722,14 @@ class FunctionalModule(nn.Module):
         return self._hg_run(self._hg_module.state_dict, (), kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        """Adopt parameters (as new fast weights) and buffers from ``state_dict``."""
+        """Adopt parameters (as new fast weights, one history entry) and buffers from ``state_dict``.
+
+        Tensors that require grad are adopted as they are (gradients flow to where they came
+        from). Others, such as those of ``model.state_dict()``, which share storage with the
+        model, are copied: parameters get the ``requires_grad`` of the fast weight they replace
+        (so that the inner loop keeps updating them), buffers are copied so that the fmodel's
+        BatchNorm updates never reach the model.
+        """
         core = self._hg_core
         named_params = dict(self._hg_all_param_names)
         named_buffers = dict(self._hg_buffer_names)
@@ -430,36 +742,67 @@ class FunctionalModule(nn.Module):
         entry = list(core.latest)
         for name, i in named_params.items():
             if name in state_dict:
-                entry[i] = state_dict[name]
+                value = state_dict[name]
+                if isinstance(value, Tensor) and not value.requires_grad:
+                    value = value.detach().clone().requires_grad_(entry[i].requires_grad)
+                entry[i] = value
         _check_tensors("state_dict", entry, core.param_shapes, core.param_names)
         core.push(entry)
         for name, i in named_buffers.items():
             if name in state_dict:
-                core.buffers[i] = state_dict[name]
+                value = state_dict[name]
+                core.buffers[i] = value.detach().clone() if isinstance(value, Tensor) else value
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FunctionalModule:  # type: ignore[override]
-        """``.to()``, ``.double()``, ``.cuda()``...: convert the latest fast weights (a new history entry) and the buffers."""
+        """``.to()``, ``.double()``, ``.cuda()``...: convert the fast weights and the buffers.
+
+        Every history entry is converted in place (``time`` indices keep counting updates, and a
+        conversion that changes nothing, such as ``.to(same device)``, changes nothing). As with
+        ``nn.Module.to``, a leaf stays a leaf (same ``requires_grad``); a fast weight with a
+        history is converted differentiably, so meta-gradients still reach where it came from.
+        """
         core = self._hg_core
-        if core.latest is not None:
-            entry = list(core.latest)
+        converted: dict[int, Tensor] = {}
+
+        def convert(t: Tensor) -> Tensor:
+            if id(t) not in converted:
+                new = fn(t)
+                if t.is_leaf and new is not t:
+                    new = new.detach().requires_grad_(t.requires_grad)
+                converted[id(t)] = new
+            return converted[id(t)]
+
+        for entry in core.history:
             for i in self._hg_param_idx:
-                entry[i] = fn(entry[i])
-            core.push(entry)
+                entry[i] = convert(entry[i])
         for _, i in self._hg_buffer_names:
             core.buffers[i] = fn(core.buffers[i])
         return self
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        """Pickling and ``copy.deepcopy``: the module, detached fast weights, buffers and modes."""
+        """Pickling and ``copy.deepcopy``: the module, detached fast weights, buffers, attributes, modes.
+
+        The copy starts a graph of its own (its fast weights are leaves); hooks registered on
+        the views are not copied.
+        """
         core = self._hg_core
         detached: dict[int, Tensor] = {}
 
-        def detach(t: Tensor) -> Tensor:
+        def detach(t: Any) -> Any:
+            if isinstance(t, (list, tuple)):
+                return type(t)(detach(v) for v in t)
+            if not isinstance(t, Tensor):
+                return t
             if id(t) not in detached:
                 detached[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
             return detached[id(t)]
 
+        if self._hg_path is None:
+            raise TypeError(
+                "this view of a container made from the patched model's modules (e.g. a slice) cannot be "
+                "pickled or copied; pickle the fmodel itself."
+            )
         history = [[detach(t) for t in entry] for entry in core.history]
         buffers = [b.detach().clone() for b in core.buffers]
         modes = {}
@@ -467,10 +810,17 @@ class FunctionalModule(nn.Module):
             view = core.views.get(id(sub))
             if view is not None:
                 modes[name] = view.training
+        paths = {id(m): name for name, m in core.module.named_modules()}
+        attributes = {
+            (paths[module_id], name): detach(value)
+            for (module_id, name), value in core.attributes.items()
+            if module_id in paths and value is not _MISSING
+        }
         snapshot = {
             "module": core.module,
             "history": history,
             "buffers": buffers,
+            "attributes": attributes,
             "track_higher_grads": core.track_higher_grads,
             "modes": modes,
         }
@@ -485,6 +835,8 @@ def _restore(snapshot: dict[str, Any], path: str) -> FunctionalModule:
     core.track_higher_grads = snapshot["track_higher_grads"]
     for name, view in fmodel.named_modules():
         view.training = snapshot["modes"].get(name, view.training)
+    for (module_path, name), value in snapshot.get("attributes", {}).items():
+        setattr(fmodel.get_submodule(module_path), name, value)
     return fmodel.get_submodule(path) if path else fmodel
 
 
@@ -520,7 +872,7 @@ def make_functional(
         for child_name, child in sub._modules.items():
             if child is not None:
                 view._modules[child_name] = views[id(child)]
-        view.__dict__["_hg_modes"] = [(m, views[id(m)]) for m in sub.modules() if m is not sub]
+        view._hg_set_subtree(views)
     core.views.update(views)
     fmodule = views[id(module)]
     if encapsulator is not None:
