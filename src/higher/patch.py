@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .utils import _copy_tensor, get_func_params
+from .utils import _copy_tensor
 
 __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch", "buffer_sync"]
 
@@ -40,28 +40,60 @@ class _Core:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        params = list(module.parameters())
-        self.param_index = {id(p): i for i, p in enumerate(params)}
-        self.param_names = [name for name, _ in module.named_parameters()]
+        # One pass over the module tree (as named_parameters(remove_duplicate=False) walks it) finds
+        # every slot; a tensor's index is its position in module.parameters() (first occurrence).
+        params: list[Tensor] = []
+        buffers: list[Tensor] = []
+        self.param_index: dict[int, int] = {}
+        self.buffer_index: dict[int, int] = {}
+        self.param_names: list[str] = []
+        self.buffer_names: list[str] = []
+        self.param_slots: list[tuple[str, _Slot]] = []
+        self.buffer_slots: list[tuple[str, _Slot]] = []
+        kinds = (
+            ("_parameters", params, self.param_index, self.param_names, self.param_slots),
+            ("_buffers", buffers, self.buffer_index, self.buffer_names, self.buffer_slots),
+        )
+        for path, sub in module.named_modules(remove_duplicate=False):
+            prefix = f"{path}." if path else ""
+            for kind, tensors, index, names, slots in kinds:
+                owner = getattr(sub, kind)
+                for key, tensor in owner.items():
+                    if tensor is None:
+                        continue
+                    i = index.get(id(tensor))
+                    if i is None:
+                        i = index[id(tensor)] = len(tensors)
+                        tensors.append(tensor)
+                        names.append(prefix + key)
+                    slots.append((prefix + key, (owner, key, i)))
+        self.params = params  # the module's own tensors, as module.parameters() lists them
         self.param_shapes = [p.shape for p in params]
-        self.param_slots = self._slots(module.named_parameters(remove_duplicate=False), "_parameters", self.param_index)
-        buffers = list(module.buffers())
-        self.buffer_index = {id(b): i for i, b in enumerate(buffers)}
-        self.buffer_names = [name for name, _ in module.named_buffers()]
-        self.buffer_slots = self._slots(module.named_buffers(remove_duplicate=False), "_buffers", self.buffer_index)
         # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
+        # The module tree (each module once), and the views: made when first needed (the root at
+        # once), since most programs only ever call the root. Each view's training mode is kept
+        # here, so that a view made late still has the mode the model had when it was patched.
+        named = list(module.named_modules())
+        self.modules = [m for _, m in named]
+        self.paths = [path for path, _ in named]
+        self.module_index = {id(m): i for i, m in enumerate(self.modules)}
+        self.modes = [m.training for m in self.modules]
         self.views: dict[int, FunctionalModule] = {}
+        self.view_base: type[FunctionalModule] = FunctionalModule
 
-    def _slots(self, named: Iterable[tuple[str, Tensor]], kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
-        slots = []
-        for name, tensor in named:
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(owner_name)
-            slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
-        return slots
+    def view(self, module: nn.Module) -> FunctionalModule | None:
+        """The view of ``module`` (made now if needed), or ``None`` if it is not in the patched model."""
+        view = self.views.get(id(module))
+        if view is None:
+            index = self.module_index.get(id(module))
+            if index is None:
+                return None
+            path = self.paths[index]
+            view = self.views[id(module)] = _view_class(type(module), not path, self.view_base)(self, module, path)
+        return view
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -99,13 +131,30 @@ class FunctionalModule(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def __init__(self, core: _Core, module: nn.Module, path: str) -> None:
-        super().__init__()
-        self.training = module.training
         d = self.__dict__
         d["_hg_core"] = core
+        index = d["_hg_index"] = core.module_index[id(module)]
+        mode = core.modes[index]
+        super().__init__()  # sets `training` (kept in the core) and `_modules`, see the properties below
+        core.modes[index] = mode
         d["_hg_module"] = module
         d["_hg_path"] = path
-        prefix = f"{path}." if path else ""
+        d["_hg_is_root"] = not path
+        if not path:  # the root sees every slot: nothing to select (submodule views select on first use)
+            d["_hg_param_slots"] = [slot for _, slot in core.param_slots]
+            d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in core.param_slots]
+            d["_hg_param_idx"] = list(range(len(core.param_names)))
+            d["_hg_param_names"] = core.param_names
+            d["_hg_buffer_slots"] = [slot for _, slot in core.buffer_slots]
+            d["_hg_buffer_names"] = [(name, i) for i, name in enumerate(core.buffer_names)]
+            d["_hg_modes"] = list(zip(core.modules, range(len(core.modules))))
+            self._hg_own_tensors()
+
+    def _hg_select(self) -> None:
+        """Find the slots, names and modes of a submodule view's subtree (once, on first use)."""
+        d = self.__dict__
+        core, path = d["_hg_core"], d["_hg_path"]
+        prefix = f"{path}."
         in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
@@ -117,9 +166,40 @@ class FunctionalModule(nn.Module):
         buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         d["_hg_buffer_names"] = list({slot[2]: name for name, slot in reversed(buffers)}.items())[::-1]
-        d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
+        d["_hg_modes"] = [(m, core.module_index[id(m)]) for m in d["_hg_module"].modules()]
+        self._hg_own_tensors()  # last: its key marks the selection as done
+
+    @property  # type: ignore[override]
+    def training(self) -> bool:  # type: ignore[override]
+        """This view's training mode (``fmodel.train()``/``eval()`` change the fmodel's modes only)."""
+        return self._hg_core.modes[self._hg_index]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._hg_core.modes[self._hg_index] = mode
+
+    @property  # type: ignore[override]
+    def _modules(self) -> dict[str, Any]:  # type: ignore[override]
+        """The views of the module's children, made on first use."""
+        d = self.__dict__
+        children = d["_modules"]
+        if not d.get("_hg_children_made"):
+            d["_hg_children_made"] = True
+            core = d["_hg_core"]
+            for name, child in d["_hg_module"]._modules.items():
+                if child is not None and name not in children:
+                    children[name] = core.view(child)
+        return children
+
+    @_modules.setter
+    def _modules(self, value: dict[str, Any]) -> None:
+        self.__dict__["_modules"] = value  # nn.Module.__setattr__ reads it from __dict__
+
+    def _hg_own_tensors(self) -> None:
+        d = self.__dict__
+        core, module = d["_hg_core"], d["_hg_module"]
         d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
-        d["_hg_modes"] = []  # (user submodule, its view) for every module in the subtree
+        d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -135,7 +215,7 @@ class FunctionalModule(nn.Module):
 
     # ------------------------------------------------------------------ running the module
     def _hg_run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Call ``fn`` with the fast weights and buffers swapped into the module's slots."""
+        """Call ``fn`` with the latest fast weights and the buffers swapped into the module's slots."""
         core = self._hg_core
         params = core.latest
         if params is None:
@@ -143,11 +223,21 @@ class FunctionalModule(nn.Module):
                 "params keyword must be provided: this functional module has no fast weights yet "
                 "(made by make_functional); call fmodel(x, params=[...])."
             )
-        buffers = core.buffers
+        return self._hg_swapped(params, core.buffers, fn, args, kwargs)
+
+    def _hg_swapped(
+        self, params: Sequence[Tensor], buffers: list[Tensor], fn: Callable[..., Any], args: Sequence[Any], kwargs: Any
+    ) -> Any:
+        """Call ``fn`` with ``params`` and ``buffers`` (indexed as the core's) in the module's slots.
+
+        A buffer that the module replaced (instead of updating it in place) is written back
+        into ``buffers``. The module's own tensors and training modes are restored afterwards.
+        """
         param_slots, buffer_slots = self._hg_param_slots, self._hg_buffer_slots
         saved_params = [owner[key] for owner, key, _ in param_slots]
         saved_buffers = [owner[key] for owner, key, _ in buffer_slots]
-        changed_modes = [(m, m.training) for m, view in self._hg_modes if m.training != view.training]
+        modes = self._hg_core.modes
+        changed_modes = [(m, m.training) for m, i in self._hg_modes if m.training != modes[i]]
         for m, training in changed_modes:
             m.training = not training
         for owner, key, i in param_slots:
@@ -166,11 +256,15 @@ class FunctionalModule(nn.Module):
             for m, training in changed_modes:
                 m.training = training
 
+    #: How ``forward`` and the user's own methods run the module; the task-batched views
+    #: (:mod:`higher.batched`) run it vmapped over tasks instead.
+    _hg_compute = _hg_run
+
     def forward(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
         """Run the module with the latest fast weights, or with ``params``, which become the latest."""
         if params is not None:
             self.update_params(params)
-        return self._hg_run(self._hg_module, args, kwargs)
+        return self._hg_compute(self._hg_module, args, kwargs)
 
     # ------------------------------------------------------------------ fast weights and history
     def _hg_slice(self, entry: list[Tensor]) -> list[Tensor]:
@@ -283,12 +377,18 @@ class FunctionalModule(nn.Module):
     # ------------------------------------------------------------------ nn.Module behaviour
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
-        modules = d.get("_modules")
-        if modules is not None and name in modules:
-            return modules[name]
+        if "_modules" in d:
+            modules = d["_modules"] if d.get("_hg_children_made") else self._modules
+            if name in modules:
+                return modules[name]
         own_params = d.get("_hg_own_params")
         if own_params is None:
-            raise AttributeError(name)
+            if "_hg_core" not in d:  # still in __init__
+                raise AttributeError(name)
+            self._hg_select()
+            if name in d:
+                return d[name]
+            own_params = d["_hg_own_params"]
         if name in own_params:
             latest = self._hg_core.latest
             if latest is None:
@@ -301,7 +401,7 @@ class FunctionalModule(nn.Module):
         if inspect.isfunction(static):
             # A method of the user's class: run it with the fast weights in place.
             method = getattr(module, name)
-            return functools.wraps(method)(lambda *args, **kwargs: self._hg_run(method, args, kwargs))
+            return functools.wraps(method)(lambda *args, **kwargs: self._hg_compute(method, args, kwargs))
         if isinstance(static, property):
             return self._hg_run(getattr, (module, name), {})
         return getattr(module, name)
@@ -309,6 +409,9 @@ class FunctionalModule(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__
         own_params = d.get("_hg_own_params")
+        if own_params is None and "_hg_core" in d:
+            self._hg_select()
+            own_params = d["_hg_own_params"]
         if own_params is not None and isinstance(value, Tensor):
             if name in own_params:
                 core = self._hg_core
@@ -349,7 +452,7 @@ class FunctionalModule(nn.Module):
 
     def _hg_view_of(self, item: Any) -> Any:
         if isinstance(item, nn.Module) and not isinstance(item, FunctionalModule):
-            view = self._hg_core.views.get(id(item))
+            view = self._hg_core.view(item)
             if view is None:
                 raise NotImplementedError(
                     f"{type(item).__name__} is not a submodule of the patched model (slicing a "
@@ -442,20 +545,23 @@ def _restore(snapshot: dict[str, Any], path: str) -> FunctionalModule:
     return fmodel.get_submodule(path) if path else fmodel
 
 
-_VIEW_CLASSES: dict[tuple[type, bool], type[FunctionalModule]] = {}
+_VIEW_CLASSES: dict[tuple[type, bool, type], type[FunctionalModule]] = {}
 
 
-def _view_class(cls: type, root: bool) -> type[FunctionalModule]:
-    """``Functional<Cls>`` (root) or ``InnerFunctional<Cls>``: named subclasses of FunctionalModule."""
-    key = (cls, root)
+def _view_class(cls: type, root: bool, base: type[FunctionalModule]) -> type[FunctionalModule]:
+    """``Functional<Cls>`` (root) or ``InnerFunctional<Cls>``: named subclasses of ``base``."""
+    key = (cls, root, base)
     if key not in _VIEW_CLASSES:
         name = ("Functional" if root else "InnerFunctional") + cls.__name__
-        _VIEW_CLASSES[key] = type(name, (FunctionalModule,), {"__module__": __name__, "__qualname__": name})
+        _VIEW_CLASSES[key] = type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
     return _VIEW_CLASSES[key]
 
 
 def make_functional(
-    module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+    *,
+    _view_base: type[FunctionalModule] = FunctionalModule,
 ) -> FunctionalModule:
     """A functional view of ``module`` without fast weights: every call must pass ``params=``.
 
@@ -467,16 +573,9 @@ def make_functional(
     if not isinstance(module, nn.Module):
         raise TypeError(f"make_functional needs an nn.Module, got {type(module).__name__}")
     core = _Core(module)
-    named = list(module.named_modules())
-    for name, sub in named:
-        core.views[id(sub)] = _view_class(type(sub), root=not name)(core, sub, name)
-    for _, sub in named:
-        view = core.views[id(sub)]
-        for child_name, child in sub._modules.items():
-            if child is not None:
-                view._modules[child_name] = core.views[id(child)]
-        view.__dict__["_hg_modes"] = [(m, core.views[id(m)]) for m in sub.modules()]
-    fmodule = core.views[id(module)]
+    core.view_base = _view_base
+    fmodule = core.view(module)
+    assert fmodule is not None
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -515,12 +614,13 @@ def monkeypatch(
     """
 
     def encapsulator(fmodule: FunctionalModule, original: nn.Module) -> None:
+        core = fmodule._hg_core
         if copy_initial_weights:
-            params = get_func_params(original, device=device)
+            params = [_copy_tensor(p, True, device) for p in core.params]
         else:
-            params = [p.clone() if device is None else p.clone().to(device) for p in original.parameters()]
-        fmodule.update_params(params)
-        buffer_sync(original, fmodule, device)
+            params = [p.clone() if device is None else p.clone().to(device) for p in core.params]
+        core.push(params)  # copies of the module's own tensors: no need to check them
+        core.buffers = [_copy_tensor(b, True, device) for b in core.buffers]  # buffer_sync, same module
 
     fmodule = make_functional(module, encapsulator=encapsulator)
     fmodule.track_higher_grads = track_higher_grads
