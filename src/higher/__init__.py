@@ -68,6 +68,11 @@ def innerloop_ctx(
         model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
     )
     diffopt = get_diff_optim(
-        opt, model.parameters(), fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
+        opt,
+        fmodel._hg_core.params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
     )
     yield fmodel, diffopt

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -117,6 +117,7 @@ class DifferentiableOptimizer:
         self._track_higher_grads = track_higher_grads
         self._grad_callback = grad_callback
         self._num_reference_params = len(reference_params)
+        self._shaped_hyperparameters = False
         if override is not None:
             self._apply_override(override)
         else:
@@ -193,6 +194,10 @@ class DifferentiableOptimizer:
             for group, group_value in zip(self.param_groups, values):
                 group[name] = group_value
         self._check_values(self.param_groups)
+        # A hyperparameter tensor with dimensions may broadcast a parameter to another shape.
+        self._shaped_hyperparameters = any(
+            isinstance(v, Tensor) and v.dim() > 0 for group in self.param_groups for v in _flat(list(group.values()))
+        )
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -218,6 +223,7 @@ class DifferentiableOptimizer:
         """
         if override is not None:
             self._apply_override(override)
+        given = params is not None
         params = self._params_to_update(params)
         grads = self._gradients(loss, params)
         callback = grad_callback if grad_callback is not None else self._grad_callback
@@ -228,19 +234,22 @@ class DifferentiableOptimizer:
                     f"grad_callback returned {len(grads)} gradients for {len(params)} parameters; "
                     f"return one (or None) per parameter."
                 )
-        grouped_grads = []
-        for group, indices in zip(self.param_groups, self._group_to_param_list):
-            group["params"] = [params[i] for i in indices]
-            grouped_grads.append([grads[i] for i in indices])
-        self._update(grouped_grads, **kwargs)
-        new_params = list(params)
-        for group, indices in zip(self.param_groups, self._group_to_param_list):
-            for i, p in zip(indices, group["params"]):
-                new_params[i] = p
+        if type(self)._update is DifferentiableOptimizer._update:
+            new_params = self._apply_rule(params, grads)
+            # Elementwise rules keep the fmodel's shapes, unless given other tensors, or a gradient
+            # from a callback or a hyperparameter tensor with dimensions broadcast them.
+            checked = not given and callback is None and not self._shaped_hyperparameters
+        else:
+            new_params = self._apply_update(params, grads, **kwargs)
+            checked = False
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+        fmodel = self._fmodel
+        if fmodel is not None:
+            if checked and fmodel._hg_is_root:
+                fmodel._hg_core.push(new_params)
+            else:
+                fmodel.update_params(new_params)
         return new_params
 
     def _params_to_update(self, params: Iterable[Tensor] | None) -> list[Tensor]:
@@ -250,11 +259,12 @@ class DifferentiableOptimizer:
                     "step() has no parameters to update: pass params=[...] or build the optimizer "
                     "with fmodel=... (higher.innerloop_ctx does)."
                 )
-            fast = self._fmodel.fast_params
+            fmodel = self._fmodel
+            fast = fmodel._hg_core.latest if fmodel._hg_is_root else fmodel.fast_params
             if fast is None:
                 raise ValueError("the fmodel has no fast weights yet: pass params=[...] to step().")
             params = fast
-        params = list(params)
+        params = params if type(params) is list else list(params)
         if len(params) != self._num_reference_params:
             raise ValueError(
                 f"step() got {len(params)} parameters but the optimizer was built for "
@@ -275,6 +285,8 @@ class DifferentiableOptimizer:
                 "the loss does not depend on any parameter that requires grad: compute it from "
                 "the fmodel's output (or from the params passed to step())."
             )
+        if len(targets) == len(params):
+            return list(torch.autograd.grad(loss, params, create_graph=self._track_higher_grads, allow_unused=True))
         computed = torch.autograd.grad(
             loss,
             [params[i] for i in targets],
@@ -285,18 +297,74 @@ class DifferentiableOptimizer:
             grads[i] = g
         return grads
 
+    def _apply_update(self, params: list[Tensor], grads: list[Tensor | None], **kwargs: Any) -> list[Tensor]:
+        """Run ``_update`` (a subclass's, in higher 0.2.1's interface) and collect the new tensors."""
+        grouped_grads = []
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            group["params"] = [params[i] for i in indices]
+            grouped_grads.append([grads[i] for i in indices])
+        self._update(grouped_grads, **kwargs)
+        new_params = list(params)
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            for i, p in zip(indices, group["params"]):
+                new_params[i] = p
+        return new_params
+
+    def _apply_rule(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        """The built-in rule's update of every parameter with a gradient, group by group.
+
+        Same result as ``_update``, with the rule's multi-tensor form where it has one and the
+        hyperparameters allow it (one call per group instead of one per parameter).
+        """
+        rule = self.rule
+        assert rule is not None
+        new_params = list(params)
+        for group, indices, state in zip(self.param_groups, self._group_to_param_list, self.state):
+            group_params = [params[i] for i in indices]
+            group_grads = [grads[i] for i in indices]
+            live = [k for k, g in enumerate(group_grads) if g is not None]
+            if len(live) < len(indices):
+                live_params = [group_params[k] for k in live]
+                live_grads = [group_grads[k] for k in live]
+            else:
+                live_params, live_grads = group_params, group_grads
+            if any(g.is_sparse for g in live_grads):
+                raise NotImplementedError(
+                    f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
+                    f"dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
+            hyper = self._hyperparameters_for(group)
+            states = [state[k] or rule.init(p, hyper) for k, p in zip(live, live_params)]
+            result = rule.update_many(live_params, live_grads, states, hyper) if rule.update_many else None
+            if result is None:
+                updated = [rule.update(p, g, st, hyper) for p, g, st in zip(live_params, live_grads, states)]
+                result = ([p for p, _ in updated], [st for _, st in updated])
+            for k, p, st in zip(live, *result):
+                group_params[k] = p
+                state[k] = st
+            group["params"] = group_params
+            for i, p in zip(indices, group_params):
+                new_params[i] = p
+        return new_params
+
+    def _hyperparameters_for(self, group: dict[str, Any]) -> Mapping[str, Any]:
+        """The hyperparameters the rule sees for ``group`` (the task-batched mode reshapes them)."""
+        return group
+
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Apply the update rule to every parameter with a gradient, group by group.
 
         Subclasses written for higher 0.2.1 override this method: read ``self.param_groups``
         and ``self.state[group_index][param_index]``, and write the new tensors into
-        ``group['params'][param_index]``.
+        ``group['params'][param_index]``. (The built-in optimizers do not call it: ``step``
+        applies their rule directly, to the same effect, see ``_apply_rule``.)
         """
         rule = self.rule
         if rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
         for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
             params = group["params"]
+            hyper = self._hyperparameters_for(group)
             for index, (param, grad) in enumerate(zip(params, grads)):
                 if grad is None:
                     continue
@@ -305,8 +373,8 @@ class DifferentiableOptimizer:
                         f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                         f"dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
-                current = state[index] or rule.init(param, group)
-                params[index], state[index] = rule.update(param, grad, current, group)
+                current = state[index] or rule.init(param, hyper)
+                params[index], state[index] = rule.update(param, grad, current, hyper)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
