@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,11 @@ class _Core:
         self.paths = [path for path, _ in named]
         self.module_index = {id(m): i for i, m in enumerate(self.modules)}
         self.modes = [m.training for m in self.modules]
-        self.views: dict[int, FunctionalModule] = {}
+        # The core refers to the views weakly (they refer to it): no reference cycle, so an
+        # fmodel, its history and the graph it holds are freed as soon as the program drops it.
+        # A parent view holds its children (in _modules), and the root is the user's.
+        self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
+        self.root: Callable[[], FunctionalModule | None] = lambda: None
         self.view_base: type[FunctionalModule] = FunctionalModule
 
     def view(self, module: nn.Module) -> FunctionalModule | None:
@@ -91,8 +96,18 @@ class _Core:
             index = self.module_index.get(id(module))
             if index is None:
                 return None
-            path = self.paths[index]
-            view = self.views[id(module)] = _view_class(type(module), not path, self.view_base)(self, module, path)
+            root = self.root()
+            if self.paths[index] and root is not None:
+                return root.get_submodule(self.paths[index])  # made by its parent, which keeps it
+            view = self.make_view(module)
+        return view
+
+    def make_view(self, module: nn.Module) -> FunctionalModule:
+        path = self.paths[self.module_index[id(module)]]
+        view = _view_class(type(module), not path, self.view_base)(self, module, path)
+        self.views[id(module)] = view
+        if not path:
+            self.root = weakref.ref(view)
         return view
 
     @property
@@ -188,7 +203,7 @@ class FunctionalModule(nn.Module):
             core = d["_hg_core"]
             for name, child in d["_hg_module"]._modules.items():
                 if child is not None and name not in children:
-                    children[name] = core.view(child)
+                    children[name] = core.views.get(id(child)) or core.make_view(child)
         return children
 
     @_modules.setter
@@ -522,8 +537,7 @@ class FunctionalModule(nn.Module):
 
         history = [[detach(t) for t in entry] for entry in core.history]
         buffers = [b.detach().clone() for b in core.buffers]
-        root = core.views[id(core.module)]
-        modes = {name: view.training for name, view in root.named_modules()}
+        modes = dict(zip(core.paths, core.modes))
         snapshot = {
             "module": core.module,
             "history": history,
@@ -534,8 +548,10 @@ class FunctionalModule(nn.Module):
         return (_restore, (snapshot, self._hg_path))
 
 
-def _restore(snapshot: dict[str, Any], path: str) -> FunctionalModule:
-    fmodel = make_functional(snapshot["module"])
+def _restore(
+    snapshot: dict[str, Any], path: str, view_base: type[FunctionalModule] = FunctionalModule
+) -> FunctionalModule:
+    fmodel = make_functional(snapshot["module"], _view_base=view_base)
     core = fmodel._hg_core
     core.history = snapshot["history"]
     core.buffers = snapshot["buffers"]
