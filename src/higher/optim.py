@@ -333,11 +333,18 @@ class DifferentiableOptimizer:
                     f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                     f"dense gradients (e.g. nn.Embedding(sparse=False))."
                 )
-            hyper = self._hyperparameters_for(group)
-            states = [state[k] or rule.init(p, hyper) for k, p in zip(live, live_params)]
-            result = rule.update_many(live_params, live_grads, states, hyper) if rule.update_many else None
+            hyper_of = self._hyperparameters_for(group)
+            if hyper_of is None:
+                states = [state[k] or rule.init(p, group) for k, p in zip(live, live_params)]
+                result = rule.update_many(live_params, live_grads, states, group) if rule.update_many else None
+            else:
+                states = [state[k] or rule.init(p, hyper_of(p)) for k, p in zip(live, live_params)]
+                result = None
             if result is None:
-                updated = [rule.update(p, g, st, hyper) for p, g, st in zip(live_params, live_grads, states)]
+                updated = [
+                    rule.update(p, g, st, group if hyper_of is None else hyper_of(p))
+                    for p, g, st in zip(live_params, live_grads, states)
+                ]
                 result = ([p for p, _ in updated], [st for _, st in updated])
             for k, p, st in zip(live, *result):
                 group_params[k] = p
@@ -347,9 +354,13 @@ class DifferentiableOptimizer:
                 new_params[i] = p
         return new_params
 
-    def _hyperparameters_for(self, group: dict[str, Any]) -> Mapping[str, Any]:
-        """The hyperparameters the rule sees for ``group`` (the task-batched mode reshapes them)."""
-        return group
+    def _hyperparameters_for(self, group: dict[str, Any]) -> Callable[[Tensor], Mapping[str, Any]] | None:
+        """How each parameter of ``group`` sees its hyperparameters; ``None``: the group itself.
+
+        The task-batched mode (:mod:`higher.batched`) gives per-task hyperparameters (shape
+        ``[tasks]``) the shape that broadcasts against each parameter.
+        """
+        return None
 
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Apply the update rule to every parameter with a gradient, group by group.
@@ -364,7 +375,7 @@ class DifferentiableOptimizer:
             raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
         for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
             params = group["params"]
-            hyper = self._hyperparameters_for(group)
+            hyper_of = self._hyperparameters_for(group)
             for index, (param, grad) in enumerate(zip(params, grads)):
                 if grad is None:
                     continue
@@ -373,6 +384,7 @@ class DifferentiableOptimizer:
                         f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                         f"dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
+                hyper = group if hyper_of is None else hyper_of(param)
                 current = state[index] or rule.init(param, hyper)
                 params[index], state[index] = rule.update(param, grad, current, hyper)
 
@@ -533,6 +545,20 @@ def get_diff_optim(
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
     """The differentiable optimizer for ``opt``, looked up by its exact type."""
+    cls = _diff_optim_type(opt)
+    return cls(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def _diff_optim_type(opt: torch.optim.Optimizer) -> type[DifferentiableOptimizer]:
+    """The registered differentiable class for ``opt``'s exact type, or a clear error."""
     cls = _opt_mapping.get(type(opt))
     if cls is None:
         kind = type(opt).__name__
@@ -549,15 +575,7 @@ def get_diff_optim(
             f"Optimizer type {kind} is not supported by higher (supported: {supported}). Write a "
             f"DifferentiableOptimizer subclass and call higher.register_optim({kind}, YourClass)."
         )
-    return cls(
-        opt,
-        reference_params,
-        fmodel=fmodel,
-        device=device,
-        override=override,
-        track_higher_grads=track_higher_grads,
-        **kwargs,
-    )
+    return cls
 
 
 def create_diff_optim(
