@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import optim, patch, rules, utils
+from . import batched, optim, patch, rules, utils
 from .optim import DifferentiableOptimizer, create_diff_optim, get_diff_optim, register_optim
 from .patch import FunctionalModule, monkeypatch
 
@@ -27,6 +27,7 @@ __version__ = "1.0.0.dev0"
 __all__ = [
     "DifferentiableOptimizer",
     "FunctionalModule",
+    "batched",
     "create_diff_optim",
     "get_diff_optim",
     "innerloop_ctx",
@@ -47,6 +48,7 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: dict[str, Any] | None = None,
     track_higher_grads: bool = True,
+    tasks: int | None = None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
 
@@ -61,9 +63,25 @@ def innerloop_ctx(
         override: hyperparameters to replace, e.g. ``{'lr': [lr_tensor]}``; tensors requiring
             grad receive hypergradients.
         track_higher_grads: ``False`` for a cheap loop without a graph through the updates.
+        tasks: run the inner loops of ``tasks`` tasks at once (task-batched mode, see
+            :mod:`higher.batched`): fast weights get a leading task dimension, ``fmodel(x)``
+            takes ``x`` with a leading task dimension, and ``diffopt.step`` takes the per-task
+            losses (shape ``[tasks]``).
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
+    if tasks is not None:
+        with batched.innerloop_ctx(
+            model,
+            opt,
+            tasks,
+            device=device,
+            copy_initial_weights=copy_initial_weights,
+            override=override,
+            track_higher_grads=track_higher_grads,
+        ) as pair:
+            yield pair
+        return
     fmodel = monkeypatch(
         model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
     )
