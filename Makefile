@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test bench lint install install-dev install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(PY)
 install-dev: $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 
+install-bench: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+
 demo: install
 	$(PY) examples/copy_initial_weights.py
 
@@ -23,5 +26,10 @@ test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Installs the competitors (higher 0.2.1, TorchOpt 0.7.3) into .bench/ on first use, then
+# times every workload (about 15 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.
+bench: install-bench
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .bench
