@@ -336,3 +336,24 @@ def test_tasks_must_be_a_positive_int(tasks):
     with pytest.raises(ValueError, match="tasks must be a positive int"):
         with higher.innerloop_ctx(model, opt, tasks=tasks):
             pass
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x, scale, offset=None):
+        out = self.linear(x) * scale
+        return {"out": out if offset is None else out + offset, "scale": scale}
+
+
+def test_arguments_that_are_not_tensors_and_keyword_tensors():
+    model = _Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, offset = torch.randn(T, 4, 2), torch.randn(T, 4, 3)
+    with higher.innerloop_ctx(model, opt, tasks=T) as (fmodel, _):
+        result = fmodel(x, 2.0, offset=offset)
+    assert result["scale"] == 2.0
+    for t in range(T):
+        assert _close(result["out"][t], model(x[t], 2.0, offset=offset[t])["out"])

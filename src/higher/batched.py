@@ -14,7 +14,8 @@ optimizer step::
         torch.func.vmap(F.mse_loss)(fmodel(query_x), query_y).mean().backward()
 
 Here ``support_x`` is ``[T, n, ...]``: every tensor argument of ``fmodel(...)`` has the task
-dimension first, and so does every tensor it returns. ``diffopt.step`` takes the per-task losses
+dimension first, and so does every tensor it returns (other arguments and outputs, such as a
+Python number, are the same for all tasks). ``diffopt.step`` takes the per-task losses
 (shape ``[T]``; a mean over tasks would scale every task's step by ``1/T``, so a scalar is
 refused). The result is, task by task, what the per-task path computes: the same optimizers
 (every one of :mod:`higher.rules`, unchanged: they are elementwise), the same options, the same
@@ -75,31 +76,59 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
         params = core.latest
         if params is None:
             raise ValueError("this functional module has no fast weights yet; pass params=[...] to it first.")
-        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
-        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # the usual call: no pytree to walk
+            tensors, rebuild = list(args), None
+        else:
+            leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+            positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+            tensors = [leaves[i] for i in positions]
+
+            def rebuild(task_tensors: Sequence[Tensor]) -> tuple[Sequence[Any], Mapping[str, Any]]:
+                filled = list(leaves)
+                for i, tensor in zip(positions, task_tensors):
+                    filled[i] = tensor
+                return tree_unflatten(filled, spec)
+
         tasks = core.tasks
-        for i in positions:
-            if leaves[i].dim() == 0 or leaves[i].shape[0] != tasks:
+        for tensor in tensors:
+            if tensor.dim() == 0 or tensor.shape[0] != tasks:
                 raise ValueError(
                     f"in task-batched mode every tensor argument needs a leading task dimension of size "
-                    f"{tasks}; got a tensor of shape {tuple(leaves[i].shape)}. Stack the tasks' inputs "
+                    f"{tasks}; got a tensor of shape {tuple(tensor.shape)}. Stack the tasks' inputs "
                     f"(torch.stack), or expand an input shared by all tasks (x.expand({tasks}, *x.shape))."
                 )
         swapped = self._hg_swapped
+        # vmap returns tensors only: other outputs (the same for every task, since the function
+        # runs once for all tasks) are kept aside and put back.
+        output: dict[str, Any] = {}
 
-        def run_one_task(task_params: list[Tensor], task_buffers: list[Tensor], tensors: list[Tensor]) -> Any:
-            filled = list(leaves)
-            for i, tensor in zip(positions, tensors):
-                filled[i] = tensor
-            call_args, call_kwargs = tree_unflatten(filled, spec)
-            task_buffers = list(task_buffers)
-            out = swapped(task_params, task_buffers, fn, call_args, call_kwargs)
-            return out, task_buffers
+        def call(task_params: list[Tensor], task_buffers: list[Tensor], task_tensors: list[Tensor]) -> Any:
+            if rebuild is None:
+                out = swapped(task_params, task_buffers, fn, task_tensors, {})
+            else:
+                call_args, call_kwargs = rebuild(task_tensors)
+                out = swapped(task_params, task_buffers, fn, call_args, call_kwargs)
+            if isinstance(out, Tensor):
+                return out
+            output["leaves"], output["spec"] = tree_flatten(out)
+            return [leaf for leaf in output["leaves"] if isinstance(leaf, Tensor)]
 
-        vmapped = torch.func.vmap(run_one_task, randomness=core.randomness)
-        out, buffers = vmapped(params, core.buffers, [leaves[i] for i in positions])
-        core.buffers = list(buffers)
-        return out
+        randomness = core.randomness
+        if not core.buffers:
+            out = torch.func.vmap(lambda p, t: call(p, [], t), randomness=randomness)(params, tensors)
+        else:
+
+            def with_buffers(task_params: list[Tensor], task_buffers: list[Tensor], task_tensors: list[Tensor]) -> Any:
+                task_buffers = list(task_buffers)
+                return call(task_params, task_buffers, task_tensors), task_buffers  # replaced buffers come back
+
+            out, buffers = torch.func.vmap(with_buffers, randomness=randomness)(params, core.buffers, tensors)
+            core.buffers = list(buffers)
+        if not output:
+            return out
+        batched_tensors = iter(out)
+        leaves = [next(batched_tensors) if isinstance(leaf, Tensor) else leaf for leaf in output["leaves"]]
+        return tree_unflatten(leaves, output["spec"])
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         _, (snapshot, path) = super().__reduce_ex__(protocol)
