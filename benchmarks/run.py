@@ -8,8 +8,9 @@ of the same model and data, checks that they all compute the same meta-gradient 
 then times them in interleaved rounds (a new random order each round, one thread) and reports
 the median time per meta-iteration (inner loop + meta-loss + backward) and its ratio to the
 hand-written ``functional_call`` + ``autograd.grad`` loop. Peak memory is measured in a fresh
-process per implementation (maximum resident set size over a few meta-iterations, minus that of
-the process before the first one, after imports and setup). Writes a markdown table, a JSON
+process per implementation: the peak resident set size over three meta-iterations, after a
+first one (which pages in library code and initializes lazily), and that peak minus the
+resident size before them, the memory a meta-iteration needs. Writes a markdown table, a JSON
 file and a PNG bar chart (needs matplotlib: ``pip install -e ".[bench]"``).
 
 The competitors (higher 0.2.1, TorchOpt 0.7.3) are installed into ``.bench/`` on the first run
@@ -180,47 +181,65 @@ def time_workload(
     return times
 
 
-def _maxrss_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_bytes() -> int:
     """This process's peak resident set size.
 
     Linux's ``ru_maxrss`` keeps the parent's high-water mark across fork and exec, so a child of
     a big benchmark process would report the parent's peak: the peak of the process's own memory
     image (``VmHWM``) is read instead where the system has it.
     """
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> int:
+    """Restart the peak RSS from the current RSS (Linux >= 4.0); returns the RSS it starts from."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return _peak_rss_bytes()  # cannot reset: the peak so far is the baseline
+    current = _status_bytes("VmRSS")
+    return current if current is not None else _peak_rss_bytes()
 
 
 def memory_child(spec: str) -> None:
-    """Run in a fresh process: peak RSS of a few meta-iterations of one implementation."""
+    """Run in a fresh process: the peak RSS of meta-iterations of one implementation.
+
+    Prints ``first_peak`` (the process's peak including setup and a first meta-iteration, with
+    its one-time costs: library code paged in, lazy initialization), ``before`` (the RSS after
+    that first iteration) and ``peak`` (the peak over three more meta-iterations): ``peak -
+    before`` is the memory a meta-iteration needs.
+    """
     workload_name, optimizer, impl_name, small = spec.split(":")
     workload = tiny(WORKLOADS[workload_name]) if small == "tiny" else WORKLOADS[workload_name]
     torch.set_num_threads(1)
-    for impl in IMPLEMENTATIONS.values():  # same imports in every child, so baselines compare
-        if impl.competitor and competitors.installed():
-            competitors.load_original()
-            competitors.load_torchopt()
-            break
-    # Lazy imports that some implementations trigger (torch.optim loads torch._dynamo; vmap loads
-    # functorch's machinery) happen first in every child, so that "before" compares.
-    weight = torch.zeros(2, requires_grad=True)
-    torch.optim.Adam([weight]).step()
-    torch.func.vmap(torch.sin)(torch.zeros(2, 2))
-    import higher  # noqa: F401  (ours: imported by two implementations only)
+    if competitors.installed():  # the same imports in every child
+        competitors.load_original()
+        competitors.load_torchopt()
+    import higher  # noqa: F401
 
     model, meta_iteration = _build(IMPLEMENTATIONS[impl_name], workload, optimizer, torch.float32)
+    meta_iteration()
+    first_peak = _peak_rss_bytes()
+    for p in model.parameters():
+        p.grad = None
     gc.collect()
-    before = _maxrss_bytes()
+    before = _reset_peak_rss()
     for _ in range(3):
         for p in model.parameters():
             p.grad = None
         meta_iteration()
-    print(json.dumps({"before": before, "peak": _maxrss_bytes()}))
+    print(json.dumps({"first_peak": first_peak, "before": before, "peak": _peak_rss_bytes()}))
 
 
 def measure_memory(workload_name: str, optimizer: str, impl_name: str, small: bool) -> dict[str, int]:
@@ -249,7 +268,7 @@ def _machine() -> str:
 
 def _table(results: list[dict]) -> str:
     lines = [
-        "| workload | optimizer | implementation | mode | median ms | ratio to hand-written loop | ratio to hand-written vmap | peak RSS MiB | peak over setup MiB |",
+        "| workload | optimizer | implementation | mode | median ms | ratio to hand-written loop | ratio to hand-written vmap | peak RSS MiB | meta-iteration peak MiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for result in results:
@@ -261,7 +280,7 @@ def _table(results: list[dict]) -> str:
             to_loop = f"{ms / loop:.2f}x" if loop else ""
             to_vmap = f"{ms / vmap:.2f}x" if vmap and impl.batched else ""
             memory = result["memory"].get(name)
-            peak = f"{memory['peak'] / 2**20:.0f}" if memory else ""
+            peak = f"{memory['peak'] / 2**20:.1f}" if memory else ""
             over = f"{(memory['peak'] - memory['before']) / 2**20:.1f}" if memory else ""
             lines.append(
                 f"| {result['workload']} | {result['optimizer']} | {impl.label} | "
@@ -282,21 +301,32 @@ def plot(results: list[dict], path: Path) -> bool:
     names = [name for name in IMPLEMENTATIONS if any(name in r["median_ms"] for r in results)]
     groups = [f"{r['workload']}\n{r['optimizer']}" for r in results]
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=100)
-    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    colors = {
+        "loop": "#9e9e9e",
+        "original": "#e6a04e",
+        "torchopt": "#8fc98f",
+        "ours": "#1f4e9c",
+        "vmap": "#cfcfcf",
+        "vmap_grad": "#e3e3e3",
+        "ours_batched": "#6fa8dc",
+    }
     for i, name in enumerate(names):
         xs, ys = [], []
         for g, r in enumerate(results):
             if name in r["median_ms"] and REFERENCE in r["median_ms"]:
                 xs.append(g - 0.4 + width * (i + 0.5))
                 ys.append(r["median_ms"][name] / r["median_ms"][REFERENCE])
-        ax.bar(xs, ys, width, label=IMPLEMENTATIONS[name].label, color=colors(i))
+        impl = IMPLEMENTATIONS[name]
+        ax.bar(xs, ys, width, label=impl.label, color=colors.get(name), edgecolor="black", linewidth=0.4)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("time / hand-written loop (lower is faster)")
-    ax.set_title("Time per MAML meta-iteration, CPU, 1 thread (median)", fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="upper left")
-    ax.set_ylim(0, max(1.6, ax.get_ylim()[1]))
+    ax.set_ylabel("time / hand-written loop\n(lower is faster)")
+    ax.set_title("Time per MAML meta-iteration (median), CPU, 1 thread", fontsize=10, pad=30)
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_ylim(0, max(1.5, ax.get_ylim()[1]))
+    ax.grid(axis="y", linewidth=0.3)
+    ax.set_axisbelow(True)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
