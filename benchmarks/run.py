@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         competitors.load_torchopt()
     import higher
 
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {_machine()}")
     print(f"higher under test: {higher.__file__}")
     results, notes = [], []
@@ -400,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     (args.output / "results.json").write_text(
         json.dumps({"machine": _machine(), "rounds": args.rounds, "results": results, "notes": notes}, indent=1)
     )
-    (args.output / "results.md").write_text(f"Machine: {_machine()}\n\n{table}\n")
+    load = (
+        f"{load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end" if hasattr(os, "getloadavg") else "?"
+    )
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.output / "results.md").write_text(
+        f"Machine: {_machine()}; 1-minute load average {load}.\nCommand: `{command.strip()}`\n\n{table}\n\n"
+        + "".join(f"- {note}\n" for note in notes)
+    )
     png = args.plot or args.output / "benchmark.png"
     print(f"wrote {args.output / 'results.md'}, {args.output / 'results.json'}", end="")
     print(f", {png}" if plot(results, png) else " (no chart: pip install matplotlib)")
