@@ -234,14 +234,16 @@ class DifferentiableOptimizer:
                     f"grad_callback returned {len(grads)} gradients for {len(params)} parameters; "
                     f"return one (or None) per parameter."
                 )
-        if type(self)._update is DifferentiableOptimizer._update:
-            new_params = self._apply_rule(params, grads)
-            # Elementwise rules keep the fmodel's shapes, unless given other tensors, or a gradient
-            # from a callback or a hyperparameter tensor with dimensions broadcast them.
-            checked = not given and callback is None and not self._shaped_hyperparameters
-        else:
-            new_params = self._apply_update(params, grads, **kwargs)
-            checked = False
+        new_params = self._apply_update(params, grads, **kwargs)
+        # The built-in rules are elementwise: they keep the fmodel's shapes, unless given other
+        # tensors, or a gradient from a callback or a hyperparameter tensor with dimensions
+        # broadcast them. A subclass's _update may do anything.
+        checked = (
+            type(self)._update is DifferentiableOptimizer._update
+            and not given
+            and callback is None
+            and not self._shaped_hyperparameters
+        )
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
         fmodel = self._fmodel
@@ -298,7 +300,7 @@ class DifferentiableOptimizer:
         return grads
 
     def _apply_update(self, params: list[Tensor], grads: list[Tensor | None], **kwargs: Any) -> list[Tensor]:
-        """Run ``_update`` (a subclass's, in higher 0.2.1's interface) and collect the new tensors."""
+        """Run ``_update`` on the parameters grouped as the optimizer's groups; the new tensors."""
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             group["params"] = [params[i] for i in indices]
@@ -310,36 +312,34 @@ class DifferentiableOptimizer:
                 new_params[i] = p
         return new_params
 
-    def _apply_rule(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-        """The built-in rule's update of every parameter with a gradient, group by group.
+    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+        """Apply the update rule to every parameter with a gradient, group by group.
 
-        Same result as ``_update``, with the rule's multi-tensor form where it has one and the
-        hyperparameters allow it (one call per group instead of one per parameter).
+        Subclasses written for higher 0.2.1 override this method: read ``self.param_groups``
+        and ``self.state[group_index][param_index]``, and write the new tensors into
+        ``group['params'][param_index]``.
         """
         rule = self.rule
-        assert rule is not None
-        new_params = list(params)
-        for group, indices, state in zip(self.param_groups, self._group_to_param_list, self.state):
-            group_params = [params[i] for i in indices]
-            group_grads = [grads[i] for i in indices]
-            live = [k for k, g in enumerate(group_grads) if g is not None]
-            if len(live) < len(indices):
-                live_params = [group_params[k] for k in live]
-                live_grads = [group_grads[k] for k in live]
-            else:
-                live_params, live_grads = group_params, group_grads
+        if rule is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
+        for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
+            params = group["params"]
+            live = [k for k, g in enumerate(grads) if g is not None]
+            live_params = params if len(live) == len(params) else [params[k] for k in live]
+            live_grads = grads if len(live) == len(grads) else [grads[k] for k in live]
             if any(g.is_sparse for g in live_grads):
                 raise NotImplementedError(
                     f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
                     f"dense gradients (e.g. nn.Embedding(sparse=False))."
                 )
             hyper_of = self._hyperparameters_for(group)
+            result = None
             if hyper_of is None:
                 states = [state[k] or rule.init(p, group) for k, p in zip(live, live_params)]
-                result = rule.update_many(live_params, live_grads, states, group) if rule.update_many else None
+                if rule.update_many is not None:  # one call for the group, where the rule has it
+                    result = rule.update_many(live_params, live_grads, states, group)
             else:
                 states = [state[k] or rule.init(p, hyper_of(p)) for k, p in zip(live, live_params)]
-                result = None
             if result is None:
                 updated = [
                     rule.update(p, g, st, group if hyper_of is None else hyper_of(p))
@@ -347,12 +347,8 @@ class DifferentiableOptimizer:
                 ]
                 result = ([p for p, _ in updated], [st for _, st in updated])
             for k, p, st in zip(live, *result):
-                group_params[k] = p
+                params[k] = p
                 state[k] = st
-            group["params"] = group_params
-            for i, p in zip(indices, group_params):
-                new_params[i] = p
-        return new_params
 
     def _hyperparameters_for(self, group: dict[str, Any]) -> Callable[[Tensor], Mapping[str, Any]] | None:
         """How each parameter of ``group`` sees its hyperparameters; ``None``: the group itself.
@@ -361,32 +357,6 @@ class DifferentiableOptimizer:
         ``[tasks]``) the shape that broadcasts against each parameter.
         """
         return None
-
-    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
-        """Apply the update rule to every parameter with a gradient, group by group.
-
-        Subclasses written for higher 0.2.1 override this method: read ``self.param_groups``
-        and ``self.state[group_index][param_index]``, and write the new tensors into
-        ``group['params'][param_index]``. (The built-in optimizers do not call it: ``step``
-        applies their rule directly, to the same effect, see ``_apply_rule``.)
-        """
-        rule = self.rule
-        if rule is None:
-            raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
-        for group, grads, state in zip(self.param_groups, grouped_grads, self.state):
-            params = group["params"]
-            hyper_of = self._hyperparameters_for(group)
-            for index, (param, grad) in enumerate(zip(params, grads)):
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise NotImplementedError(
-                        f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
-                        f"dense gradients (e.g. nn.Embedding(sparse=False))."
-                    )
-                hyper = group if hyper_of is None else hyper_of(param)
-                current = state[index] or rule.init(param, hyper)
-                params[index], state[index] = rule.update(param, grad, current, hyper)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
