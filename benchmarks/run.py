@@ -228,6 +228,13 @@ def memory_child(spec: str) -> None:
         competitors.load_torchopt()
     import higher  # noqa: F401
 
+    # Lazy imports that only some implementations trigger (a torch.optim step imports
+    # torch._dynamo, ~70 MiB; torch.func's transforms load their machinery) happen in every
+    # child, so that the peaks compare.
+    weight = torch.zeros(2, requires_grad=True)
+    torch.optim.Adam([weight]).step()
+    torch.func.vmap(torch.func.grad(lambda w: w.sin().sum()))(torch.zeros(2, 2))
+
     model, meta_iteration = _build(IMPLEMENTATIONS[impl_name], workload, optimizer, torch.float32)
     meta_iteration()
     first_peak = _peak_rss_bytes()
@@ -287,6 +294,37 @@ def _table(results: list[dict]) -> str:
                 f"{'batched' if impl.batched else 'per task'} | {ms:.2f} | {to_loop} | {to_vmap} | {peak} | {over} |"
             )
     return "\n".join(lines)
+
+
+def _summary(results: list[dict]) -> str:
+    """Two compact tables: time as a ratio to the hand-written loop, and memory."""
+    names = [name for name in IMPLEMENTATIONS if any(name in r["median_ms"] for r in results)]
+    header = "| workload | inner optimizer | " + " | ".join(IMPLEMENTATIONS[n].label for n in names) + " |"
+    rule = "|---|---|" + "---:|" * len(names)
+    times, memory = [header, rule], [header, rule]
+    for r in results:
+        medians, row_t, row_m = r["median_ms"], [], []
+        for name in names:
+            ms = medians.get(name)
+            if ms is None:
+                row_t.append("")
+            elif name == REFERENCE:
+                row_t.append(f"{ms:.1f} ms")
+            else:
+                cell = f"{ms / medians[REFERENCE]:.2f}x" if REFERENCE in medians else f"{ms:.1f} ms"
+                if IMPLEMENTATIONS[name].batched and name != "vmap" and "vmap" in medians:
+                    cell += f" ({ms / medians['vmap']:.2f}x vmap)"
+                row_t.append(cell)
+            m = r["memory"].get(name)
+            row_m.append(f"{m['peak'] / 2**20:.1f} (+{(m['peak'] - m['before']) / 2**20:.1f})" if m else "")
+        times.append(f"| {r['workload']} | {r['optimizer']} | " + " | ".join(row_t) + " |")
+        memory.append(f"| {r['workload']} | {r['optimizer']} | " + " | ".join(row_m) + " |")
+    return (
+        "Time per meta-iteration: the hand-written loop's median, the others as a ratio to it\n\n"
+        + "\n".join(times)
+        + "\n\nPeak RSS in MiB (and what a meta-iteration adds to the RSS before it)\n\n"
+        + "\n".join(memory)
+    )
 
 
 def plot(results: list[dict], path: Path) -> bool:
@@ -406,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.output / "results.md").write_text(
-        f"Machine: {_machine()}; 1-minute load average {load}.\nCommand: `{command.strip()}`\n\n{table}\n\n"
-        + "".join(f"- {note}\n" for note in notes)
+        f"Machine: {_machine()}; 1-minute load average {load}.\nCommand: `{command.strip()}`\n\n"
+        f"{_summary(results)}\n\nAll measurements\n\n{table}\n\n" + "".join(f"- {note}\n" for note in notes)
     )
     png = args.plot or args.output / "benchmark.png"
     print(f"wrote {args.output / 'results.md'}, {args.output / 'results.json'}", end="")
