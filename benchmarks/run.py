@@ -8,9 +8,8 @@ of the same model and data, checks that they all compute the same meta-gradient 
 then times them in interleaved rounds (a new random order each round, one thread) and reports
 the median time per meta-iteration (inner loop + meta-loss + backward) and its ratio to the
 hand-written ``functional_call`` + ``autograd.grad`` loop. Peak memory is measured in a fresh
-process per implementation: the peak resident set size over three meta-iterations, after a
-first one (which pages in library code and initializes lazily), and that peak minus the
-resident size before them, the memory a meta-iteration needs. Writes a markdown table, a JSON
+process per implementation: its peak resident set size over four meta-iterations, and what
+they add to the peak after imports and setup. Writes a markdown table, a JSON
 file and a PNG bar chart (needs matplotlib: ``pip install -e ".[bench]"``).
 
 The competitors (higher 0.2.1, TorchOpt 0.7.3) are installed into ``.bench/`` on the first run
@@ -202,23 +201,11 @@ def _peak_rss_bytes() -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reset_peak_rss() -> int:
-    """Restart the peak RSS from the current RSS (Linux >= 4.0); returns the RSS it starts from."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return _peak_rss_bytes()  # cannot reset: the peak so far is the baseline
-    current = _status_bytes("VmRSS")
-    return current if current is not None else _peak_rss_bytes()
-
-
 def memory_child(spec: str) -> None:
-    """Run in a fresh process: the peak RSS of meta-iterations of one implementation.
+    """Run in a fresh process: its peak RSS over four meta-iterations of one implementation.
 
-    Prints ``first_peak`` (the process's peak including setup and a first meta-iteration, with
-    its one-time costs: library code paged in, lazy initialization), ``before`` (the RSS after
-    that first iteration) and ``peak`` (the peak over three more meta-iterations): ``peak -
-    before`` is the memory a meta-iteration needs.
+    Prints ``before`` (the peak RSS after imports and setup) and ``peak`` (after the
+    meta-iterations): ``peak - before`` is what the meta-iterations add.
     """
     workload_name, optimizer, impl_name, small = spec.split(":")
     workload = tiny(WORKLOADS[workload_name]) if small == "tiny" else WORKLOADS[workload_name]
@@ -234,19 +221,14 @@ def memory_child(spec: str) -> None:
     weight = torch.zeros(2, requires_grad=True)
     torch.optim.Adam([weight]).step()
     torch.func.vmap(torch.func.grad(lambda w: w.sin().sum()))(torch.zeros(2, 2))
-
     model, meta_iteration = _build(IMPLEMENTATIONS[impl_name], workload, optimizer, torch.float32)
-    meta_iteration()
-    first_peak = _peak_rss_bytes()
-    for p in model.parameters():
-        p.grad = None
     gc.collect()
-    before = _reset_peak_rss()
-    for _ in range(3):
+    before = _peak_rss_bytes()
+    for _ in range(4):
         for p in model.parameters():
             p.grad = None
         meta_iteration()
-    print(json.dumps({"first_peak": first_peak, "before": before, "peak": _peak_rss_bytes()}))
+    print(json.dumps({"before": before, "peak": _peak_rss_bytes()}))
 
 
 def measure_memory(workload_name: str, optimizer: str, impl_name: str, small: bool) -> dict[str, int]:
@@ -275,7 +257,7 @@ def _machine() -> str:
 
 def _table(results: list[dict]) -> str:
     lines = [
-        "| workload | optimizer | implementation | mode | median ms | ratio to hand-written loop | ratio to hand-written vmap | peak RSS MiB | meta-iteration peak MiB |",
+        "| workload | optimizer | implementation | mode | median ms | ratio to hand-written loop | ratio to hand-written vmap | peak RSS MiB | added by the meta-iterations MiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for result in results:
@@ -322,7 +304,7 @@ def _summary(results: list[dict]) -> str:
     return (
         "Time per meta-iteration: the hand-written loop's median, the others as a ratio to it\n\n"
         + "\n".join(times)
-        + "\n\nPeak RSS in MiB (and what a meta-iteration adds to the RSS before it)\n\n"
+        + "\n\nPeak RSS of a fresh process in MiB (and what the meta-iterations add to it)\n\n"
         + "\n".join(memory)
     )
 
