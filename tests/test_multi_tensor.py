@@ -117,3 +117,22 @@ def test_sqrt0_many_equals_sqrt0_with_zeros():
     positive = tuple((x.detach() + 0.5).requires_grad_() for x in xs)
     assert torch.autograd.gradcheck(lambda *a: tuple(rules.sqrt0_many(list(a))), positive)
     assert torch.autograd.gradgradcheck(lambda *a: tuple(rules.sqrt0_many(list(a))), positive)
+
+
+class _LoggedTensor(torch.Tensor):
+    """A tensor subclass: step() must take it through torch.autograd.grad (its __torch_function__)."""
+
+
+@pytest.mark.parametrize("create_graph", [True, False])
+def test_the_direct_gradient_call_equals_torch_autograd_grad(create_graph):
+    from higher.optim import _grad
+
+    x, unused = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    ours = _grad((x**3).sum(), [x, unused], create_graph)
+    theirs = torch.autograd.grad((x**3).sum(), [x, unused], create_graph=create_graph, allow_unused=True)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] is None and theirs[1] is None
+    assert ours[0].requires_grad == create_graph
+    if create_graph:
+        assert torch.equal(torch.autograd.grad(ours[0].sum(), x)[0], torch.autograd.grad(theirs[0].sum(), x)[0])
+    subclass_loss = (x**3).sum().as_subclass(_LoggedTensor)
+    assert torch.equal(_grad(subclass_loss, [x], create_graph)[0], theirs[0])

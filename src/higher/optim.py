@@ -288,13 +288,8 @@ class DifferentiableOptimizer:
                 "the fmodel's output (or from the params passed to step())."
             )
         if len(targets) == len(params):
-            return list(torch.autograd.grad(loss, params, create_graph=self._track_higher_grads, allow_unused=True))
-        computed = torch.autograd.grad(
-            loss,
-            [params[i] for i in targets],
-            create_graph=self._track_higher_grads,
-            allow_unused=True,
-        )
+            return list(_grad(loss, params, self._track_higher_grads))
+        computed = _grad(loss, [params[i] for i in targets], self._track_higher_grads)
         for i, g in zip(targets, computed):
             grads[i] = g
         return grads
@@ -365,6 +360,23 @@ class DifferentiableOptimizer:
             for key in sorted(k for k in group if k != "params"):
                 lines.append(f"    {key}: {group[key]}")
         return "\n".join(lines) + "\n)"
+
+
+# torch.autograd.grad's Python layer (normalizing its arguments, checking grad_outputs, making
+# the ones tensor) costs about as much as a small model's whole forward pass, once per inner step.
+# For a plain scalar loss tensor, _grad asks the autograd engine directly, exactly as
+# torch.autograd.grad does after its checks (retain_graph=create_graph, allow_unused=True,
+# nothing accumulated into .grad); anything else (tensor subclasses, torch function modes, a
+# torch without this entry point) goes through torch.autograd.grad.
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequence[Tensor | None]:
+    """``torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)``."""
+    if _ENGINE is not None and type(loss) is Tensor and not torch.overrides.has_torch_function((loss,)):
+        ones = torch.ones_like(loss, memory_format=torch.preserve_format)
+        return _ENGINE.run_backward((loss,), (ones,), create_graph, create_graph, tuple(inputs), True, False)
+    return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
 
 def _describe(t: Tensor) -> str:
