@@ -27,7 +27,7 @@ test: install-dev
 	$(PY) -m pytest -q
 
 # Installs the competitors (higher 0.2.1, TorchOpt 0.7.3) into .bench/ on first use, then
-# times every workload (about 15 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.
+# times every workload (about 20 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.
 bench: install-bench
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 

@@ -7,9 +7,9 @@ For each workload and inner optimizer, one process builds every implementation o
 of the same model and data, checks that they all compute the same meta-gradient (in float64),
 then times them in interleaved rounds (a new random order each round, one thread) and reports
 the median time per meta-iteration (inner loop + meta-loss + backward) and its ratio to the
-hand-written ``functional_call`` + ``autograd.grad`` loop. Peak memory is measured in a fresh
-process per implementation: its peak resident set size over four meta-iterations, and what
-they add to the peak after imports and setup. Writes a markdown table, a JSON
+hand-written ``functional_call`` + ``autograd.grad`` loop. Peak memory is measured in fresh
+processes per implementation (the median of three): the peak resident set size over four
+meta-iterations, and what they add to the peak after imports and setup. Writes a markdown table, a JSON
 file and a PNG bar chart (needs matplotlib: ``pip install -e ".[bench]"``).
 
 The competitors (higher 0.2.1, TorchOpt 0.7.3) are installed into ``.bench/`` on the first run
@@ -231,16 +231,22 @@ def memory_child(spec: str) -> None:
     print(json.dumps({"before": before, "peak": _peak_rss_bytes()}))
 
 
-def measure_memory(workload_name: str, optimizer: str, impl_name: str, small: bool) -> dict[str, int]:
+def measure_memory(workload_name: str, optimizer: str, impl_name: str, small: bool, repeats: int = 3) -> dict[str, int]:
+    """The median-peak run of ``repeats`` fresh processes (see :func:`memory_child`).
+
+    glibc's malloc moves its mmap threshold with the allocation history, which made the peak of
+    the same run vary by several MiB; a fixed threshold (64 KiB: every tensor above it is mapped
+    on its own and returned to the system when freed) makes the peak that of the memory in use.
+    """
     spec = f"{workload_name}:{optimizer}:{impl_name}:{'tiny' if small else 'full'}"
-    result = subprocess.run(
-        [sys.executable, __file__, "--memory-child", spec],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs = []
+    for _ in range(repeats):
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, check=True, env=env
+        )
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return sorted(runs, key=lambda run: run["peak"])[len(runs) // 2]
 
 
 def _machine() -> str:
@@ -364,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="2 tasks, 2 steps: a smoke test in seconds")
     parser.add_argument("--no-competitors", action="store_true", help="skip higher 0.2.1 and TorchOpt")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="processes per implementation (median)")
     parser.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
     parser.add_argument("--setup", action="store_true", help="only install the competitors into .bench/")
     parser.add_argument("--output", type=Path, default=ROOT / ".bench", help="folder for results (default .bench/)")
@@ -401,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
             memory = {}
             if not args.no_memory:
                 for impl in _progress(impls, len(impls), f"{workload_name}/{optimizer} memory", not args.quiet):
-                    memory[impl.name] = measure_memory(workload_name, optimizer, impl.name, args.tiny)
+                    memory[impl.name] = measure_memory(
+                        workload_name, optimizer, impl.name, args.tiny, args.memory_repeats
+                    )
             result = {
                 "workload": workload.name,
                 "description": workload.description,
