@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test lint install install-demo install-dev clean
+.PHONY: demo example test bench lint install install-demo install-dev install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install-dev: $(PY)
 install-demo: $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[demo]"
 
+install-bench: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+
 # The main job: MAML on sinusoid regression, table and PNG (higher-demo.png); see README.
 demo: install-demo
 	$(PY) -m higher demo
@@ -31,5 +34,10 @@ test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Installs the competitors (higher 0.2.1, TorchOpt 0.7.3) into .bench/ on first use, then
+# times every workload (about 20 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.
+bench: install-bench
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .bench

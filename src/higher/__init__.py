@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import optim, patch, rules, utils
+from . import batched, optim, patch, rules, utils
 from .optim import DifferentiableOptimizer, PerParameter, PerStep, create_diff_optim, get_diff_optim, register_optim
 from .patch import FunctionalModule, monkeypatch
 
@@ -29,6 +29,7 @@ __all__ = [
     "FunctionalModule",
     "PerParameter",
     "PerStep",
+    "batched",
     "create_diff_optim",
     "get_diff_optim",
     "innerloop_ctx",
@@ -53,6 +54,7 @@ def innerloop_ctx(
     first_order: bool = False,
     share_buffers: bool = False,
     initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+    tasks: int | None = None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
 
@@ -76,9 +78,31 @@ def innerloop_ctx(
         initial_params: initial fast weights to use instead of copies of ``model``'s parameters
             (all of them as a list, or some of them by name as a dict), e.g. produced by a
             hypernetwork; meta-gradients flow back into them.
+        tasks: run the inner loops of ``tasks`` tasks at once (task-batched mode, see
+            :mod:`higher.batched`): fast weights get a leading task dimension, ``fmodel(x)``
+            takes ``x`` with a leading task dimension, and ``diffopt.step`` takes the per-task
+            losses (shape ``[tasks]``).
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
+    if tasks is not None:
+        if share_buffers or initial_params is not None:
+            raise NotImplementedError(
+                "share_buffers and initial_params are not available in task-batched mode (tasks=...): "
+                "the batched fmodel keeps one copy of the buffers and of the initial weights per task."
+            )
+        with batched.innerloop_ctx(
+            model,
+            opt,
+            tasks,
+            device=device,
+            copy_initial_weights=copy_initial_weights,
+            override=override,
+            track_higher_grads=track_higher_grads,
+            first_order=first_order,
+        ) as pair:
+            yield pair
+        return
     fmodel = monkeypatch(
         model,
         device,
@@ -89,7 +113,7 @@ def innerloop_ctx(
     )
     diffopt = get_diff_optim(
         opt,
-        model.parameters(),
+        fmodel._hg_core.params,
         fmodel=fmodel,
         device=device,
         override=override,

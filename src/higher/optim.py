@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -180,6 +180,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._steps_taken = 0
         self._num_reference_params = len(reference_params)
         self._reference_shapes = [p.shape for p in reference_params]
+        self._updated_indices = [i for indices in self._group_to_param_list for i in indices]
+        self._shaped_hyperparameters = False
         if override is not None:
             self._apply_override(override)
         else:
@@ -282,6 +284,10 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._check_values(updated)
         for group, new_values in zip(self.param_groups, updated):
             group.update(new_values)
+        # A hyperparameter tensor with dimensions may broadcast a parameter to another shape.
+        self._shaped_hyperparameters = any(
+            isinstance(v, Tensor) and v.dim() > 0 for group in self.param_groups for v in _flat(list(group.values()))
+        )
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -307,6 +313,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         """
         if override is not None:
             self._apply_override(override)
+        given = params is not None
         params = self._params_to_update(params)
         grads = self._gradients(loss, params)
         callback = grad_callback if grad_callback is not None else self._grad_callback
@@ -317,21 +324,26 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     f"grad_callback returned {len(grads)} gradients for {len(params)} parameters; "
                     f"return one (or None) per parameter."
                 )
-        grouped_grads = []
-        for group, indices in zip(self.param_groups, self._group_to_param_list):
-            group["params"] = [params[i] for i in indices]
-            grouped_grads.append([grads[i] for i in indices])
-        self._update(grouped_grads, **kwargs)
+        new_params = self._apply_update(params, grads, **kwargs)
         self._steps_taken += 1
-        new_params = list(params)
-        for group, indices in zip(self.param_groups, self._group_to_param_list):
-            for i, p in zip(indices, group["params"]):
-                new_params[i] = p
+        # The built-in rules are elementwise: they keep the fmodel's shapes, unless given other
+        # tensors, or a gradient from a callback or a hyperparameter tensor with dimensions
+        # broadcast them. A subclass's _update may do anything.
+        checked = (
+            type(self)._update is DifferentiableOptimizer._update
+            and not given
+            and callback is None
+            and not self._shaped_hyperparameters
+        )
         if not self._track_higher_grads:
             new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
             self._detach_state()
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+        fmodel = self._fmodel
+        if fmodel is not None:
+            if checked and fmodel._hg_is_root:
+                fmodel._hg_core.push(new_params)
+            else:
+                fmodel.update_params(new_params)
         return new_params
 
     def _detach_state(self) -> None:
@@ -354,27 +366,30 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     "step() has no parameters to update: pass params=[...] or build the optimizer "
                     "with fmodel=... (higher.innerloop_ctx does)."
                 )
-            fast = self._fmodel.fast_params
-            if fast is None:
+            fmodel = self._fmodel
+            params = fmodel._hg_core.latest if fmodel._hg_is_root else fmodel.fast_params
+            if params is None:
                 raise ValueError("the fmodel has no fast weights yet: pass params=[...] to step().")
-            params = fast
-        params = list(params)
+            given = False  # the fmodel's own, checked when they were set
+        else:
+            params = list(params)
+            given = True
         if len(params) != self._num_reference_params:
             raise ValueError(
                 f"step() got {len(params)} parameters but the optimizer was built for "
                 f"{self._num_reference_params} reference parameters (same order)."
             )
-        for i, (p, shape) in enumerate(zip(params, self._reference_shapes)):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"step(): params[{i}] is a {type(p).__name__}, not a tensor.")
-            if p.shape != shape:
-                raise ValueError(
-                    f"step(): params[{i}] has shape {tuple(p.shape)} but the optimizer was built for a "
-                    f"parameter of shape {tuple(shape)} at that position; pass the tensors in the order "
-                    f"and shapes of the reference parameters."
-                )
-        updated = [params[i] for indices in self._group_to_param_list for i in indices]
-        if updated and not any(p.requires_grad for p in updated):
+        if given:
+            for i, (p, shape) in enumerate(zip(params, self._reference_shapes)):
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"step(): params[{i}] is a {type(p).__name__}, not a tensor.")
+                if p.shape != shape:
+                    raise ValueError(
+                        f"step(): params[{i}] has shape {tuple(p.shape)} but the optimizer was built for a "
+                        f"parameter of shape {tuple(shape)} at that position; pass the tensors in the order "
+                        f"and shapes of the reference parameters."
+                    )
+        if self._updated_indices and not any(params[i].requires_grad for i in self._updated_indices):
             raise ValueError(
                 "none of the tensors this optimizer updates requires grad, so there is no gradient to "
                 "step with and nothing would change: pass tensors with requires_grad=True "
@@ -395,15 +410,26 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "the loss does not depend on any parameter that requires grad: compute it from "
                 "the fmodel's output (or from the params passed to step())."
             )
-        computed = torch.autograd.grad(
-            loss,
-            [params[i] for i in targets],
-            create_graph=self._track_higher_grads and not self._first_order,
-            allow_unused=True,
-        )
+        create_graph = self._track_higher_grads and not self._first_order
+        if len(targets) == len(params):
+            return list(_grad(loss, params, create_graph))
+        computed = _grad(loss, [params[i] for i in targets], create_graph)
         for i, g in zip(targets, computed):
             grads[i] = g
         return grads
+
+    def _apply_update(self, params: list[Tensor], grads: list[Tensor | None], **kwargs: Any) -> list[Tensor]:
+        """Run ``_update`` on the parameters grouped as the optimizer's groups; the new tensors."""
+        grouped_grads = []
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            group["params"] = [params[i] for i in indices]
+            grouped_grads.append([grads[i] for i in indices])
+        self._update(grouped_grads, **kwargs)
+        new_params = list(params)
+        for group, indices in zip(self.param_groups, self._group_to_param_list):
+            for i, p in zip(indices, group["params"]):
+                new_params[i] = p
+        return new_params
 
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Apply the update rule to every parameter with a gradient, group by group.
@@ -417,24 +443,50 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             raise NotImplementedError(f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)")
         for group, grads, state, shapes in zip(self.param_groups, grouped_grads, self.state, self._group_shapes):
             params = group["params"]
+            live = [k for k, g in enumerate(grads) if g is not None]
+            live_params = params if len(live) == len(params) else [params[k] for k in live]
+            live_grads = grads if len(live) == len(grads) else [grads[k] for k in live]
+            if any(g.is_sparse for g in live_grads):
+                raise NotImplementedError(
+                    f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
+                    f"dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
             hyper, per_parameter = self._resolve(group, shapes)
-            for index, (param, grad) in enumerate(zip(params, grads)):
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise NotImplementedError(
-                        f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
-                        f"dense gradients (e.g. nn.Embedding(sparse=False))."
-                    )
-                if per_parameter:
-                    hyper = {**hyper, **{name: values[index] for name, values in per_parameter.items()}}
-                current = state[index] or rule.init(param, hyper)
-                params[index], state[index] = rule.update(param, grad, current, hyper)
+            hyper_of = self._hyperparameters_for(hyper)
+            if hyper_of is None and not per_parameter:
+                states = [state[k] or rule.init(p, hyper) for k, p in zip(live, live_params)]
+                result = None
+                if rule.update_many is not None:  # one call for the group, where the rule has it
+                    result = rule.update_many(live_params, live_grads, states, hyper)
+                if result is None:
+                    updated = [rule.update(p, g, st, hyper) for p, g, st in zip(live_params, live_grads, states)]
+                    result = ([p for p, _ in updated], [st for _, st in updated])
+            else:
+                new_params, new_states = [], []
+                for k, p, g in zip(live, live_params, live_grads):
+                    seen = hyper if hyper_of is None else hyper_of(p)
+                    if per_parameter:
+                        seen = {**seen, **{name: values[k] for name, values in per_parameter.items()}}
+                    new_param, new_state = rule.update(p, g, state[k] or rule.init(p, seen), seen)
+                    new_params.append(new_param)
+                    new_states.append(new_state)
+                result = (new_params, new_states)
+            for k, p, st in zip(live, *result):
+                params[k] = p
+                state[k] = st
+
+    def _hyperparameters_for(self, group: dict[str, Any]) -> Callable[[Tensor], Mapping[str, Any]] | None:
+        """How each parameter of ``group`` sees its hyperparameters; ``None``: the group itself.
+
+        The task-batched mode (:mod:`higher.batched`) gives per-task hyperparameters (shape
+        ``[tasks]``) the shape that broadcasts against each parameter.
+        """
+        return None
 
     def _resolve(
         self, group: dict[str, Any], shapes: list[torch.Size]
     ) -> tuple[dict[str, Any], dict[str, PerParameter]]:
-        """The group's hyperparameters at this step, and those that differ per parameter."""
+        """The group's hyperparameters at this step, and, apart, those that differ per parameter."""
         dynamic = [name for name, value in group.items() if isinstance(value, (PerStep, PerParameter))]
         if not dynamic:
             return group, {}
@@ -451,6 +503,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 hyper[name] = value
             if isinstance(value, PerParameter):
                 per_parameter[name] = value
+                del hyper[name]
         return hyper, per_parameter
 
     # ---------------------------------------------------------------- truncation and torch.optim API
@@ -495,6 +548,23 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             for key in sorted(k for k in group if k != "params"):
                 lines.append(f"    {key}: {group[key]}")
         return "\n".join(lines) + "\n)"
+
+
+# torch.autograd.grad's Python layer (normalizing its arguments, checking grad_outputs, making
+# the ones tensor) costs about as much as a small model's whole forward pass, once per inner step.
+# For a plain scalar loss tensor, _grad asks the autograd engine directly, exactly as
+# torch.autograd.grad does after its checks (retain_graph=create_graph, allow_unused=True,
+# nothing accumulated into .grad); anything else (tensor subclasses, torch function modes, a
+# torch without this entry point) goes through torch.autograd.grad.
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequence[Tensor | None]:
+    """``torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)``."""
+    if _ENGINE is not None and type(loss) is Tensor and not torch.overrides.has_torch_function((loss,)):
+        ones = torch.ones_like(loss, memory_format=torch.preserve_format)
+        return _ENGINE.run_backward((loss,), (ones,), create_graph, create_graph, tuple(inputs), True, False)
+    return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
 
 def _describe(t: Tensor) -> str:
@@ -669,6 +739,20 @@ def get_diff_optim(
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
     """The differentiable optimizer for ``opt``, looked up by its exact type."""
+    cls = _diff_optim_type(opt)
+    return cls(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def _diff_optim_type(opt: torch.optim.Optimizer) -> type[DifferentiableOptimizer]:
+    """The registered differentiable class for ``opt``'s exact type, or a clear error."""
     cls = _opt_mapping.get(type(opt))
     if cls is None:
         kind = type(opt).__name__
@@ -685,15 +769,7 @@ def get_diff_optim(
             f"Optimizer type {kind} is not supported by higher (supported: {supported}). Write a "
             f"DifferentiableOptimizer subclass and call higher.register_optim({kind}, YourClass)."
         )
-    return cls(
-        opt,
-        reference_params,
-        fmodel=fmodel,
-        device=device,
-        override=override,
-        track_higher_grads=track_higher_grads,
-        **kwargs,
-    )
+    return cls
 
 
 def create_diff_optim(

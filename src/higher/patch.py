@@ -26,13 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .utils import _copy_tensor, get_func_params
+from .utils import _copy_tensor
 
 __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch", "buffer_sync"]
 
 # A slot is where a module keeps one tensor: (the submodule's _parameters or _buffers dict, key, index).
 _Slot = tuple[dict, str, int]
-
 
 # The hook dicts of nn.Module that Module.__call__ reads (torch 2.x).
 _HOOK_DICTS = (
@@ -61,29 +60,80 @@ class _Core:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        params = list(module.parameters())
-        self.param_index = {id(p): i for i, p in enumerate(params)}
-        self.param_names = [name for name, _ in module.named_parameters()]
+        # One pass over the module tree (as named_parameters(remove_duplicate=False) walks it) finds
+        # every slot; a tensor's index is its position in module.parameters() (first occurrence).
+        params: list[Tensor] = []
+        buffers: list[Tensor] = []
+        self.param_index: dict[int, int] = {}
+        self.buffer_index: dict[int, int] = {}
+        self.param_names: list[str] = []
+        self.buffer_names: list[str] = []
+        self.param_slots: list[tuple[str, _Slot]] = []
+        self.buffer_slots: list[tuple[str, _Slot]] = []
+        kinds = (
+            ("_parameters", params, self.param_index, self.param_names, self.param_slots),
+            ("_buffers", buffers, self.buffer_index, self.buffer_names, self.buffer_slots),
+        )
+        for path, sub in module.named_modules(remove_duplicate=False):
+            prefix = f"{path}." if path else ""
+            for kind, tensors, index, names, slots in kinds:
+                owner = getattr(sub, kind)
+                for key, tensor in owner.items():
+                    if tensor is None:
+                        continue
+                    i = index.get(id(tensor))
+                    if i is None:
+                        i = index[id(tensor)] = len(tensors)
+                        tensors.append(tensor)
+                        names.append(prefix + key)
+                    slots.append((prefix + key, (owner, key, i)))
+        self.params = params  # the module's own tensors, as module.parameters() lists them
         self.param_shapes = [p.shape for p in params]
-        buffers = list(module.buffers())
-        self.buffer_index = {id(b): i for i, b in enumerate(buffers)}
-        self.buffer_names = [name for name, _ in module.named_buffers()]
-        # Every place a tensor is held, under its full name: the views of the tree take their share.
-        self.param_slots = _named_slots(module, "_parameters", self.param_index)
-        self.buffer_slots = _named_slots(module, "_buffers", self.buffer_index)
         # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
         self.buffers: list[Tensor] = buffers
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
-        # Views by id of their submodule. Weak, so that views (which hold the core) and the core
-        # form no reference cycle: a dropped fmodel is freed at once, without the cyclic collector.
+        # The module tree (each module once), and the views: made when first needed (the root at
+        # once), since most programs only ever call the root. Each view's training mode is kept
+        # here, so that a view made late still has the mode the model had when it was patched.
+        named = list(module.named_modules())
+        self.modules = [m for _, m in named]
+        self.paths = [path for path, _ in named]
+        self.module_index = {id(m): i for i, m in enumerate(self.modules)}
+        self.modes = [m.training for m in self.modules]
+        # The core refers to the views weakly (they refer to it): no reference cycle, so an
+        # fmodel, its history and the graph it holds are freed as soon as the program drops it.
+        # A parent view holds its children (in _modules), and the root is the user's.
         self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
+        self.root: Callable[[], FunctionalModule | None] = lambda: None
+        self.view_base: type[FunctionalModule] = FunctionalModule
         # Set once a hook is registered on a view: from then on calls lend the views' hooks to the modules.
         self.view_hooks = False
         # The fmodel's values of tensor attributes that are neither parameters nor buffers, keyed by
         # (id(module), name), and where they live: see attribute_slots.
         self.attributes: dict[tuple[int, str], Any] = {}
         self._attribute_slots: dict[int, list[tuple[dict[str, Any], str, tuple[int, str]]]] = {}
+
+    def view(self, module: nn.Module) -> FunctionalModule | None:
+        """The view of ``module`` (made now if needed), or ``None`` if it is not in the patched model."""
+        view = self.views.get(id(module))
+        if view is None:
+            index = self.module_index.get(id(module))
+            if index is None:
+                return None
+            root = self.root()
+            if self.paths[index] and root is not None:
+                return root.get_submodule(self.paths[index])  # made by its parent, which keeps it
+            view = self.make_view(module)
+        return view
+
+    def make_view(self, module: nn.Module) -> FunctionalModule:
+        path = self.paths[self.module_index[id(module)]]
+        view = _view_class(type(module), not path, self.view_base)(self, module, path)
+        self.views[id(module)] = view
+        if not path:
+            self.root = weakref.ref(view)
+        return view
 
     def attribute_slots(self, module: nn.Module) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
         """Plain attributes of ``module`` holding tensors (``module.__dict__[name]``), found once.
@@ -169,18 +219,35 @@ class FunctionalModule(nn.Module):
     # ------------------------------------------------------------------ construction
     def __init__(self, core: _Core, module: nn.Module, path: str | None) -> None:
         """The view of ``module`` (at ``path`` in the patched model; ``None`` for a container made
-        from the model's modules, such as a slice of a ``Sequential``)."""
-        super().__init__()
-        self.training = module.training
+        from the model's modules, such as a slice of a ``Sequential``, whose mode is its own)."""
         d = self.__dict__
         d["_hg_core"] = core
+        index = d["_hg_index"] = core.module_index.get(id(module))
+        mode = module.training if index is None else core.modes[index]
         d["_hg_module"] = module
+        super().__init__()  # sets `training` (kept in the core) and `_modules`, see the properties below
+        object.__setattr__(self, "training", mode)
         d["_hg_path"] = path
-        if path is None:
+        d["_hg_is_root"] = path == ""
+        if path == "":  # the root sees every slot: nothing to select (submodule views select on first use)
+            d["_hg_param_slots"] = [slot for _, slot in core.param_slots]
+            d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in core.param_slots]
+            d["_hg_param_idx"] = list(range(len(core.param_names)))
+            d["_hg_param_names"] = core.param_names
+            d["_hg_buffer_slots"] = [slot for _, slot in core.buffer_slots]
+            d["_hg_buffer_names"] = [(name, i) for i, name in enumerate(core.buffer_names)]
+            d["_hg_modes"] = list(zip(core.modules, range(len(core.modules))))
+            self._hg_own_tensors()
+
+    def _hg_select(self) -> None:
+        """Find the slots, names and modes of a submodule view's subtree (once, on first use)."""
+        d = self.__dict__
+        core, path, module = d["_hg_core"], d["_hg_path"], d["_hg_module"]
+        if path is None:  # a container made from the model's modules: walk it
             in_subtree = _named_slots(module, "_parameters", core.param_index)
             buffers = _named_slots(module, "_buffers", core.buffer_index)
         else:
-            prefix = f"{path}." if path else ""
+            prefix = f"{path}."
             in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
             buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
         d["_hg_param_slots"] = [slot for _, slot in in_subtree]
@@ -195,24 +262,63 @@ class FunctionalModule(nn.Module):
         for name, slot in buffers:
             first_buffer_names.setdefault(slot[2], name)
         d["_hg_buffer_names"] = [(name, i) for i, name in first_buffer_names.items()]
-        d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
-        d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
-        d["_hg_modes"] = []  # (user submodule, its view) for every module strictly below this one
-        d["_hg_attribute_slots"] = []  # see _Core.attribute_slots
-        d["_hg_own_attributes"] = {}
+        d["_hg_modes"] = [(m, core.module_index[id(m)]) for m in module.modules() if id(m) in core.module_index]
+        self._hg_own_tensors()  # last: its key marks the selection as done
 
-    def _hg_set_subtree(self, views: Mapping[int, FunctionalModule]) -> None:
-        """Record the modules of this view's subtree (with their views) and their tensor attributes.
-
-        ``_hg_modes`` leaves out this view's own module: a view that listed itself would be part of
-        a reference cycle and outlive its last user reference.
-        """
-        core, module = self._hg_core, self._hg_module
+    @property  # type: ignore[override]
+    def training(self) -> bool:  # type: ignore[override]
+        """This view's training mode (``fmodel.train()``/``eval()`` change the fmodel's modes only)."""
         d = self.__dict__
-        modules = list(module.modules())
-        d["_hg_modes"] = [(m, views[id(m)]) for m in modules if m is not module]
-        d["_hg_attribute_slots"] = [slot for m in modules for slot in core.attribute_slots(m)]
-        d["_hg_own_attributes"] = {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
+        index = d["_hg_index"]
+        return d["_hg_module"].training if index is None else d["_hg_core"].modes[index]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        d = self.__dict__
+        index = d["_hg_index"]
+        if index is None:  # a container made by slicing: the fmodel's own object
+            d["_hg_module"].training = mode
+        else:
+            d["_hg_core"].modes[index] = mode
+
+    @property  # type: ignore[override]
+    def _modules(self) -> dict[str, Any]:  # type: ignore[override]
+        """The views of the module's children, made on first use."""
+        d = self.__dict__
+        children = d["_modules"]
+        if not d.get("_hg_children_made"):
+            d["_hg_children_made"] = True
+            core = d["_hg_core"]
+            for name, child in d["_hg_module"]._modules.items():
+                if child is not None and name not in children:
+                    children[name] = core.views.get(id(child)) or core.make_view(child)
+        return children
+
+    @_modules.setter
+    def _modules(self, value: dict[str, Any]) -> None:
+        self.__dict__["_modules"] = value  # nn.Module.__setattr__ reads it from __dict__
+
+    def _hg_own_tensors(self) -> None:
+        d = self.__dict__
+        core, module = d["_hg_core"], d["_hg_module"]
+        d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
+        d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
+
+    def _hg_attribute_slots_of(self) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
+        """The tensor attributes of this view's subtree (see ``_Core.attribute_slots``), found on first use."""
+        d = self.__dict__
+        slots = d.get("_hg_attribute_slots")
+        if slots is None:
+            core = d["_hg_core"]
+            slots = d["_hg_attribute_slots"] = [
+                slot for m in d["_hg_module"].modules() for slot in core.attribute_slots(m)
+            ]
+        return slots
+
+    @property
+    def _hg_own_attributes(self) -> dict[str, tuple[int, str]]:
+        core, module = self._hg_core, self._hg_module
+        return {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -228,7 +334,7 @@ class FunctionalModule(nn.Module):
 
     # ------------------------------------------------------------------ running the module
     def _hg_run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Call ``fn`` with the fast weights and buffers swapped into the module's slots."""
+        """Call ``fn`` with the latest fast weights and the buffers swapped into the module's slots."""
         core = self._hg_core
         params = core.latest
         if params is None:
@@ -236,13 +342,27 @@ class FunctionalModule(nn.Module):
                 "params keyword must be provided: this functional module has no fast weights yet "
                 "(made by make_functional); call fmodel(x, params=[...])."
             )
-        buffers = core.buffers
-        param_slots, buffer_slots = self._hg_param_slots, self._hg_buffer_slots
+        return self._hg_swapped(params, core.buffers, fn, args, kwargs)
+
+    def _hg_swapped(
+        self, params: Sequence[Tensor], buffers: list[Tensor], fn: Callable[..., Any], args: Sequence[Any], kwargs: Any
+    ) -> Any:
+        """Call ``fn`` with ``params`` and ``buffers`` (indexed as the core's) in the module's slots.
+
+        Also swapped in: the fmodel's training modes, its values of the modules' tensor
+        attributes, and the hooks registered on its views. A buffer that the module replaced
+        (instead of updating it in place) is written back into ``buffers``, and so are the
+        attributes. The module's own tensors, attributes, hooks and modes are restored afterwards.
+        """
+        d = self.__dict__
+        if "_hg_own_params" not in d:
+            self._hg_select()
+        core = d["_hg_core"]
+        param_slots, buffer_slots = d["_hg_param_slots"], d["_hg_buffer_slots"]
         saved_params = [owner[key] for owner, key, _ in param_slots]
         saved_buffers = [owner[key] for owner, key, _ in buffer_slots]
-        changed_modes = [(m, m.training) for m, view in self._hg_modes if m.training != view.training]
-        if self._hg_module.training != self.training:
-            changed_modes.append((self._hg_module, self._hg_module.training))
+        modes = core.modes
+        changed_modes = [(m, m.training) for m, i in d["_hg_modes"] if m.training != modes[i]]
         for m, training in changed_modes:
             m.training = not training
         for owner, key, i in param_slots:
@@ -250,7 +370,7 @@ class FunctionalModule(nn.Module):
         for owner, key, i in buffer_slots:
             owner[key] = buffers[i]
         lent_hooks = self._hg_lend_hooks() if core.view_hooks else ()
-        attribute_slots = self._hg_attribute_slots
+        attribute_slots = self._hg_attribute_slots_of()
         if attribute_slots:
             attributes = core.attributes
             saved_attributes = [owner.get(name, _MISSING) for owner, name, _ in attribute_slots]
@@ -281,6 +401,10 @@ class FunctionalModule(nn.Module):
             for m, training in changed_modes:
                 m.training = training
 
+    #: How ``forward`` and the user's own methods run the module; the task-batched views
+    #: (:mod:`higher.batched`) run it vmapped over tasks instead.
+    _hg_compute = _hg_run
+
     def _hg_lend_hooks(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Add the hooks registered on the views below this one to their modules, for one call.
 
@@ -291,7 +415,11 @@ class FunctionalModule(nn.Module):
         Returns ``(module.__dict__, saved entries)`` pairs to restore.
         """
         lent = []
-        for module, view in self._hg_modes:
+        views = self._hg_core.views
+        for module, _ in self._hg_modes:
+            view = views.get(id(module))
+            if view is None or view is self:
+                continue
             theirs = view.__dict__
             names = [name for name in _HOOK_DICTS if theirs.get(name)]
             if not names:
@@ -329,7 +457,7 @@ class FunctionalModule(nn.Module):
         """Run the module with the latest fast weights, or with ``params``, which become the latest."""
         if params is not None:
             self.update_params(params)
-        return self._hg_run(self._hg_module, args, kwargs)
+        return self._hg_compute(self._hg_module, args, kwargs)
 
     # ------------------------------------------------------------------ fast weights and history
     def _hg_slice(self, entry: list[Tensor]) -> list[Tensor]:
@@ -477,12 +605,18 @@ class FunctionalModule(nn.Module):
     # ------------------------------------------------------------------ nn.Module behaviour
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
-        modules = d.get("_modules")
-        if modules is not None and name in modules:
-            return modules[name]
+        if "_modules" in d:
+            modules = d["_modules"] if d.get("_hg_children_made") else self._modules
+            if name in modules:
+                return modules[name]
         own_params = d.get("_hg_own_params")
         if own_params is None:
-            raise AttributeError(name)
+            if "_hg_core" not in d:  # still in __init__
+                raise AttributeError(name)
+            self._hg_select()
+            if name in d:
+                return d[name]
+            own_params = d["_hg_own_params"]
         if name in own_params:
             latest = self._hg_core.latest
             if latest is None:
@@ -490,8 +624,9 @@ class FunctionalModule(nn.Module):
             return latest[own_params[name]]
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
-        if name in d["_hg_own_attributes"]:
-            value = self._hg_core.attributes[d["_hg_own_attributes"][name]]
+        own_attributes = self._hg_own_attributes
+        if name in own_attributes:
+            value = self._hg_core.attributes[own_attributes[name]]
             if value is _MISSING:
                 raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
             return value
@@ -507,7 +642,7 @@ class FunctionalModule(nn.Module):
 
     def _hg_call(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Run ``fn`` (a method of the user's module) with the fast weights; its result in view terms."""
-        result = self._hg_run(fn, args, kwargs)
+        result = self._hg_compute(fn, args, kwargs)
         if isinstance(result, GeneratorType):
             return self._hg_lazy(result)
         return self._hg_views_in(result)
@@ -530,10 +665,13 @@ class FunctionalModule(nn.Module):
         while the fmodel runs it.
         """
         d = self.__dict__
-        own_params = d.get("_hg_own_params")
-        if own_params is None or name in d:  # under construction, or the view's own (training, ...)
-            super().__setattr__(name, value)
+        if "_hg_core" not in d or name in d or isinstance(getattr(type(self), name, None), property):
+            super().__setattr__(name, value)  # under construction, or the view's own (training, ...)
             return
+        own_params = d.get("_hg_own_params")
+        if own_params is None:
+            self._hg_select()
+            own_params = d["_hg_own_params"]
         if isinstance(value, Tensor):
             if name in own_params:
                 core = self._hg_core
@@ -548,11 +686,12 @@ class FunctionalModule(nn.Module):
             if name in d["_hg_own_buffers"]:
                 self._hg_core.buffers[d["_hg_own_buffers"][name]] = value
                 return
-        if name in d["_hg_own_attributes"]:
-            self._hg_core.attributes[d["_hg_own_attributes"][name]] = value
+        own_attributes = self._hg_own_attributes
+        if name in own_attributes:
+            self._hg_core.attributes[own_attributes[name]] = value
             return
         module = d["_hg_module"]
-        if isinstance(value, nn.Module) or name in d["_modules"]:
+        if isinstance(value, nn.Module) or name in module._modules:
             raise AttributeError(
                 f"cannot assign a module to '{name}' of a functional module: the fmodel runs the patched "
                 f"model's own submodules. Change the model and patch it again."
@@ -574,10 +713,10 @@ class FunctionalModule(nn.Module):
         slot = (module.__dict__, name, key)
         core.attributes[key] = value
         core.attribute_slots(module).append(slot)
-        self.__dict__["_hg_own_attributes"][name] = key
         for view in core.views.values():
-            if view._hg_module is module or any(m is module for m, _ in view._hg_modes):
-                view.__dict__["_hg_attribute_slots"].append(slot)
+            slots = view.__dict__.get("_hg_attribute_slots")
+            if slots is not None and any(m is module for m in view.__dict__["_hg_module"].modules()):
+                slots.append(slot)
 
     def __getitem__(self, index: Any) -> Any:
         return self._hg_call(self._hg_module.__getitem__, (index,), {})
@@ -626,11 +765,11 @@ class FunctionalModule(nn.Module):
         if isinstance(module, FunctionalModule):
             return module
         core = self._hg_core
-        view = core.views.get(id(module))
+        view = core.view(module)
         if view is not None:
             return view
         subtree = list(module.modules())
-        made = [m for m in subtree if id(m) not in core.views]
+        made = [m for m in subtree if id(m) not in core.module_index]
         tensors = [t for m in made for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         known = [id(t) in core.param_index or id(t) in core.buffer_index for t in tensors]
         if not any(known) and len(made) == len(subtree):
@@ -640,14 +779,13 @@ class FunctionalModule(nn.Module):
                 f"{type(module).__name__} holds both tensors of the patched model and other tensors, so it "
                 f"cannot be run with the fast weights; call the patched model's own submodules instead."
             )
-        views = {id(m): core.views.get(id(m)) or _view_class(type(m), root=False)(core, m, None) for m in subtree}
+        views = {id(m): _view_class(type(m), False, core.view_base)(core, m, None) for m in made}
         for m in made:
             view = views[id(m)]
             view.training = self.training
             for child_name, child in m._modules.items():
                 if child is not None:
-                    view._modules[child_name] = views[id(child)]
-            view._hg_set_subtree(views)
+                    view._modules[child_name] = views.get(id(child)) or core.view(child)
         return views[id(module)]
 
     def train(self, mode: bool = True) -> FunctionalModule:
@@ -659,16 +797,20 @@ class FunctionalModule(nn.Module):
         """
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
-        modes = [(self._hg_module, self), *self._hg_modes]
-        saved = [m.training for m, _ in modes]
+        d = self.__dict__
+        if "_hg_own_params" not in d:
+            self._hg_select()
+        modes = self._hg_core.modes
+        pairs = d["_hg_modes"]
+        saved = [m.training for m, _ in pairs]
         try:
-            for m, view in modes:
-                m.training = view.training
+            for m, i in pairs:
+                m.training = modes[i]
             self._hg_run(self._hg_module.train, (mode,), {})
-            for m, view in modes:
-                view.training = m.training
+            for m, i in pairs:
+                modes[i] = m.training
         finally:
-            for (m, _), training in zip(modes, saved):
+            for (m, _), training in zip(pairs, saved):
                 m.training = training
         return self
 
@@ -676,7 +818,7 @@ class FunctionalModule(nn.Module):
         """The fast weight named ``target`` (e.g. ``"layer.weight"``), as ``named_parameters`` names it."""
         module_path, _, name = target.rpartition(".")
         view = self.get_submodule(module_path)
-        if name not in view.__dict__["_hg_own_params"]:
+        if name not in view._hg_own_params:
             raise AttributeError(f"{type(view).__name__} has no parameter '{name}'")
         return getattr(view, name)
 
@@ -684,7 +826,7 @@ class FunctionalModule(nn.Module):
         """The fmodel's buffer named ``target`` (e.g. ``"bn.running_mean"``)."""
         module_path, _, name = target.rpartition(".")
         view = self.get_submodule(module_path)
-        if name not in view.__dict__["_hg_own_buffers"]:
+        if name not in view._hg_own_buffers:
             raise AttributeError(f"{type(view).__name__} has no buffer '{name}'")
         return getattr(view, name)
 
@@ -805,11 +947,7 @@ class FunctionalModule(nn.Module):
             )
         history = [[detach(t) for t in entry] for entry in core.history]
         buffers = [b.detach().clone() for b in core.buffers]
-        modes = {}
-        for name, sub in core.module.named_modules():
-            view = core.views.get(id(sub))
-            if view is not None:
-                modes[name] = view.training
+        modes = dict(zip(core.paths, core.modes))
         paths = {id(m): name for name, m in core.module.named_modules()}
         attributes = {
             (paths[module_id], name): detach(value)
@@ -827,33 +965,39 @@ class FunctionalModule(nn.Module):
         return (_restore, (snapshot, self._hg_path))
 
 
-def _restore(snapshot: dict[str, Any], path: str) -> FunctionalModule:
-    fmodel = make_functional(snapshot["module"])
+def _restore(
+    snapshot: dict[str, Any], path: str, view_base: type[FunctionalModule] = FunctionalModule
+) -> FunctionalModule:
+    fmodel = make_functional(snapshot["module"], _view_base=view_base)
     core = fmodel._hg_core
     core.history = snapshot["history"]
     core.buffers = snapshot["buffers"]
     core.track_higher_grads = snapshot["track_higher_grads"]
-    for name, view in fmodel.named_modules():
-        view.training = snapshot["modes"].get(name, view.training)
+    for name, mode in snapshot["modes"].items():
+        if name in core.paths:
+            core.modes[core.paths.index(name)] = mode
     for (module_path, name), value in snapshot.get("attributes", {}).items():
         setattr(fmodel.get_submodule(module_path), name, value)
     return fmodel.get_submodule(path) if path else fmodel
 
 
-_VIEW_CLASSES: dict[tuple[type, bool], type[FunctionalModule]] = {}
+_VIEW_CLASSES: dict[tuple[type, bool, type], type[FunctionalModule]] = {}
 
 
-def _view_class(cls: type, root: bool) -> type[FunctionalModule]:
-    """``Functional<Cls>`` (root) or ``InnerFunctional<Cls>``: named subclasses of FunctionalModule."""
-    key = (cls, root)
+def _view_class(cls: type, root: bool, base: type[FunctionalModule]) -> type[FunctionalModule]:
+    """``Functional<Cls>`` (root) or ``InnerFunctional<Cls>``: named subclasses of ``base``."""
+    key = (cls, root, base)
     if key not in _VIEW_CLASSES:
         name = ("Functional" if root else "InnerFunctional") + cls.__name__
-        _VIEW_CLASSES[key] = type(name, (FunctionalModule,), {"__module__": __name__, "__qualname__": name})
+        _VIEW_CLASSES[key] = type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
     return _VIEW_CLASSES[key]
 
 
 def make_functional(
-    module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+    *,
+    _view_base: type[FunctionalModule] = FunctionalModule,
 ) -> FunctionalModule:
     """A functional view of ``module`` without fast weights: every call must pass ``params=``.
 
@@ -865,16 +1009,9 @@ def make_functional(
     if not isinstance(module, nn.Module):
         raise TypeError(f"make_functional needs an nn.Module, got {type(module).__name__}")
     core = _Core(module)
-    named = list(module.named_modules())
-    views = {id(sub): _view_class(type(sub), root=not name)(core, sub, name) for name, sub in named}
-    for _, sub in named:
-        view = views[id(sub)]
-        for child_name, child in sub._modules.items():
-            if child is not None:
-                view._modules[child_name] = views[id(child)]
-        view._hg_set_subtree(views)
-    core.views.update(views)
-    fmodule = views[id(module)]
+    core.view_base = _view_base
+    fmodule = core.view(module)
+    assert fmodule is not None
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule
@@ -942,15 +1079,17 @@ def monkeypatch(
             )
 
     def encapsulator(fmodule: FunctionalModule, original: nn.Module) -> None:
+        core = fmodule._hg_core
         if copy_initial_weights:
-            params = get_func_params(original, device=device)
+            params = [_copy_tensor(p, True, device) for p in core.params]
         else:
-            params = [p.clone() if device is None else p.clone().to(device) for p in original.parameters()]
-        if initial_params is not None:
-            params = _given_initial_params(fmodule, params, initial_params)
-        fmodule.update_params(params)
+            params = [p.clone() if device is None else p.clone().to(device) for p in core.params]
+        if initial_params is None:
+            core.push(params)  # copies of the module's own tensors: no need to check them
+        else:
+            fmodule.update_params(_given_initial_params(fmodule, params, initial_params))
         if not share_buffers:
-            buffer_sync(original, fmodule, device)
+            core.buffers = [_copy_tensor(b, True, device) for b in core.buffers]  # buffer_sync, same module
 
     fmodule = make_functional(module, encapsulator=encapsulator)
     fmodule.track_higher_grads = track_higher_grads
