@@ -76,3 +76,35 @@ def test_first_order_requires_tracking():
             model, torch.optim.SGD(model.parameters(), lr=0.1), track_higher_grads=False, first_order=True
         ):
             pass
+
+
+def test_first_order_in_task_batched_mode_equals_the_per_task_path():
+    tasks = 3
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    xs, ys = torch.randn(tasks, 5, 2), torch.randn(tasks, 5, 1)
+    task_losses = torch.func.vmap(nn.functional.mse_loss)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks, first_order=True) as (
+        fmodel,
+        diffopt,
+    ):
+        for _ in range(3):
+            diffopt.step(task_losses(fmodel(xs), ys))
+        task_losses(fmodel(xs), ys).sum().backward()
+    batched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for t in range(tasks):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, first_order=True) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(nn.functional.mse_loss(fmodel(xs[t]), ys[t]))
+            nn.functional.mse_loss(fmodel(xs[t]), ys[t]).backward()
+    for a, p in zip(batched, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_task_batched_mode_refuses_options_it_cannot_honour():
+    model, _, _ = _task()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="share_buffers and initial_params are not available"):
+        with higher.innerloop_ctx(model, opt, tasks=2, share_buffers=True):
+            pass
