@@ -36,9 +36,9 @@ hyperparameters as given.
 
 When to use it: batching pays where the per-task work is small (the per-operation and Python
 overhead of a loop over tasks dominates): on one CPU thread it runs the 25-task sine MLP
-meta-batch of the benchmark about 5x faster than the per-task loop, and the 16-layer MLP about
-2-3x. Where one task already keeps the processor busy (the convolutional network on CPU),
-``vmap``'s batched kernels are slower than the per-task loop (1.1-1.4x its time there); keep the
+meta-batch of the benchmark about 6x faster than the per-task loop, and the 16-layer MLP about
+2x. Where one task already keeps the processor busy (the convolutional network on CPU),
+``vmap``'s batched kernels are slower than the per-task loop (1.3-1.4x its time there); keep the
 per-task loop then. ``benchmarks/run.py`` measures both.
 """
 
