@@ -76,3 +76,26 @@ def test_wrong_count_or_shape_is_refused():
     bad = [torch.ones(5, 3), torch.ones(5), torch.ones(2, 5), torch.ones(1)]
     with pytest.raises(ValueError, match=r"shape \(2, 5\), which does not broadcast to its parameter's shape \(1, 5\)"):
         higher.innerloop_ctx(model, opt, override={"lr": higher.PerParameter(bad)}).__enter__()
+
+
+def test_per_parameter_rates_in_task_batched_mode_equal_the_per_task_path():
+    tasks = 3
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    xs, ys = torch.randn(tasks, 5, 2), torch.randn(tasks, 5, 1)
+    task_losses = torch.func.vmap(nn.functional.mse_loss)
+    lrs = [torch.full_like(p, 0.1).add_(0.01 * torch.rand_like(p)).requires_grad_() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    override = {"lr": higher.PerParameter(lrs)}
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks, override=override) as (f, d):
+        for _ in range(2):
+            d.step(task_losses(f(xs), ys))
+        batched = torch.autograd.grad(task_losses(f(xs), ys).sum(), lrs)
+    per_task = [torch.zeros_like(lr) for lr in lrs]
+    for t in range(tasks):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override) as (f, d):
+            for _ in range(2):
+                d.step(nn.functional.mse_loss(f(xs[t]), ys[t]))
+            for total, g in zip(per_task, torch.autograd.grad(nn.functional.mse_loss(f(xs[t]), ys[t]), lrs)):
+                total += g
+    for a, b in zip(batched, per_task):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
