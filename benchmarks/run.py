@@ -221,6 +221,16 @@ def memory_child(spec: str) -> None:
     weight = torch.zeros(2, requires_grad=True)
     torch.optim.Adam([weight]).step()
     torch.func.vmap(torch.func.grad(lambda w: w.sin().sum()))(torch.zeros(2, 2))
+    # Likewise the library code each implementation runs (foreach kernels, vmap's batching rules,
+    # the competitors' own modules): every child first runs every implementation once on a tiny
+    # version of the workload, so that all children have paged in the same code and the peaks
+    # differ only by the memory the measured implementation uses.
+    for other in IMPLEMENTATIONS.values():
+        if other.competitor and not competitors.installed():
+            continue
+        _, warm_up = _build(other, tiny(workload), optimizer, torch.float32)
+        warm_up()
+    del warm_up
     model, meta_iteration = _build(IMPLEMENTATIONS[impl_name], workload, optimizer, torch.float32)
     gc.collect()
     before = _peak_rss_bytes()
