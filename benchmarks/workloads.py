@@ -88,6 +88,15 @@ WORKLOADS: dict[str, Workload] = {
         F.mse_loss,
         tasks=25,
     ),
+    "sine1": Workload(
+        "sine1",
+        "as sine, one inner step (the MAML paper's setting): opening the inner loop weighs most",
+        sine_mlp,
+        lambda g: _sine_data(25, 10, 10, g),
+        F.mse_loss,
+        tasks=25,
+        inner_steps=1,
+    ),
     "deep": Workload(
         "deep",
         "16-layer tanh MLP, width 64, 8 tasks, 10+10 points",

@@ -499,7 +499,10 @@ def test_methods_properties_and_generators_of_the_user_class_use_fast_weights():
     assert fmodel.weight_norm.grad_fn is not None
     layers = list(fmodel.layers())
     assert layers[0] is fmodel.layer and layers[1] is fmodel.out
-    assert fmodel.settings is model.settings  # containers without modules are not copied
+    # plain containers are the fmodel's own (shallow) copies: changing them never changes the model
+    assert fmodel.settings == model.settings and fmodel.settings is not model.settings
+    fmodel.settings["scale"] = 2.0
+    assert model.settings == {"scale": 1.0}
 
 
 @pytest.mark.parametrize("root", ["custom", "sequential", "own"])

@@ -113,7 +113,7 @@ def innerloop_ctx(
     )
     diffopt = get_diff_optim(
         opt,
-        fmodel._hg_core.params,
+        fmodel._hg_core.origins,
         fmodel=fmodel,
         device=device,
         override=override,

@@ -3,7 +3,7 @@
 Meta-learning runs the same inner loop for every task of a meta-batch. Instead of a Python loop
 over tasks, the task-batched mode keeps the fast weights of all tasks in one tensor per
 parameter, with a leading task dimension (``[tasks, *parameter.shape]``), runs the model on all
-tasks at once (``torch.func.vmap`` over the tasks of the same swap-in mechanism as the per-task
+tasks at once (``torch.func.vmap`` over the tasks of the same replica mechanism as the per-task
 fmodel: the user's own ``forward``, no rewrite) and updates all tasks with one differentiable
 optimizer step::
 
@@ -72,7 +72,9 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
         """The number of tasks (the size of the leading dimension)."""
         return self._hg_core.tasks
 
-    def _hg_compute(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    def _hg_compute(
+        self, target: Callable[[nn.Module], Callable[..., Any]], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Any:
         core = self._hg_core
         params = core.latest
         if params is None:
@@ -98,17 +100,19 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
                     f"{tasks}; got a tensor of shape {tuple(tensor.shape)}. Stack the tasks' inputs "
                     f"(torch.stack), or expand an input shared by all tasks (x.expand({tasks}, *x.shape))."
                 )
-        swapped = self._hg_swapped
+        call_on = self._hg_call_on
         # vmap returns tensors only: other outputs (the same for every task, since the function
         # runs once for all tasks) are kept aside and put back.
         output: dict[str, Any] = {}
 
         def call(task_params: list[Tensor], task_buffers: list[Tensor], task_tensors: list[Tensor]) -> Any:
+            # Replicas made for this call only: their slots hold this vmap level's per-task tensors.
+            replicas = core.copy_replicas(task_params, task_buffers)
             if rebuild is None:
-                out = swapped(task_params, task_buffers, fn, task_tensors, {})
+                out = call_on(replicas, task_buffers, target, task_tensors, {})
             else:
                 call_args, call_kwargs = rebuild(task_tensors)
-                out = swapped(task_params, task_buffers, fn, call_args, call_kwargs)
+                out = call_on(replicas, task_buffers, target, call_args, call_kwargs)
             if isinstance(out, Tensor):
                 return out
             output["leaves"], output["spec"] = tree_flatten(out)

@@ -2,12 +2,25 @@
 
 ``monkeypatch(model)`` returns an *fmodel*: a view of ``model`` that owns a list of fast weights
 (one tensor per parameter of ``model``, in ``model.parameters()`` order) and a history of them,
-one entry per update. Calling the fmodel runs ``model``'s own ``forward`` with the fast weights
-(and the fmodel's copies of the buffers) swapped into the module's parameter slots for the
-duration of the call, exactly as ``torch.func.functional_call`` does. The user's classes are
-never copied or subclassed and the module's own tensors are restored after every call, so every
-module that ``functional_call`` can run works: RNNs, parametrizations, hooks, shared weights,
+one entry per update.
+
+How a call runs. At patch time the fmodel makes a private, shallow *replica* of the module tree:
+one new object of each module's own class, sharing the module's attributes (configuration,
+submodule structure, hooks registered so far) but with parameter, buffer and submodule slots of
+its own. The user's modules are only read, never written, not even for the duration of a call:
+another thread using the model, an interrupt, or a later recomputation sees the model as it is.
+Calling the fmodel runs the *user's own* ``forward`` (and hooks, methods, properties...) on the
+replica, whose slots hold the fast weights and the fmodel's buffers. Every module that
+``torch.func.functional_call`` can run works: RNNs, parametrizations, hooks, shared weights,
 third-party models.
+
+Replicas are copy-on-write per history entry: when the fast weights change, the modules that
+hold parameters or buffers (and their ancestors) are copied again, with the new tensors in their
+slots, while earlier copies are left as they were. A computation recorded with earlier weights
+(``torch.utils.checkpoint`` recomputing a segment during the backward pass, a loss summed over
+several steps) therefore recomputes with the weights it first used. Attributes a forward stores
+on its modules (an RNN's ``_flat_weights``, a cached activation) stay with the fmodel's replica
+and carry over from one entry to the next, as they would on a module.
 
 The fmodel mirrors the module tree: ``fmodel.layer`` is the view of ``model.layer`` (callable on
 its own, with the same fast weights), and ``isinstance(fmodel, type(model))`` holds.
@@ -30,8 +43,8 @@ from .utils import _copy_tensor
 
 __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch", "buffer_sync"]
 
-# A slot is where a module keeps one tensor: (the submodule's _parameters or _buffers dict, key, index).
-_Slot = tuple[dict, str, int]
+# A slot is where a module keeps one tensor: (index of the module in the core, key, tensor index).
+_Slot = tuple[int, str, int]
 
 # The hook dicts of nn.Module that Module.__call__ reads (torch 2.x).
 _HOOK_DICTS = (
@@ -44,24 +57,92 @@ _HOOK_DICTS = (
     "_backward_hooks",
 )
 
+# Plain containers a module may hold as attributes: a replica gets its own (shallow) copies, so
+# that a forward appending to a list or filling a dict never changes the user's module.
+_OWN_CONTAINERS = (list, dict, set, OrderedDict)
 
-_MISSING = object()
-
-# Types of module attributes that never hold tensors (checked first, cheaply, at patch time).
-_PLAIN_TYPES = frozenset({dict, OrderedDict, set, str, bool, int, float, type(None)})
+# The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
+_TAG = "_higher_replica"
 
 
 class TimeIndexError(IndexError, ValueError):
     """``parameters(time=T)`` asked for a step that the fast-weight history does not hold."""
 
 
-class _Core:
-    """What all views of one fmodel share: the module, where its tensors live, and the history."""
+class _ReplicaTag:
+    """Marks a replica module: which core made it, and the index of the module it replicates.
+
+    Lets results of the user's code (a method returning ``self.layer``) be mapped back to views,
+    and lets an fmodel made *inside* another fmodel's forward (nested meta-learning) find the
+    user's parameters that the outer fast weights stand for. Copies and pickles of a replica
+    carry a tag without its core.
+    """
+
+    __slots__ = ("_core", "index")
+
+    def __init__(self, core: _Core | None, index: int) -> None:
+        self._core = None if core is None else weakref.ref(core)
+        self.index = index
+
+    @property
+    def core(self) -> _Core | None:
+        return None if self._core is None else self._core()
+
+    def __deepcopy__(self, memo: Any) -> _ReplicaTag:
+        return _ReplicaTag(None, self.index)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ReplicaTag, (None, self.index))
+
+
+def _tag_of(module: Any) -> _ReplicaTag | None:
+    tag = getattr(module, "__dict__", {}).get(_TAG)
+    return tag if isinstance(tag, _ReplicaTag) else None
+
+
+def _new_like(module: nn.Module) -> nn.Module:
+    """An object of ``module``'s class with a shallow copy of its ``__dict__`` (no ``__init__`` run)."""
+    cls = type(module)
+    copy = cls.__new__(cls)
+    copy.__dict__.update(module.__dict__)
+    return copy
+
+
+def _fingerprint(module: nn.Module) -> tuple[Any, ...]:
+    """What a module's structure depends on: its attributes' names and types, and the identity of
+    its parameters, buffers and submodules. Cheap to compute and to compare (C-level tuples)."""
+    d = module.__dict__
+    p, b, c = d["_parameters"], d["_buffers"], d["_modules"]
+    return (
+        tuple(d),
+        tuple(map(type, d.values())),
+        tuple(p),
+        tuple(map(id, p.values())),
+        tuple(b),
+        tuple(map(id, b.values())),
+        tuple(c),
+        tuple(map(id, c.values())),
+    )
+
+
+class _Tree:
+    """The analysis of a module tree that every patch of it needs, made once per model.
+
+    Patching the same model again (MAML opens one inner loop per task) reuses it as long as the
+    tree has not changed: no module, parameter, buffer or attribute was added, removed or
+    replaced since (checked by comparing fingerprints, a few microseconds).
+    """
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        # One pass over the module tree (as named_parameters(remove_duplicate=False) walks it) finds
-        # every slot; a tensor's index is its position in module.parameters() (first occurrence).
+        # The module tree (each module once, in named_modules() order) and where its tensors are.
+        named = list(module.named_modules())
+        modules = [m for _, m in named]
+        self.module_refs = [weakref.ref(m) for m in modules]
+        self.fingerprints = [_fingerprint(m) for m in modules]
+        self.paths = [path for path, _ in named]
+        self.module_index = {id(m): i for i, m in enumerate(modules)}
+        # One pass over the tree as named_parameters(remove_duplicate=False) walks it finds every
+        # slot; a tensor's index is its position in module.parameters() (first occurrence).
         params: list[Tensor] = []
         buffers: list[Tensor] = []
         self.param_index: dict[int, int] = {}
@@ -70,15 +151,18 @@ class _Core:
         self.buffer_names: list[str] = []
         self.param_slots: list[tuple[str, _Slot]] = []
         self.buffer_slots: list[tuple[str, _Slot]] = []
+        # Per module: its own parameters and buffers, key -> tensor index.
+        self.own_params: list[dict[str, int]] = [{} for _ in modules]
+        self.own_buffers: list[dict[str, int]] = [{} for _ in modules]
         kinds = (
-            ("_parameters", params, self.param_index, self.param_names, self.param_slots),
-            ("_buffers", buffers, self.buffer_index, self.buffer_names, self.buffer_slots),
+            ("_parameters", params, self.param_index, self.param_names, self.param_slots, self.own_params),
+            ("_buffers", buffers, self.buffer_index, self.buffer_names, self.buffer_slots, self.own_buffers),
         )
         for path, sub in module.named_modules(remove_duplicate=False):
             prefix = f"{path}." if path else ""
-            for kind, tensors, index, names, slots in kinds:
-                owner = getattr(sub, kind)
-                for key, tensor in owner.items():
+            mi = self.module_index[id(sub)]
+            for kind, tensors, index, names, slots, own in kinds:
+                for key, tensor in sub.__dict__[kind].items():
                     if tensor is None:
                         continue
                     i = index.get(id(tensor))
@@ -86,77 +170,247 @@ class _Core:
                         i = index[id(tensor)] = len(tensors)
                         tensors.append(tensor)
                         names.append(prefix + key)
-                    slots.append((prefix + key, (owner, key, i)))
-        self.params = params  # the module's own tensors, as module.parameters() lists them
+                    slots.append((prefix + key, (mi, key, i)))
+                    own[mi][key] = i
+        self.params = params
         self.param_shapes = [p.shape for p in params]
-        # The fmodel's buffers; make_functional starts with the module's own, monkeypatch copies them.
-        self.buffers: list[Tensor] = buffers
+        self.buffers = buffers
+        self.tagged = any(_TAG in m.__dict__ for m in modules)
+        # Per module: the attributes holding plain containers (a replica copies them), and the
+        # children as (key, module index).
+        self.containers = [[k for k, v in m.__dict__.items() if type(v) in _OWN_CONTAINERS] for m in modules]
+        self.children = [
+            [(key, self.module_index[id(c)]) for key, c in m.__dict__["_modules"].items() if c is not None]
+            for m in modules
+        ]
+        self.plan = self._copy_plan()
+
+    def live_modules(self) -> list[nn.Module] | None:
+        """The modules, if the tree is still as analysed (else ``None``)."""
+        modules = [ref() for ref in self.module_refs]
+        for m, fingerprint in zip(modules, self.fingerprints):
+            if m is None or _fingerprint(m) != fingerprint:
+                return None
+        return modules  # type: ignore[return-value]
+
+    def _copy_plan(self) -> list[tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]]:
+        """Which modules a new history entry copies, children first: those holding parameters or
+        buffers, and their ancestors (whose submodule slots must point to the new copies)."""
+        copied: dict[int, bool] = {}
+        order: list[int] = []
+        children = self.children
+
+        def visit(i: int) -> bool:
+            if i in copied:
+                return copied[i]
+            copied[i] = False  # guards against cycles
+            below = [visit(c) for _, c in children[i]]
+            copied[i] = bool(self.own_params[i] or self.own_buffers[i] or any(below))
+            if copied[i]:
+                order.append(i)
+            return copied[i]
+
+        visit(0)
+        visit = None  # type: ignore[assignment]  # no reference cycle through the closure's cell
+        return [
+            (
+                i,
+                list(self.own_params[i].items()),
+                list(self.own_buffers[i].items()),
+                [(key, c) for key, c in children[i] if copied[c]],
+            )
+            for i in order
+        ]
+
+
+_TREES: weakref.WeakKeyDictionary[nn.Module, _Tree] = weakref.WeakKeyDictionary()
+
+
+def _tree_of(module: nn.Module) -> tuple[_Tree, list[nn.Module]]:
+    """The (cached) analysis of ``module``'s tree, and its modules."""
+    tree = _TREES.get(module)
+    modules = None if tree is None else tree.live_modules()
+    if tree is None or modules is None:
+        tree = _Tree(module)
+        _TREES[module] = tree
+        modules = [ref() for ref in tree.module_refs]
+    return tree, modules  # type: ignore[return-value]
+
+
+class _Core:
+    """What all views of one fmodel share: the module tree, its replicas, and the fast-weight history."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        tree, self.modules = _tree_of(module)
+        self.tree = tree
+        # The tree's analysis (shared by every patch of the model: never modified).
+        self.paths = tree.paths
+        self.module_index = tree.module_index
+        self.param_index, self.buffer_index = tree.param_index, tree.buffer_index
+        self.param_names, self.buffer_names = tree.param_names, tree.buffer_names
+        self.param_slots, self.buffer_slots = tree.param_slots, tree.buffer_slots
+        self.own_params, self.own_buffers = tree.own_params, tree.own_buffers
+        self.plan = tree.plan
+        self.params = tree.params  # the tensors in the module's slots, as module.parameters() lists them
+        self.param_shapes = tree.param_shapes
+        # What each parameter stands for, for matching an optimizer's tensors: the tensor itself,
+        # or, when ``module`` is a replica inside another fmodel's call, the user's parameter.
+        self.origins = self._origins() if tree.tagged else tree.params
+        self._buffers: list[Tensor] = list(tree.buffers)  # the module's own; monkeypatch copies them
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = True
-        # The module tree (each module once), and the views: made when first needed (the root at
-        # once), since most programs only ever call the root. Each view's training mode is kept
-        # here, so that a view made late still has the mode the model had when it was patched.
-        named = list(module.named_modules())
-        self.modules = [m for _, m in named]
-        self.paths = [path for path, _ in named]
-        self.module_index = {id(m): i for i, m in enumerate(self.modules)}
-        self.modes = [m.training for m in self.modules]
-        # The core refers to the views weakly (they refer to it): no reference cycle, so an
-        # fmodel, its history and the graph it holds are freed as soon as the program drops it.
-        # A parent view holds its children (in _modules), and the root is the user's.
+        # The replicas: the base tree (made now) and the latest copies, one per module index.
+        self.replicas = self._replicate()
+        self.version = 0  # bumped whenever the buffers or the history entries change in place
+        self._realized: tuple[list[Tensor] | None, int] = (None, -1)
+        # The views: made when first needed (the root at once), since most programs only ever
+        # call the root. The core refers to them weakly (they refer to it): no reference cycle,
+        # so an fmodel, its history and the graph it holds are freed as soon as it is dropped.
         self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
         self.root: Callable[[], FunctionalModule | None] = lambda: None
         self.view_base: type[FunctionalModule] = FunctionalModule
-        # Set once a hook is registered on a view: from then on calls lend the views' hooks to the modules.
+        # Set once a hook is registered on a view: from then on calls lend the views' hooks to the replicas.
         self.view_hooks = False
-        # The fmodel's values of tensor attributes that are neither parameters nor buffers, keyed by
-        # (id(module), name), and where they live: see attribute_slots.
-        self.attributes: dict[tuple[int, str], Any] = {}
-        self._attribute_slots: dict[int, list[tuple[dict[str, Any], str, tuple[int, str]]]] = {}
+        # Attributes assigned through the views ((module index, name) -> value), kept for copies.
+        self.overrides: dict[tuple[int, str], Any] = {}
+
+    # ------------------------------------------------------------------ replicas
+    def _origins(self) -> list[Tensor]:
+        origins = list(self.params)
+        seen: set[int] = set()
+        for _, (mi, key, j) in self.param_slots:
+            if j in seen:
+                continue
+            seen.add(j)
+            tag = _tag_of(self.modules[mi])
+            outer = None if tag is None else tag.core
+            if outer is not None:
+                k = outer.own_params[tag.index].get(key)  # type: ignore[union-attr]
+                if k is not None:
+                    origins[j] = outer.origins[k]
+        return origins
+
+    def _replicate(self) -> list[nn.Module]:
+        """The base replica of every module: its own slot dicts and copies of its plain containers."""
+        replicas = []
+        for i, (m, containers) in enumerate(zip(self.modules, self.tree.containers)):
+            cls = type(m)
+            r = cls.__new__(cls)
+            d = r.__dict__
+            source = m.__dict__
+            d.update(source)
+            for key in containers:
+                d[key] = source[key].copy()
+            d[_TAG] = _ReplicaTag(self, i)
+            replicas.append(r)
+        for r, children in zip(replicas, self.tree.children):
+            if children:
+                slots = r.__dict__["_modules"]
+                for key, c in children:
+                    slots[key] = replicas[c]
+        return replicas
+
+    def copy_replicas(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
+        """New copies of the latest replicas with ``params`` and ``buffers`` in their slots.
+
+        Only the modules holding tensors and their ancestors are copied; the others are shared.
+        """
+        new = list(self.replicas)
+        for i, own_params, own_buffers, children in self.plan:
+            r = _new_like(new[i])
+            d = r.__dict__
+            if own_params:
+                slots = d["_parameters"] = dict(d["_parameters"])
+                for key, j in own_params:
+                    slots[key] = params[j]
+            if own_buffers:
+                slots = d["_buffers"] = dict(d["_buffers"])
+                for key, j in own_buffers:
+                    slots[key] = buffers[j]
+            if children:
+                slots = d["_modules"] = dict(d["_modules"])
+                for key, c in children:
+                    slots[key] = new[c]
+            new[i] = r
+        return new
+
+    def realize(self) -> list[nn.Module]:
+        """The replicas holding the latest fast weights and the buffers (copied once per entry)."""
+        params = self.latest
+        if params is None:
+            raise ValueError(
+                "params keyword must be provided: this functional module has no fast weights yet "
+                "(made by make_functional); call fmodel(x, params=[...])."
+            )
+        realized, version = self._realized
+        if realized is not params or version != self.version:
+            self.replicas = self.copy_replicas(params, self._buffers)
+            self._realized = (params, self.version)
+        return self.replicas
+
+    def read_back_buffers(self, replicas: Sequence[nn.Module], buffers: list[Tensor]) -> None:
+        """Adopt the buffers a module replaced (``self.running_mean = ...``) instead of updating in place."""
+        for _, (mi, key, i) in self.buffer_slots:
+            tensor = replicas[mi].__dict__["_buffers"].get(key)
+            if tensor is not buffers[i] and tensor is not None:
+                buffers[i] = tensor
+
+    def index_of(self, module: Any) -> int | None:
+        """The module index of one of the model's modules or of one of this core's replicas."""
+        tag = _tag_of(module)
+        if tag is not None and tag.core is self:
+            return tag.index
+        return self.module_index.get(id(module))
+
+    def replica_for(self, module: nn.Module, replicas: Sequence[nn.Module]) -> nn.Module:
+        """The module to run for ``module``: its replica, or for a container made from the model's
+        modules (a slice), a copy of the container holding the replicas."""
+        index = self.index_of(module)
+        if index is not None:
+            return replicas[index]
+        copy = _new_like(module)
+        copy.__dict__["_modules"] = {
+            key: None if child is None else self.replica_for(child, replicas)
+            for key, child in module.__dict__["_modules"].items()
+        }
+        return copy
+
+    # ------------------------------------------------------------------ state
+    @property
+    def buffers(self) -> list[Tensor]:
+        """The fmodel's buffers (copies of the module's, unless shared), in ``named_buffers`` order."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, value: list[Tensor]) -> None:
+        self._buffers = value
+        self.version += 1
+
+    def set_buffer(self, i: int, value: Tensor) -> None:
+        self._buffers[i] = value
+        self.version += 1
 
     def view(self, module: nn.Module) -> FunctionalModule | None:
         """The view of ``module`` (made now if needed), or ``None`` if it is not in the patched model."""
-        view = self.views.get(id(module))
+        index = self.index_of(module)
+        if index is None:
+            return None
+        view = self.views.get(index)
         if view is None:
-            index = self.module_index.get(id(module))
-            if index is None:
-                return None
             root = self.root()
             if self.paths[index] and root is not None:
                 return root.get_submodule(self.paths[index])  # made by its parent, which keeps it
-            view = self.make_view(module)
+            view = self.make_view(index)
         return view
 
-    def make_view(self, module: nn.Module) -> FunctionalModule:
-        path = self.paths[self.module_index[id(module)]]
+    def make_view(self, index: int) -> FunctionalModule:
+        module, path = self.modules[index], self.paths[index]
         view = _view_class(type(module), not path, self.view_base)(self, module, path)
-        self.views[id(module)] = view
+        self.views[index] = view
         if not path:
             self.root = weakref.ref(view)
         return view
-
-    def attribute_slots(self, module: nn.Module) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
-        """Plain attributes of ``module`` holding tensors (``module.__dict__[name]``), found once.
-
-        A forward may store tensors computed from the weights in plain attributes: the legacy
-        ``torch.nn.utils.weight_norm`` hook sets ``module.weight``, RNNs keep ``_flat_weights``. The
-        fmodel keeps its own values of these (starting from the module's) and swaps them in for a
-        call like the parameters, so the user's module never keeps tensors made from fast weights
-        (which would also keep the unrolled graph alive after the fmodel is gone).
-        """
-        key = id(module)
-        slots = self._attribute_slots.get(key)
-        if slots is None:
-            d = module.__dict__
-            slots = [
-                (d, name, (key, name))
-                for name, value in d.items()
-                if type(value) not in _PLAIN_TYPES and _holds_tensors(value)
-            ]
-            for _, name, slot_key in slots:
-                self.attributes[slot_key] = d[name]
-            self._attribute_slots[key] = slots
-        return slots
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -170,27 +424,20 @@ class _Core:
             self.history = [params]
 
 
-def _holds_tensors(value: Any) -> bool:
-    """A tensor, or a non-empty list/tuple of tensors (``None`` allowed among them)."""
-    if isinstance(value, Tensor):
-        return True
-    if type(value) in (list, tuple) and value:
-        return all(v is None or isinstance(v, Tensor) for v in value) and any(isinstance(v, Tensor) for v in value)
-    return False
+def _named_slots(core: _Core, module: nn.Module, kind: str) -> list[tuple[str, _Slot]]:
+    """``(name, slot)`` for every parameter (``kind="_parameters"``) or buffer in ``module``'s
+    subtree, where ``module`` is a container made from the model's modules (a slice).
 
-
-def _named_slots(module: nn.Module, kind: str, index: dict[int, int]) -> list[tuple[str, _Slot]]:
-    """``(name, slot)`` for every parameter (``kind="_parameters"``) or buffer of ``module``'s subtree.
-
-    Shared tensors appear once per place they are held. ``index`` maps a tensor's id to its
-    position in the fmodel's list; a tensor that is not the patched model's raises ``KeyError``.
+    Shared tensors appear once per place they are held.
     """
-    named = module.named_parameters if kind == "_parameters" else module.named_buffers
     slots = []
-    for name, tensor in named(remove_duplicate=False):
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        slots.append((name, (getattr(owner, kind), attr, index[id(tensor)])))
+    for path, sub in module.named_modules(remove_duplicate=False):
+        index = core.index_of(sub)
+        if index is None:
+            continue
+        own = core.own_params[index] if kind == "_parameters" else core.own_buffers[index]
+        prefix = f"{path}." if path else ""
+        slots.extend((prefix + key, (index, key, i)) for key, i in own.items())
     return slots
 
 
@@ -210,6 +457,10 @@ def _check_tensors(what: str, given: Sequence[Any], shapes: Sequence[torch.Size]
             )
 
 
+def _itself(replica: nn.Module) -> Callable[..., Any]:
+    return replica
+
+
 class FunctionalModule(nn.Module):
     """A functional view of a user module (the *fmodel*), or of one of its submodules.
 
@@ -222,64 +473,67 @@ class FunctionalModule(nn.Module):
         from the model's modules, such as a slice of a ``Sequential``, whose mode is its own)."""
         d = self.__dict__
         d["_hg_core"] = core
-        index = d["_hg_index"] = core.module_index.get(id(module))
-        mode = module.training if index is None else core.modes[index]
+        index = d["_hg_index"] = None if path is None else core.module_index[id(module)]
         d["_hg_module"] = module
-        super().__init__()  # sets `training` (kept in the core) and `_modules`, see the properties below
+        mode = module.training if index is None else core.replicas[index].training
+        super().__init__()  # sets `training` (kept on the replica) and `_modules`, see the properties below
         object.__setattr__(self, "training", mode)
         d["_hg_path"] = path
         d["_hg_is_root"] = path == ""
         if path == "":  # the root sees every slot: nothing to select (submodule views select on first use)
-            d["_hg_param_slots"] = [slot for _, slot in core.param_slots]
             d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in core.param_slots]
             d["_hg_param_idx"] = list(range(len(core.param_names)))
             d["_hg_param_names"] = core.param_names
-            d["_hg_buffer_slots"] = [slot for _, slot in core.buffer_slots]
             d["_hg_buffer_names"] = [(name, i) for i, name in enumerate(core.buffer_names)]
-            d["_hg_modes"] = list(zip(core.modules, range(len(core.modules))))
+            d["_hg_subtree"] = list(range(len(core.modules)))
             self._hg_own_tensors()
 
     def _hg_select(self) -> None:
-        """Find the slots, names and modes of a submodule view's subtree (once, on first use)."""
+        """Find the names, indices and modules of a submodule view's subtree (once, on first use)."""
         d = self.__dict__
         core, path, module = d["_hg_core"], d["_hg_path"], d["_hg_module"]
         if path is None:  # a container made from the model's modules: walk it
-            in_subtree = _named_slots(module, "_parameters", core.param_index)
-            buffers = _named_slots(module, "_buffers", core.buffer_index)
+            in_subtree = _named_slots(core, module, "_parameters")
+            buffers = _named_slots(core, module, "_buffers")
         else:
             prefix = f"{path}."
             in_subtree = [(name[len(prefix) :], slot) for name, slot in core.param_slots if name.startswith(prefix)]
             buffers = [(name[len(prefix) :], slot) for name, slot in core.buffer_slots if name.startswith(prefix)]
-        d["_hg_param_slots"] = [slot for _, slot in in_subtree]
         d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in in_subtree]
         seen: dict[int, str] = {}
         for name, slot in in_subtree:
             seen.setdefault(slot[2], name)
         d["_hg_param_idx"] = list(seen)
         d["_hg_param_names"] = list(seen.values())
-        d["_hg_buffer_slots"] = [slot for _, slot in buffers]
         first_buffer_names: dict[int, str] = {}
         for name, slot in buffers:
             first_buffer_names.setdefault(slot[2], name)
         d["_hg_buffer_names"] = [(name, i) for i, name in first_buffer_names.items()]
-        d["_hg_modes"] = [(m, core.module_index[id(m)]) for m in module.modules() if id(m) in core.module_index]
+        subtree = (core.index_of(m) for m in module.modules())
+        d["_hg_subtree"] = [i for i in subtree if i is not None]
         self._hg_own_tensors()  # last: its key marks the selection as done
+
+    def _hg_own_tensors(self) -> None:
+        d = self.__dict__
+        index = d["_hg_index"]
+        core = d["_hg_core"]
+        d["_hg_own_params"] = {} if index is None else core.own_params[index]
+        d["_hg_own_buffers"] = {} if index is None else core.own_buffers[index]
+
+    def _hg_replica(self) -> nn.Module:
+        """The latest replica of this view's module (the object its attributes are read from)."""
+        d = self.__dict__
+        index = d["_hg_index"]
+        return d["_hg_module"] if index is None else d["_hg_core"].replicas[index]
 
     @property  # type: ignore[override]
     def training(self) -> bool:  # type: ignore[override]
         """This view's training mode (``fmodel.train()``/``eval()`` change the fmodel's modes only)."""
-        d = self.__dict__
-        index = d["_hg_index"]
-        return d["_hg_module"].training if index is None else d["_hg_core"].modes[index]
+        return self._hg_replica().training
 
     @training.setter
     def training(self, mode: bool) -> None:
-        d = self.__dict__
-        index = d["_hg_index"]
-        if index is None:  # a container made by slicing: the fmodel's own object
-            d["_hg_module"].training = mode
-        else:
-            d["_hg_core"].modes[index] = mode
+        self._hg_replica().__dict__["training"] = mode
 
     @property  # type: ignore[override]
     def _modules(self) -> dict[str, Any]:  # type: ignore[override]
@@ -291,34 +545,13 @@ class FunctionalModule(nn.Module):
             core = d["_hg_core"]
             for name, child in d["_hg_module"]._modules.items():
                 if child is not None and name not in children:
-                    children[name] = core.views.get(id(child)) or core.make_view(child)
+                    index = core.index_of(child)
+                    children[name] = core.views.get(index) or core.make_view(index)
         return children
 
     @_modules.setter
     def _modules(self, value: dict[str, Any]) -> None:
         self.__dict__["_modules"] = value  # nn.Module.__setattr__ reads it from __dict__
-
-    def _hg_own_tensors(self) -> None:
-        d = self.__dict__
-        core, module = d["_hg_core"], d["_hg_module"]
-        d["_hg_own_buffers"] = {attr: core.buffer_index[id(b)] for attr, b in module._buffers.items() if b is not None}
-        d["_hg_own_params"] = {attr: core.param_index[id(p)] for attr, p in module._parameters.items() if p is not None}
-
-    def _hg_attribute_slots_of(self) -> list[tuple[dict[str, Any], str, tuple[int, str]]]:
-        """The tensor attributes of this view's subtree (see ``_Core.attribute_slots``), found on first use."""
-        d = self.__dict__
-        slots = d.get("_hg_attribute_slots")
-        if slots is None:
-            core = d["_hg_core"]
-            slots = d["_hg_attribute_slots"] = [
-                slot for m in d["_hg_module"].modules() for slot in core.attribute_slots(m)
-            ]
-        return slots
-
-    @property
-    def _hg_own_attributes(self) -> dict[str, tuple[int, str]]:
-        core, module = self._hg_core, self._hg_module
-        return {name: slot_key for _, name, slot_key in core.attribute_slots(module)}
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -333,98 +566,62 @@ class FunctionalModule(nn.Module):
         return self._hg_module.extra_repr()
 
     # ------------------------------------------------------------------ running the module
-    def _hg_run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Call ``fn`` with the latest fast weights and the buffers swapped into the module's slots."""
-        core = self._hg_core
-        params = core.latest
-        if params is None:
-            raise ValueError(
-                "params keyword must be provided: this functional module has no fast weights yet "
-                "(made by make_functional); call fmodel(x, params=[...])."
-            )
-        return self._hg_swapped(params, core.buffers, fn, args, kwargs)
-
-    def _hg_swapped(
-        self, params: Sequence[Tensor], buffers: list[Tensor], fn: Callable[..., Any], args: Sequence[Any], kwargs: Any
+    def _hg_compute(
+        self, target: Callable[[nn.Module], Callable[..., Any]], args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> Any:
-        """Call ``fn`` with ``params`` and ``buffers`` (indexed as the core's) in the module's slots.
+        """Call ``target(replica)(*args, **kwargs)`` on the replica holding the latest fast weights.
 
-        Also swapped in: the fmodel's training modes, its values of the modules' tensor
-        attributes, and the hooks registered on its views. A buffer that the module replaced
-        (instead of updating it in place) is written back into ``buffers``, and so are the
-        attributes. The module's own tensors, attributes, hooks and modes are restored afterwards.
+        ``target`` picks what to run on the replica of this view's module: the module itself
+        (``forward``), one of its methods, a property. The task-batched views
+        (:mod:`higher.batched`) run it vmapped over tasks instead.
         """
+        core = self.__dict__["_hg_core"]
+        return self._hg_call_on(core.realize(), core.buffers, target, args, kwargs)
+
+    def _hg_call_on(
+        self,
+        replicas: Sequence[nn.Module],
+        buffers: list[Tensor],
+        target: Callable[[nn.Module], Callable[..., Any]],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        """Run ``target`` on this view's module in ``replicas``; adopt replaced buffers into ``buffers``."""
         d = self.__dict__
         if "_hg_own_params" not in d:
             self._hg_select()
         core = d["_hg_core"]
-        param_slots, buffer_slots = d["_hg_param_slots"], d["_hg_buffer_slots"]
-        saved_params = [owner[key] for owner, key, _ in param_slots]
-        saved_buffers = [owner[key] for owner, key, _ in buffer_slots]
-        modes = core.modes
-        changed_modes = [(m, m.training) for m, i in d["_hg_modes"] if m.training != modes[i]]
-        for m, training in changed_modes:
-            m.training = not training
-        for owner, key, i in param_slots:
-            owner[key] = params[i]
-        for owner, key, i in buffer_slots:
-            owner[key] = buffers[i]
-        lent_hooks = self._hg_lend_hooks() if core.view_hooks else ()
-        attribute_slots = self._hg_attribute_slots_of()
-        if attribute_slots:
-            attributes = core.attributes
-            saved_attributes = [owner.get(name, _MISSING) for owner, name, _ in attribute_slots]
-            for owner, name, key in attribute_slots:
-                value = attributes[key]
-                if value is _MISSING:
-                    owner.pop(name, None)
-                else:
-                    owner[name] = value
+        index = d["_hg_index"]
+        replica = replicas[index] if index is not None else core.replica_for(d["_hg_module"], replicas)
+        lent = self._hg_lend_hooks(replicas) if core.view_hooks else ()
         try:
-            return fn(*args, **kwargs)
+            return target(replica)(*args, **kwargs)
         finally:
-            for module_dict, saved in lent_hooks:
+            for module_dict, saved in lent:
                 module_dict.update(saved)
-            if attribute_slots:
-                for (owner, name, key), value in zip(attribute_slots, saved_attributes):
-                    attributes[key] = owner.get(name, _MISSING)
-                    if value is _MISSING:
-                        owner.pop(name, None)
-                    else:
-                        owner[name] = value
-            for owner, key, i in buffer_slots:
-                buffers[i] = owner[key]  # a module may have replaced a buffer instead of updating it
-            for (owner, key, _), tensor in zip(param_slots, saved_params):
-                owner[key] = tensor
-            for (owner, key, _), tensor in zip(buffer_slots, saved_buffers):
-                owner[key] = tensor
-            for m, training in changed_modes:
-                m.training = training
+            if buffers:
+                core.read_back_buffers(replicas, buffers)
 
-    #: How ``forward`` and the user's own methods run the module; the task-batched views
-    #: (:mod:`higher.batched`) run it vmapped over tasks instead.
-    _hg_compute = _hg_run
-
-    def _hg_lend_hooks(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Add the hooks registered on the views below this one to their modules, for one call.
+    def _hg_lend_hooks(self, replicas: Sequence[nn.Module]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Add the hooks registered on the views below this one to their replicas, for one call.
 
         ``fmodel.layer.register_forward_hook(hook)`` must fire when ``fmodel(x)`` runs the layer,
-        but the call runs the user's modules, not the views. So the hooks of every view in the
-        subtree (its own are run by its ``__call__``) are added after the module's own hooks for
-        the duration of the call; the module's hook dicts are put back afterwards.
-        Returns ``(module.__dict__, saved entries)`` pairs to restore.
+        but the call runs the replicas, not the views. So the hooks of every view in the subtree
+        (its own are run by its ``__call__``) are added after the module's own hooks for the
+        duration of the call; the replica's hook dicts are put back afterwards.
+        Returns ``(replica.__dict__, saved entries)`` pairs to restore.
         """
         lent = []
         views = self._hg_core.views
-        for module, _ in self._hg_modes:
-            view = views.get(id(module))
+        for index in self._hg_subtree:
+            view = views.get(index)
             if view is None or view is self:
                 continue
             theirs = view.__dict__
             names = [name for name in _HOOK_DICTS if theirs.get(name)]
             if not names:
                 continue
-            ours = module.__dict__
+            ours = replicas[index].__dict__
             saved = {name: ours[name] for name in names}
             saved["_is_full_backward_hook"] = ours.get("_is_full_backward_hook")
             for name in names:
@@ -457,7 +654,7 @@ class FunctionalModule(nn.Module):
         """Run the module with the latest fast weights, or with ``params``, which become the latest."""
         if params is not None:
             self.update_params(params)
-        return self._hg_compute(self._hg_module, args, kwargs)
+        return self._hg_compute(_itself, args, kwargs)
 
     # ------------------------------------------------------------------ fast weights and history
     def _hg_slice(self, entry: list[Tensor]) -> list[Tensor]:
@@ -567,6 +764,15 @@ class FunctionalModule(nn.Module):
         """The whole history (one list of fast weights per update), as in higher 0.2.1."""
         return self._hg_core.history
 
+    @_fast_params.setter
+    def _fast_params(self, value: Iterable[Iterable[Tensor]]) -> None:
+        """Replace the whole history, as 0.2.1 code does (``fmodel._fast_params = []`` to clear it)."""
+        history = [list(entry) for entry in value]
+        core = self._hg_core
+        for entry in history:
+            _check_tensors("_fast_params entry", entry, core.param_shapes, core.param_names)
+        core.history = history
+
     def detach_(self) -> FunctionalModule:
         """Cut the graph: keep only the latest fast weights, detached (same values, same ``requires_grad``).
 
@@ -580,6 +786,8 @@ class FunctionalModule(nn.Module):
         if core.latest is not None:
             core.history = [[p.detach().requires_grad_(p.requires_grad) for p in core.latest]]
         core.buffers = [b.detach() for b in core.buffers]
+        if core.latest is not None:
+            core.realize()  # the replicas let go of the old fast weights (and their graph) now
         return self
 
     def sync_buffers_to(self, module: nn.Module | None = None) -> None:
@@ -624,36 +832,30 @@ class FunctionalModule(nn.Module):
             return latest[own_params[name]]
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
-        own_attributes = self._hg_own_attributes
-        if name in own_attributes:
-            value = self._hg_core.attributes[own_attributes[name]]
-            if value is _MISSING:
-                raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-            return value
-        module = d["_hg_module"]
-        static = inspect.getattr_static(module, name, None)
+        replica = self._hg_replica()
+        static = inspect.getattr_static(replica, name, None)
         if inspect.isfunction(static):
-            # A method of the user's class: run it with the fast weights in place.
-            method = getattr(module, name)
-            return functools.wraps(method)(lambda *args, **kwargs: self._hg_call(method, args, kwargs))
+            # A method of the user's class: run it on the replica with the fast weights.
+            method = getattr(self._hg_module, name)
+            return functools.wraps(method)(
+                lambda *args, **kwargs: self._hg_call(lambda r: getattr(r, name), args, kwargs)
+            )
         if isinstance(static, property):
-            return self._hg_call(getattr, (module, name), {})
-        return self._hg_views_in(getattr(module, name))
+            return self._hg_call(lambda r: functools.partial(getattr, r, name), (), {})
+        return self._hg_views_in(getattr(replica, name))
 
-    def _hg_call(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Run ``fn`` (a method of the user's module) with the fast weights; its result in view terms."""
-        result = self._hg_compute(fn, args, kwargs)
+    def _hg_call(
+        self, target: Callable[[nn.Module], Callable[..., Any]], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Run a method of the user's module with the fast weights; its result in view terms."""
+        result = self._hg_compute(target, args, kwargs)
         if isinstance(result, GeneratorType):
             return self._hg_lazy(result)
         return self._hg_views_in(result)
 
-    def _hg_lazy(self, generator: Iterator[Any]) -> Iterator[Any]:
-        """A generator from the user's code, resumed with the fast weights in place at every item."""
-        while True:
-            try:
-                item = self._hg_run(next, (generator,), {})
-            except StopIteration:
-                return
+    def _hg_lazy(self, items: Iterator[Any]) -> Iterator[Any]:
+        """Items of a generator or iterator, with the model's modules replaced by their views."""
+        for item in items:
             yield self._hg_views_in(item)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -661,8 +863,8 @@ class FunctionalModule(nn.Module):
 
         A tensor assigned to a parameter records a new fast weight (one history entry); to a
         buffer, replaces the fmodel's buffer; any other attribute of the user's module (a tensor
-        or not, e.g. ``fmodel.dropout.p = 0.0``) gets an fmodel-owned value that the module sees
-        while the fmodel runs it.
+        or not, e.g. ``fmodel.dropout.p = 0.0``) is set on the fmodel's replica of the module,
+        which its forward reads.
         """
         d = self.__dict__
         if "_hg_core" not in d or name in d or isinstance(getattr(type(self), name, None), property):
@@ -672,9 +874,9 @@ class FunctionalModule(nn.Module):
         if own_params is None:
             self._hg_select()
             own_params = d["_hg_own_params"]
+        core = self._hg_core
         if isinstance(value, Tensor):
             if name in own_params:
-                core = self._hg_core
                 if core.latest is None:
                     raise ValueError("this functional module has no fast weights yet; pass params=[...] first.")
                 index = own_params[name]
@@ -684,12 +886,8 @@ class FunctionalModule(nn.Module):
                 core.push(entry)
                 return
             if name in d["_hg_own_buffers"]:
-                self._hg_core.buffers[d["_hg_own_buffers"][name]] = value
+                core.set_buffer(d["_hg_own_buffers"][name], value)
                 return
-        own_attributes = self._hg_own_attributes
-        if name in own_attributes:
-            self._hg_core.attributes[own_attributes[name]] = value
-            return
         module = d["_hg_module"]
         if isinstance(value, nn.Module) or name in module._modules:
             raise AttributeError(
@@ -701,25 +899,16 @@ class FunctionalModule(nn.Module):
                 f"'{name}' is computed (a property, e.g. a parametrization) and cannot be assigned on a "
                 f"functional module; assign the tensors it is computed from."
             )
-        if name in module.__dict__:
-            self._hg_override_attribute(name, value)
+        replica = self._hg_replica()
+        if name in replica.__dict__:
+            replica.__dict__[name] = value
+            if d["_hg_index"] is not None:
+                core.overrides[(d["_hg_index"], name)] = value
             return
         super().__setattr__(name, value)
 
-    def _hg_override_attribute(self, name: str, value: Any) -> None:
-        """Give attribute ``name`` of the user's module an fmodel-owned value, swapped in for calls."""
-        core, module = self._hg_core, self._hg_module
-        key = (id(module), name)
-        slot = (module.__dict__, name, key)
-        core.attributes[key] = value
-        core.attribute_slots(module).append(slot)
-        for view in core.views.values():
-            slots = view.__dict__.get("_hg_attribute_slots")
-            if slots is not None and any(m is module for m in view.__dict__["_hg_module"].modules()):
-                slots.append(slot)
-
     def __getitem__(self, index: Any) -> Any:
-        return self._hg_call(self._hg_module.__getitem__, (index,), {})
+        return self._hg_views_in(self._hg_module[index])
 
     def __len__(self) -> int:
         return len(self._hg_module)
@@ -757,10 +946,10 @@ class FunctionalModule(nn.Module):
         return value
 
     def _hg_view_of(self, module: nn.Module) -> nn.Module:
-        """The view of one of the model's modules, or of a container made from them (a slice).
+        """The view of one of the model's modules (or replicas), or of a container made from them.
 
-        A module that holds none of the model's modules or tensors (e.g. a new one) is returned
-        as it is; one that mixes the model's and other tensors cannot be run with fast weights.
+        A module that holds none of the model's modules (e.g. a new one) is returned as it is;
+        one that mixes the model's modules and tensors of its own cannot be run with fast weights.
         """
         if isinstance(module, FunctionalModule):
             return module
@@ -769,15 +958,14 @@ class FunctionalModule(nn.Module):
         if view is not None:
             return view
         subtree = list(module.modules())
-        made = [m for m in subtree if id(m) not in core.module_index]
-        tensors = [t for m in made for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-        known = [id(t) in core.param_index or id(t) in core.buffer_index for t in tensors]
-        if not any(known) and len(made) == len(subtree):
+        made = [m for m in subtree if core.index_of(m) is None]
+        if len(made) == len(subtree):
             return module
-        if not all(known):
+        tensors = [t for m in made for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        if tensors:
             raise NotImplementedError(
-                f"{type(module).__name__} holds both tensors of the patched model and other tensors, so it "
-                f"cannot be run with the fast weights; call the patched model's own submodules instead."
+                f"{type(module).__name__} holds both modules of the patched model and tensors of its own, so "
+                f"it cannot be run with the fast weights; call the patched model's own submodules instead."
             )
         views = {id(m): _view_class(type(m), False, core.view_base)(core, m, None) for m in made}
         for m in made:
@@ -792,26 +980,19 @@ class FunctionalModule(nn.Module):
         """Set the fmodel's training mode (the user's module keeps its own), running the user's ``train``.
 
         A model may override ``train`` (e.g. to keep its BatchNorm layers in eval mode), so the
-        module's own ``train(mode)`` runs, on the module with the fmodel's modes and fast weights
-        swapped in, and the modes it leaves are the fmodel's; the module's are then put back.
+        module's own ``train(mode)`` runs, on the fmodel's replica, whose modes are the fmodel's.
         """
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         d = self.__dict__
         if "_hg_own_params" not in d:
             self._hg_select()
-        modes = self._hg_core.modes
-        pairs = d["_hg_modes"]
-        saved = [m.training for m, _ in pairs]
-        try:
-            for m, i in pairs:
-                m.training = modes[i]
-            self._hg_run(self._hg_module.train, (mode,), {})
-            for m, i in pairs:
-                modes[i] = m.training
-        finally:
-            for (m, _), training in zip(pairs, saved):
-                m.training = training
+        if d["_hg_index"] is not None:
+            self._hg_replica().train(mode)
+        else:  # a container made by slicing: its own mode, and its children's
+            d["_hg_module"].training = mode
+            for child in self.children():
+                child.train(mode)
         return self
 
     def get_parameter(self, target: str) -> Tensor:
@@ -861,7 +1042,7 @@ class FunctionalModule(nn.Module):
         if args:
             raise TypeError("pass state_dict options by keyword (destination=, prefix=, keep_vars=)")
         kwargs = {"destination": destination, "prefix": prefix, "keep_vars": keep_vars}
-        return self._hg_run(self._hg_module.state_dict, (), kwargs)
+        return self._hg_compute(lambda replica: replica.state_dict, (), kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         """Adopt parameters (as new fast weights, one history entry) and buffers from ``state_dict``.
@@ -893,7 +1074,7 @@ class FunctionalModule(nn.Module):
         for name, i in named_buffers.items():
             if name in state_dict:
                 value = state_dict[name]
-                core.buffers[i] = value.detach().clone() if isinstance(value, Tensor) else value
+                core.set_buffer(i, value.detach().clone() if isinstance(value, Tensor) else value)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FunctionalModule:  # type: ignore[override]
@@ -918,8 +1099,10 @@ class FunctionalModule(nn.Module):
         for entry in core.history:
             for i in self._hg_param_idx:
                 entry[i] = convert(entry[i])
+        buffers = list(core.buffers)
         for _, i in self._hg_buffer_names:
-            core.buffers[i] = fn(core.buffers[i])
+            buffers[i] = fn(buffers[i])
+        core.buffers = buffers  # and the history changed in place: the replicas are made again
         return self
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
@@ -945,22 +1128,13 @@ class FunctionalModule(nn.Module):
                 "this view of a container made from the patched model's modules (e.g. a slice) cannot be "
                 "pickled or copied; pickle the fmodel itself."
             )
-        history = [[detach(t) for t in entry] for entry in core.history]
-        buffers = [b.detach().clone() for b in core.buffers]
-        modes = dict(zip(core.paths, core.modes))
-        paths = {id(m): name for name, m in core.module.named_modules()}
-        attributes = {
-            (paths[module_id], name): detach(value)
-            for (module_id, name), value in core.attributes.items()
-            if module_id in paths and value is not _MISSING
-        }
         snapshot = {
             "module": core.module,
-            "history": history,
-            "buffers": buffers,
-            "attributes": attributes,
+            "history": [[detach(t) for t in entry] for entry in core.history],
+            "buffers": [b.detach().clone() for b in core.buffers],
+            "attributes": {(core.paths[i], name): detach(value) for (i, name), value in core.overrides.items()},
             "track_higher_grads": core.track_higher_grads,
-            "modes": modes,
+            "modes": {path: replica.training for path, replica in zip(core.paths, core.replicas)},
         }
         return (_restore, (snapshot, self._hg_path))
 
@@ -975,7 +1149,7 @@ def _restore(
     core.track_higher_grads = snapshot["track_higher_grads"]
     for name, mode in snapshot["modes"].items():
         if name in core.paths:
-            core.modes[core.paths.index(name)] = mode
+            core.replicas[core.paths.index(name)].__dict__["training"] = mode
     for (module_path, name), value in snapshot.get("attributes", {}).items():
         setattr(fmodel.get_submodule(module_path), name, value)
     return fmodel.get_submodule(path) if path else fmodel
