@@ -28,6 +28,7 @@ its own, with the same fast weights), and ``isinstance(fmodel, type(model))`` ho
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -1268,3 +1269,77 @@ def monkeypatch(
     fmodule = make_functional(module, encapsulator=encapsulator)
     fmodule.track_higher_grads = track_higher_grads
     return fmodule
+
+
+# ---------------------------------------------------------------------- higher 0.2.1 names
+# Published code imports these from higher.patch; they keep their 0.2.1 meaning.
+
+#: The class of every patched module in 0.2.1 (``isinstance(x, higher.patch._MonkeyPatchBase)``
+#: tells an fmodel from a plain module).
+_MonkeyPatchBase = FunctionalModule
+
+#: The ``nn.Module`` attributes 0.2.1 treated as internal (not copied onto patched modules).
+_internal_attrs = frozenset(
+    {
+        "_backend",
+        "_parameters",
+        "_buffers",
+        "_backward_hooks",
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+        "_modules",
+    }
+)
+
+
+class _ParameterPlaceholder:
+    """Stands for a parameter that has no fast weight yet (0.2.1 printed these in patched modules)."""
+
+    def __init__(self, name: str) -> None:
+        self._param_name = name
+
+    def __repr__(self) -> str:
+        return f'Parameter placeholder ("{self._param_name}")'
+
+
+def _patched_parameters(
+    self: FunctionalModule, recurse: bool = True, time: int | None = None
+) -> Iterator[Tensor]:
+    """0.2.1's ``parameters`` of a patched module, as a function: the fast weights at ``time``."""
+    return self.parameters(recurse=recurse, time=time)
+
+
+@contextlib.contextmanager
+def _modify_internally(fmodule: FunctionalModule) -> Iterator[None]:
+    """0.2.1's guard around its own attribute writes. Ours never writes the user's modules, so
+    there is nothing to guard: kept so that code entering it runs unchanged."""
+    yield
+
+
+def _make_functional(
+    module: nn.Module,
+    params_box: Sequence[Any] | None = None,
+    params_offset: int = 0,
+    root_patched: FunctionalModule | None = None,
+) -> tuple[int, FunctionalModule, type]:
+    """0.2.1's builder: ``(params_offset + number of parameters, fmodule, type(fmodule))``.
+
+    The fmodule is :func:`make_functional`'s; if ``params_box[0]`` holds a list of tensors, the
+    slice starting at ``params_offset`` becomes its fast weights.
+    """
+    if root_patched is not None:
+        raise ValueError("_make_functional(root_patched=...) is internal to 0.2.1; patch the root module instead.")
+    fmodule = make_functional(module)
+    count = len(fmodule._hg_core.param_shapes)
+    if params_box is not None and params_box and params_box[0] is not None:
+        _update_patched_params(fmodule, params_box, params_offset)
+    return params_offset + count, fmodule, type(fmodule)
+
+
+def _update_patched_params(fmodule: FunctionalModule, params_box: Sequence[Any], params_offset: int) -> int:
+    """Adopt ``params_box[0][params_offset:...]`` as ``fmodule``'s fast weights; the next offset."""
+    count = len(fmodule._hg_param_idx)
+    fmodule.update_params(list(params_box[0])[params_offset : params_offset + count])
+    return params_offset + count
