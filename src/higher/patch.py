@@ -62,6 +62,38 @@ _HOOK_DICTS = (
 # that a forward appending to a list or filling a dict never changes the user's module.
 _OWN_CONTAINERS = (list, dict, set, OrderedDict)
 
+# The hook dicts of nn.Module (torch 2.x), forward, backward and state-dict ones.
+_ALL_HOOK_DICTS = frozenset(
+    {
+        *_HOOK_DICTS,
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+
+
+class _NoHooks(OrderedDict):
+    """The empty hook dict of a replica whose module has no hooks of that kind (shared, unchangeable).
+
+    Copying a dozen empty dicts per module would dominate the cost of opening an inner loop;
+    sharing the module's own would let code that registers a hook on ``self`` during a call
+    change the user's module. Registering on it raises instead.
+    """
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "cannot register a hook on a module while an fmodel runs it: the fmodel runs a private "
+            "replica of the model. Register the hook on the model before patching it, or on the "
+            "fmodel's submodule (fmodel.layer.register_forward_hook(...))."
+        )
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = move_to_end = _refuse  # type: ignore[assignment]
+
+
+_NO_HOOKS = _NoHooks()
+
 # The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
 _TAG = "_higher_replica"
 
@@ -179,7 +211,11 @@ class _Tree:
         self.tagged = any(_TAG in m.__dict__ for m in modules)
         # Per module: the attributes holding plain containers (a replica copies them), and the
         # children as (key, module index).
-        self.containers = [[k for k, v in m.__dict__.items() if type(v) in _OWN_CONTAINERS] for m in modules]
+        self.containers = [
+            [k for k, v in m.__dict__.items() if type(v) in _OWN_CONTAINERS and k not in _ALL_HOOK_DICTS]
+            for m in modules
+        ]
+        self.hook_dicts = [[k for k in m.__dict__ if k in _ALL_HOOK_DICTS] for m in modules]
         self.children = [
             [(key, self.module_index[id(c)]) for key, c in m.__dict__["_modules"].items() if c is not None]
             for m in modules
@@ -295,7 +331,8 @@ class _Core:
     def _replicate(self) -> list[nn.Module]:
         """The base replica of every module: its own slot dicts and copies of its plain containers."""
         replicas = []
-        for i, (m, containers) in enumerate(zip(self.modules, self.tree.containers)):
+        tree = self.tree
+        for i, (m, containers, hook_dicts) in enumerate(zip(self.modules, tree.containers, tree.hook_dicts)):
             cls = type(m)
             r = cls.__new__(cls)
             d = r.__dict__
@@ -303,6 +340,9 @@ class _Core:
             d.update(source)
             for key in containers:
                 d[key] = source[key].copy()
+            for key in hook_dicts:
+                hooks = source[key]
+                d[key] = hooks.copy() if hooks else _NO_HOOKS
             d[_TAG] = _ReplicaTag(self, i)
             replicas.append(r)
         for r, children in zip(replicas, self.tree.children):
