@@ -262,3 +262,41 @@ def test_an_inner_loop_inside_an_fmodels_forward_gives_exact_nested_meta_gradien
     assert all(torch.allclose(p.grad, r, rtol=1e-12, atol=1e-15) for p, r in zip(params, reference))
     # the plain model still runs its own inner loop on its own parameters
     assert float(model(x, y).detach()) == pytest.approx(float(nested_reference(params, x, y)), rel=1e-12)
+
+
+class RegistersHooks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+
+    def forward(self, x):
+        self.layer.register_forward_hook(lambda module, args, output: output * 2)
+        return self.layer(x)
+
+
+def test_registering_a_hook_on_a_replica_during_a_call_is_refused_clearly():
+    model = RegistersHooks()
+    fmodel = higher.monkeypatch(model)
+    with pytest.raises(RuntimeError, match="Register the hook on the model before patching"):
+        fmodel(torch.randn(2, 3))
+    assert not model.layer._forward_hooks
+
+
+def test_patching_again_sees_every_change_to_the_model():
+    """The analysis of a model's tree is reused between patches only while the model is unchanged."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    x = torch.randn(50, 3)
+    first = higher.monkeypatch(model)
+    model[1].p = 0.0  # an attribute of the same type
+    model[0].weight = nn.Parameter(torch.zeros(4, 3))  # a new parameter object
+    calls = []
+    model[2].register_forward_hook(lambda module, args, output: calls.append(1))  # a hook added later
+    model.add_module("3", nn.Tanh())  # a new submodule
+    second = higher.monkeypatch(model)
+    out = second(x)
+    assert torch.equal(out, model(x)) and len(calls) == 2  # the fmodel and the model ran the hook
+    assert second[0].weight.abs().max() == 0 and len(list(second.parameters())) == 4
+    assert len(first._hg_core.modules) == 4 and len(second._hg_core.modules) == 5
+    calls.clear()
+    first(x)
+    assert calls == []  # hooks registered on the model after patching do not reach an existing fmodel

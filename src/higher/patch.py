@@ -578,16 +578,19 @@ class FunctionalModule(nn.Module):
 
     @property  # type: ignore[override]
     def _modules(self) -> dict[str, Any]:  # type: ignore[override]
-        """The views of the module's children, made on first use."""
+        """The views of the module's children (as they were when the model was patched), made on first use."""
         d = self.__dict__
         children = d["_modules"]
         if not d.get("_hg_children_made"):
             d["_hg_children_made"] = True
-            core = d["_hg_core"]
-            for name, child in d["_hg_module"]._modules.items():
-                if child is not None and name not in children:
-                    index = core.index_of(child)
-                    children[name] = core.views.get(index) or core.make_view(index)
+            core, index = d["_hg_core"], d["_hg_index"]
+            if index is None:  # a container made from the model's modules
+                named = [(name, core.index_of(child)) for name, child in d["_hg_module"]._modules.items()]
+            else:
+                named = core.tree.children[index]
+            for name, child_index in named:
+                if child_index is not None and name not in children:
+                    children[name] = core.views.get(child_index) or core.make_view(child_index)
         return children
 
     @_modules.setter
@@ -949,21 +952,25 @@ class FunctionalModule(nn.Module):
         super().__setattr__(name, value)
 
     def __getitem__(self, index: Any) -> Any:
-        return self._hg_views_in(self._hg_module[index])
+        return self._hg_views_in(self._hg_replica()[index])
 
     def __len__(self) -> int:
-        return len(self._hg_module)
+        return len(self._hg_replica())
 
     def __bool__(self) -> bool:
         return True
 
     def __iter__(self) -> Iterator[Any]:
-        return self._hg_lazy(iter(self._hg_module))
+        return self._hg_lazy(iter(self._hg_replica()))
 
     def __contains__(self, item: Any) -> bool:
+        core = self._hg_core
         if isinstance(item, FunctionalModule):
             item = item.__dict__["_hg_module"]
-        return item in self._hg_module
+        index = core.index_of(item)
+        if index is None:
+            return item in self._hg_replica()
+        return any(core.index_of(child) == index for child in self._hg_replica())
 
     def _hg_views_in(self, value: Any) -> Any:
         """``value`` (a result of the user's code) with the model's modules replaced by their views.
