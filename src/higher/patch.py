@@ -113,8 +113,8 @@ class _ReplicaTag:
 
     __slots__ = ("_core", "index")
 
-    def __init__(self, core: _Core | None, index: int) -> None:
-        self._core = None if core is None else weakref.ref(core)
+    def __init__(self, core: weakref.ref[_Core] | None, index: int) -> None:
+        self._core = core
         self.index = index
 
     @property
@@ -332,6 +332,7 @@ class _Core:
         """The base replica of every module: its own slot dicts and copies of its plain containers."""
         replicas = []
         tree = self.tree
+        me = weakref.ref(self)
         for i, (m, containers, hook_dicts) in enumerate(zip(self.modules, tree.containers, tree.hook_dicts)):
             cls = type(m)
             r = cls.__new__(cls)
@@ -343,7 +344,7 @@ class _Core:
             for key in hook_dicts:
                 hooks = source[key]
                 d[key] = hooks.copy() if hooks else _NO_HOOKS
-            d[_TAG] = _ReplicaTag(self, i)
+            d[_TAG] = _ReplicaTag(me, i)
             replicas.append(r)
         for r, children in zip(replicas, self.tree.children):
             if children:
