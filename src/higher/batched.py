@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,18 +79,21 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
         params = core.latest
         if params is None:
             raise ValueError("this functional module has no fast weights yet; pass params=[...] to it first.")
+        rebuild: Callable[[Sequence[Tensor]], tuple[Sequence[Any], Mapping[str, Any]]] | None = None
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # the usual call: no pytree to walk
-            tensors, rebuild = list(args), None
+            tensors = list(args)
         else:
             leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
             positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
             tensors = [leaves[i] for i in positions]
 
-            def rebuild(task_tensors: Sequence[Tensor]) -> tuple[Sequence[Any], Mapping[str, Any]]:
+            def rebuild_call(task_tensors: Sequence[Tensor]) -> tuple[Sequence[Any], Mapping[str, Any]]:
                 filled = list(leaves)
                 for i, tensor in zip(positions, task_tensors):
                     filled[i] = tensor
                 return tree_unflatten(filled, spec)
+
+            rebuild = rebuild_call
 
         tasks = core.tasks
         for tensor in tensors:
@@ -144,7 +147,7 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
 def _restore(snapshot: dict[str, Any], path: str, tasks: int, randomness: str) -> _patch.FunctionalModule:
     fmodel = _patch._restore(snapshot, "", BatchedFunctionalModule)
     _batch_core(fmodel._hg_core, tasks, randomness)
-    return fmodel.get_submodule(path) if path else fmodel
+    return cast(_patch.FunctionalModule, fmodel.get_submodule(path)) if path else fmodel
 
 
 def _batch_core(core: Any, tasks: int, randomness: str) -> None:
@@ -308,7 +311,7 @@ def get_diff_optim(
     reference_params = list(reference_params)
     cls = _batched_class(_optim._diff_optim_type(opt))
     diffopt = cls(opt, reference_params, fmodel=fmodel, device=device, track_higher_grads=track_higher_grads, **kwargs)
-    diffopt._batch(fmodel.tasks, reference_params)
+    cast(_TaskBatchedOptimizer, diffopt)._batch(fmodel.tasks, reference_params)
     if override is not None:
         diffopt._apply_override(override)
     return diffopt

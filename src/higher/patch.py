@@ -35,7 +35,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from types import GeneratorType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class _ReplicaTag:
 
     __slots__ = ("_core", "index")
 
-    def __init__(self, core: weakref.ref[_Core] | None, index: int) -> None:
+    def __init__(self, core: Callable[[], _Core | None] | None, index: int) -> None:
         self._core = core
         self.index = index
 
@@ -442,7 +442,7 @@ class _Core:
         if view is None:
             root = self.root()
             if self.paths[index] and root is not None:
-                return root.get_submodule(self.paths[index])  # made by its parent, which keeps it
+                return cast(FunctionalModule, root.get_submodule(self.paths[index]))  # made by its parent, which keeps it
             view = self.make_view(index)
         return view
 
@@ -953,25 +953,29 @@ class FunctionalModule(nn.Module):
         super().__setattr__(name, value)
 
     def __getitem__(self, index: Any) -> Any:
-        return self._hg_views_in(self._hg_replica()[index])
+        replica: Any = self._hg_replica()
+        return self._hg_views_in(replica[index])
 
     def __len__(self) -> int:
-        return len(self._hg_replica())
+        replica: Any = self._hg_replica()
+        return len(replica)
 
     def __bool__(self) -> bool:
         return True
 
     def __iter__(self) -> Iterator[Any]:
-        return self._hg_lazy(iter(self._hg_replica()))
+        replica: Any = self._hg_replica()
+        return self._hg_lazy(iter(replica))
 
     def __contains__(self, item: Any) -> bool:
         core = self._hg_core
         if isinstance(item, FunctionalModule):
             item = item.__dict__["_hg_module"]
         index = core.index_of(item)
+        replica: Any = self._hg_replica()
         if index is None:
-            return item in self._hg_replica()
-        return any(core.index_of(child) == index for child in self._hg_replica())
+            return item in replica
+        return any(core.index_of(child) == index for child in replica)
 
     def _hg_views_in(self, value: Any) -> Any:
         """``value`` (a result of the user's code) with the model's modules replaced by their views.
@@ -1047,7 +1051,7 @@ class FunctionalModule(nn.Module):
     def get_parameter(self, target: str) -> Tensor:
         """The fast weight named ``target`` (e.g. ``"layer.weight"``), as ``named_parameters`` names it."""
         module_path, _, name = target.rpartition(".")
-        view = self.get_submodule(module_path)
+        view = cast(FunctionalModule, self.get_submodule(module_path))
         if name not in view._hg_own_params:
             raise AttributeError(f"{type(view).__name__} has no parameter '{name}'")
         return getattr(view, name)
@@ -1055,7 +1059,7 @@ class FunctionalModule(nn.Module):
     def get_buffer(self, target: str) -> Tensor:
         """The fmodel's buffer named ``target`` (e.g. ``"bn.running_mean"``)."""
         module_path, _, name = target.rpartition(".")
-        view = self.get_submodule(module_path)
+        view = cast(FunctionalModule, self.get_submodule(module_path))
         if name not in view._hg_own_buffers:
             raise AttributeError(f"{type(view).__name__} has no buffer '{name}'")
         return getattr(view, name)
@@ -1201,7 +1205,7 @@ def _restore(
             core.replicas[core.paths.index(name)].__dict__["training"] = mode
     for (module_path, name), value in snapshot.get("attributes", {}).items():
         setattr(fmodel.get_submodule(module_path), name, value)
-    return fmodel.get_submodule(path) if path else fmodel
+    return cast(FunctionalModule, fmodel.get_submodule(path)) if path else fmodel
 
 
 _VIEW_CLASSES: dict[tuple[type, bool, type], type[FunctionalModule]] = {}
