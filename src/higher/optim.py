@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import rules as _rules
 from .rules import PAIR_HYPERPARAMETERS, UpdateRule
+from .utils import _is_container
 
 if TYPE_CHECKING:
     from .patch import FunctionalModule
@@ -1038,11 +1039,34 @@ def _maybe_mask(tensor: Tensor, mask: Tensor) -> None:
 
 
 def _recursive_apply(replacement: Any, target: Any) -> Any:
-    """Map a structure of replacements onto a structure of tensors of the same shape."""
+    """Write the values of ``replacement`` into the structure ``target`` (0.2.1's helper).
+
+    ``target`` is a hyperparameter as a torch optimizer holds it and ``replacement`` the learned
+    value of the same structure (lists, tuples, sets and dicts, matched in order). A tensor in
+    ``target`` takes the replacement's data in place (and is returned); a number in ``target``
+    becomes the replacement's value, of the target's type (``float``, ``int``...).
+    """
     if isinstance(target, Tensor):
-        return replacement if isinstance(replacement, Tensor) else torch.as_tensor(replacement)
-    if isinstance(target, (list, tuple)):
+        value = replacement if isinstance(replacement, Tensor) else torch.as_tensor(replacement)
+        target.data = value.detach().to(target.device).data
+        return target
+    if _is_container(target):
+        if type(replacement) is not type(target) and not (
+            isinstance(target, (list, tuple)) and isinstance(replacement, (list, tuple))
+        ):
+            raise ValueError(
+                f"cannot apply a replacement of type {type(replacement).__name__} to a target of type "
+                f"{type(target).__name__}: give the same structure."
+            )
+        if isinstance(target, dict):
+            return type(target)(
+                {key: _recursive_apply(r, t) for r, (key, t) in zip(replacement.values(), target.items())}
+            )
         return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target))
-    if isinstance(target, dict):
-        return {k: _recursive_apply(replacement[k], v) for k, v in target.items()}
-    return replacement
+    if _is_container(replacement):
+        raise ValueError(
+            f"cannot apply a replacement of type {type(replacement).__name__} to a non-container target "
+            f"{target!r}: give the same structure."
+        )
+    value = replacement.item() if isinstance(replacement, Tensor) else replacement
+    return type(target)(value) if isinstance(target, numbers.Number) else value
