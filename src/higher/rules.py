@@ -312,10 +312,10 @@ def adam_update_many(
 
     Operation for operation the same math, so the same values; ``None`` (use the one-tensor
     rule) when a hyperparameter is a tensor. Only the operations whose multi-tensor derivative
-    keeps no extra tensors are multi-tensor: torch 2.13's ``_foreach_mul``/``_foreach_div``/
-    ``_foreach_add`` with a scalar keep their inputs for the backward pass (a copy of every
-    parameter-sized state per step: 8 MiB each on the benchmark's batched 16-layer MLP), and
-    the derivative of ``_foreach_addcdiv`` fails for more than a few tensors.
+    saves no more than the one-tensor one are multi-tensor: torch 2.13's ``_foreach_mul``,
+    ``_foreach_div``, ``_foreach_add`` and ``_foreach_addcmul`` save inputs their derivative does
+    not need (a copy of a parameter-sized state per parameter and step, kept for the whole
+    unroll), and the derivative of ``_foreach_addcdiv`` fails for more than a few tensors.
     """
     if not _numbers(hp, ("lr", "eps", "weight_decay")) or any(isinstance(b, Tensor) for b in hp["betas"]):
         return None
@@ -325,7 +325,7 @@ def adam_update_many(
     step_ts, steps = zip(*(_next_step(state["step"]) for state in states))
     if weight_decay != 0:
         if hp["decoupled_weight_decay"]:
-            params = torch._foreach_mul(params, 1 - lr * weight_decay)
+            params = [p * (1 - lr * weight_decay) for p in params]  # _foreach_mul would save params
         else:
             grads = _add_scaled_many(grads, params, weight_decay)
     exp_avgs = torch._foreach_lerp([state["exp_avg"] for state in states], grads, 1 - beta1)
