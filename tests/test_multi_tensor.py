@@ -165,8 +165,8 @@ def test_multi_tensor_update_saves_no_more_for_backward_than_the_one_tensor_rule
     grads = [torch.randn(s, requires_grad=True) for s in SHAPES]
     states = [rule.init(p, hyper) for p in params]
     for _ in range(2):  # the second step has momentum buffers and moments
-        many = _saved_bytes(lambda: rule.update_many(params, grads, states, hyper))
-        one = _saved_bytes(lambda: [rule.update(p, g, s, hyper) for p, g, s in zip(params, grads, states)])
+        many = _saved_bytes(lambda ps=params, ss=states: rule.update_many(ps, grads, ss, hyper))
+        one = _saved_bytes(lambda ps=params, ss=states: [rule.update(*args, hyper) for args in zip(ps, grads, ss)])
         assert many <= one
         updated = [rule.update(p, g, s, hyper) for p, g, s in zip(params, grads, states)]
         params, states = [p for p, _ in updated], [s for _, s in updated]

@@ -17,11 +17,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from reference_unroll import higher_meta_grads, largest_gradient, max_difference, reference_meta_grads
-from test_optim_parity import force_path
 from torch import nn
 
 import higher
+from reference_unroll import higher_meta_grads, largest_gradient, max_difference, reference_meta_grads
+from test_optim_parity import force_path
 
 SETTINGS = settings(
     max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
@@ -234,7 +234,9 @@ def test_generated_sgd_unrolls_match_a_hand_written_unroll(roles, tie, model_dty
     torch.set_default_dtype(default_dtype)
     try:
         torch.manual_seed(0)
-        model = _build(["frozen" if r == "frozen" else ("unused" if r == "unused" else "group0") for r in roles], tie, model_dtype)
+        model = _build(
+            ["frozen" if r == "frozen" else ("unused" if r == "unused" else "group0") for r in roles], tie, model_dtype
+        )
         assume(any(p.requires_grad for block, r in zip(model.blocks, roles) if r == "used" for p in block.parameters()))
         x, y = torch.randn(6, 3, dtype=model_dtype), torch.randn(6, 3, dtype=model_dtype)
         xq, yq = torch.randn(6, 3, dtype=model_dtype), torch.randn(6, 3, dtype=model_dtype)
