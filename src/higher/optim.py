@@ -360,11 +360,17 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         Returns:
             The list of new parameters (parameters not tracked by the optimizer are passed
             through). If an fmodel is attached, it adopts them as its new fast weights.
+
+        Hooks registered with ``register_step_pre_hook``/``register_step_post_hook`` (and torch's
+        global optimizer hooks) run before and after the update, as for a torch optimizer, with
+        ``args == (loss,)`` and the other arguments in ``kwargs``.
         """
+        if not (
+            _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+        ):
+            return self._step(loss, params, override, grad_callback, **kwargs)
         pre_hooks = [*_GLOBAL_PRE_HOOKS.values(), *self._optimizer_step_pre_hooks.values()]
         post_hooks = [*_GLOBAL_POST_HOOKS.values(), *self._optimizer_step_post_hooks.values()]
-        if not pre_hooks and not post_hooks:
-            return self._step(loss, params, override, grad_callback, **kwargs)
         # As torch.optim.Optimizer.step: hook(optimizer, args, kwargs); a pre-hook may return
         # new (args, kwargs).
         args: tuple[Any, ...] = (loss,)
