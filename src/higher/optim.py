@@ -327,7 +327,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 )
             values = _per_group(name, value, len(self.param_groups))
             for group, group_value in zip(updated, values):
-                if name in PAIR_HYPERPARAMETERS and _is_sequence(group_value) and not isinstance(group_value, tuple):
+                pair = name in PAIR_HYPERPARAMETERS and _is_sequence(group_value)
+                if pair and not isinstance(group_value, (tuple, PerParameter)):
                     group_value = tuple(group_value[i] for i in range(len(group_value)))  # e.g. a ParameterList
                 group[name] = group_value
         self._check_values(updated)
