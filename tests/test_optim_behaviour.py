@@ -348,3 +348,24 @@ def test_adagrad_override_of_the_initial_accumulator_replaces_the_unstepped_stat
     )
     for a, b in zip(fmodel.parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_per_parameter_betas_stay_one_pair_per_parameter():
+    model, (x, y) = nn.Linear(3, 2), _data()
+    pairs = higher.PerParameter([(0.9, 0.999), (0.8, 0.99)])
+    with higher.innerloop_ctx(model, torch.optim.Adam(model.parameters(), lr=0.01), override={"betas": [pairs]}) as (
+        fmodel,
+        diffopt,
+    ):
+        for _ in range(3):
+            diffopt.step(nn.functional.mse_loss(fmodel(x), y))
+    assert diffopt.param_groups[0]["betas"] is pairs
+
+    def make(m):
+        return torch.optim.Adam(
+            [{"params": [m.weight], "betas": (0.9, 0.999)}, {"params": [m.bias], "betas": (0.8, 0.99)}], lr=0.01
+        )
+
+    reference, _ = _torch_steps(model, make, x, y, 3)
+    for a, b in zip(fmodel.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
