@@ -597,7 +597,7 @@ class UpdateRule:
         update_many: optional, the same as ``update`` for lists of parameters, gradients and
             states with multi-tensor kernels (fewer operations and autograd nodes), giving the
             same values; it returns ``None`` where it does not apply (``update`` is used then).
-        flags_added_later: ``(flag, value)`` for flags that older torch versions (>= 2.1) do not
+        flags_added_later: ``(flag, value)`` for flags that older torch 2.x versions do not
             put into the parameter groups, with the value that gives their behaviour (the value
             torch's own ``__setstate__`` fills in for such groups).
         init_hyperparameters: the hyperparameters ``init`` reads (Adagrad's
