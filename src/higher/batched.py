@@ -230,6 +230,9 @@ class _TaskBatchedOptimizer(_optim.DifferentiableOptimizer):
             }
         super()._apply_override(override)
 
+    def _check_shape(self, name: str, value: Any, shapes: list[torch.Size]) -> None:
+        """A tensor with dimensions is one value per task here: checked by _hyperparameters_for."""
+
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
         tasks = self._tasks
         if not isinstance(loss, Tensor) or tuple(loss.shape) != (tasks,):

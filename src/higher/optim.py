@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from . import rules as _rules
 from .rules import PAIR_HYPERPARAMETERS, UpdateRule
+from .utils import _is_container
 
 if TYPE_CHECKING:
     from .patch import FunctionalModule
@@ -48,6 +50,11 @@ __all__ = [
     "get_trainable_opt_params",
     "apply_trainable_opt_params",
 ]
+
+# torch.optim's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook), which
+# every torch optimizer runs; empty stand-ins where a torch lacks them.
+_GLOBAL_PRE_HOOKS: dict[int, Callable[..., Any]] = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {})
+_GLOBAL_POST_HOOKS: dict[int, Callable[..., Any]] = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {})
 
 _GroupedGradsType = list[list[Union[Tensor, None]]]
 _StateType = list[defaultdict]
@@ -173,6 +180,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     state[index] = copied
             self.state.append(state)
         self._check_options(other)
+        # torch.optim.Optimizer's step hooks (register_step_pre_hook / register_step_post_hook).
+        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
         self._fmodel = fmodel
         self._track_higher_grads = track_higher_grads
         self._first_order = first_order
@@ -191,25 +201,35 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
     def _copy_torch_state(self, torch_state: dict | None, device: Any) -> dict:
         """A detached copy of one parameter's ``torch.optim`` state (warm start).
 
-        For the built-in rules, a state that has not taken a step yet (Adagrad's initial sum)
-        is left to the rule's ``init`` so that hyperparameters given by ``override`` (such as
-        ``initial_accumulator_value``) take effect.
+        Every entry is kept in torch's form (a tensor ``step`` stays a tensor), so that the
+        state continues exactly where torch left it and can be handed back to a torch
+        optimizer. State that torch creates before the first step (Adagrad's accumulator,
+        filled from the group's ``initial_accumulator_value`` or by the user) is kept too.
         """
         if not torch_state:
             return {}
-        step = torch_state.get("step")
-        if self.rule is not None and step is not None and float(step) == 0:
-            return {}
         copied: dict[str, Any] = {}
         for key, value in torch_state.items():
-            if key == "step" and self.rule is not None:
-                copied[key] = int(float(value))
-            elif isinstance(value, Tensor):
+            if isinstance(value, Tensor):
                 value = value.detach().clone()
                 copied[key] = value if device is None else value.to(device)
             else:
                 copied[key] = value
         return copied
+
+    def _reset_unstepped_state(self, names: Iterable[str]) -> None:
+        """Forget the state of parameters that never stepped if ``names`` shape that state.
+
+        An ``override`` of a hyperparameter that the rule's initial state is made from (Adagrad's
+        ``initial_accumulator_value``) replaces the initial state torch built from the old value,
+        so that the override (and its hypergradient) takes effect.
+        """
+        rule = self.rule
+        if rule is None or not set(names) & set(rule.init_hyperparameters):
+            return
+        for group_state in self.state:
+            for index in [k for k, st in group_state.items() if _never_stepped(st)]:
+                del group_state[index]
 
     def _check_options(self, other: torch.optim.Optimizer) -> None:
         """Refuse options of the torch optimizer that this rule cannot honour."""
@@ -247,8 +267,35 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 for candidate in candidates:
                     if isinstance(candidate, PerParameter):
                         _check_per_parameter(name, candidate, shapes)
+                    else:
+                        self._check_shape(name, candidate, shapes)
                     for single in candidate if isinstance(candidate, PerParameter) else [candidate]:
                         self._check_value(name, single)
+
+    def _check_shape(self, name: str, value: Any, shapes: list[torch.Size]) -> None:
+        """A tensor hyperparameter with dimensions must keep every parameter of its group's shape.
+
+        A ``(3, 1)`` learning rate would otherwise silently turn a ``(3,)`` bias into ``(3, 3)``.
+        """
+        if name in PAIR_HYPERPARAMETERS:
+            leaves = list(value) if isinstance(value, (tuple, list)) else []
+        else:
+            leaves = [value]
+        for leaf in leaves:
+            if not (isinstance(leaf, Tensor) and leaf.dim() > 0):
+                continue
+            for index, shape in enumerate(shapes):
+                try:
+                    broadcast = torch.broadcast_shapes(leaf.shape, shape)
+                except RuntimeError:
+                    broadcast = None
+                if broadcast != shape:
+                    raise ValueError(
+                        f"hyperparameter '{name}' is a tensor of shape {tuple(leaf.shape)}, which does not "
+                        f"broadcast to the shape {tuple(shape)} of parameter {index} of its group without "
+                        f"changing it; give a number, a 0-dim tensor, a tensor that broadcasts to every "
+                        f"parameter of the group, or one value per parameter with PerParameter."
+                    )
 
     def _check_value(self, name: str, value: Any) -> None:
         if name in PAIR_HYPERPARAMETERS and not _is_pair(value):
@@ -280,10 +327,14 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 )
             values = _per_group(name, value, len(self.param_groups))
             for group, group_value in zip(updated, values):
+                pair = name in PAIR_HYPERPARAMETERS and _is_sequence(group_value)
+                if pair and not isinstance(group_value, (tuple, PerParameter)):
+                    group_value = tuple(group_value[i] for i in range(len(group_value)))  # e.g. a ParameterList
                 group[name] = group_value
         self._check_values(updated)
         for group, new_values in zip(self.param_groups, updated):
             group.update(new_values)
+        self._reset_unstepped_state(override)
         # A hyperparameter tensor with dimensions may broadcast a parameter to another shape.
         self._shaped_hyperparameters = any(
             isinstance(v, Tensor) and v.dim() > 0 for group in self.param_groups for v in _flat(list(group.values()))
@@ -310,7 +361,50 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         Returns:
             The list of new parameters (parameters not tracked by the optimizer are passed
             through). If an fmodel is attached, it adopts them as its new fast weights.
+
+        Hooks registered with ``register_step_pre_hook``/``register_step_post_hook`` (and torch's
+        global optimizer hooks) run before and after the update, as for a torch optimizer, with
+        ``args == (loss,)`` and the other arguments in ``kwargs``.
         """
+        if not (
+            _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+        ):
+            return self._step(loss, params, override, grad_callback, **kwargs)
+        pre_hooks = [*_GLOBAL_PRE_HOOKS.values(), *self._optimizer_step_pre_hooks.values()]
+        post_hooks = [*_GLOBAL_POST_HOOKS.values(), *self._optimizer_step_post_hooks.values()]
+        # As torch.optim.Optimizer.step: hook(optimizer, args, kwargs); a pre-hook may return
+        # new (args, kwargs).
+        args: tuple[Any, ...] = (loss,)
+        keywords: dict[str, Any] = {"params": params, "override": override, "grad_callback": grad_callback, **kwargs}
+        for hook in pre_hooks:
+            result = hook(self, args, keywords)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"an optimizer step pre-hook must return None or a tuple (new_args, new_kwargs), got {result!r}."
+                    )
+                args, keywords = result
+        new_params = self._step(*args, **keywords)
+        for hook in post_hooks:
+            hook(self, args, keywords)
+        return new_params
+
+    def _step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: _OverrideType | None = None,
+        grad_callback: _GradCallbackType | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """:meth:`step` without the hooks."""
+        if not torch.is_grad_enabled():
+            mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+            raise RuntimeError(
+                f"diffopt.step() was called under {mode}: the update would not be recorded, so the unroll "
+                f"would silently stop being differentiable. Call step() outside {mode} (for a cheap loop "
+                f"without meta-gradients, build the optimizer with track_higher_grads=False instead)."
+            )
         if override is not None:
             self._apply_override(override)
         given = params is not None
@@ -401,6 +495,11 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"step() needs a scalar loss, got {shape}; reduce it first (e.g. loss.mean()).")
+        if loss.is_complex():
+            raise ValueError(
+                f"step() needs a real-valued loss, got a complex tensor ({loss.dtype}); minimize a real "
+                f"quantity such as loss.abs() or loss.real."
+            )
         targets = [i for i, p in enumerate(params) if p.requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if not targets:
@@ -412,10 +511,20 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             )
         create_graph = self._track_higher_grads and not self._first_order
         if len(targets) == len(params):
-            return list(_grad(loss, params, create_graph))
-        computed = _grad(loss, [params[i] for i in targets], create_graph)
-        for i, g in zip(targets, computed):
-            grads[i] = g
+            grads = list(_grad(loss, params, create_graph))
+        else:
+            computed = _grad(loss, [params[i] for i in targets], create_graph)
+            for i, g in zip(targets, computed):
+                grads[i] = g
+        if all(grads[i] is None for i in self._updated_indices):
+            raise ValueError(
+                "the loss does not depend on any tensor this optimizer updates (every gradient is None), so "
+                "the step would change nothing. Usual causes: the loss was computed with the original model, "
+                "model(x), instead of the fmodel, fmodel(x); the module uses its parameters through a plain "
+                "Python list or dict, which nn.Module does not register (use nn.ParameterList / "
+                "nn.ParameterDict / nn.ModuleList), so the fmodel cannot substitute fast weights for them; or "
+                "the params passed to step() are not the tensors the loss was computed from."
+            )
         return grads
 
     def _apply_update(self, params: list[Tensor], grads: list[Tensor | None], **kwargs: Any) -> list[Tensor]:
@@ -444,6 +553,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         for group, grads, state, shapes in zip(self.param_groups, grouped_grads, self.state, self._group_shapes):
             params = group["params"]
             live = [k for k, g in enumerate(grads) if g is not None]
+            if not live:
+                continue  # as torch.optim: a group without gradients (frozen, unused) is skipped
             live_params = params if len(live) == len(params) else [params[k] for k in live]
             live_grads = grads if len(live) == len(grads) else [grads[k] for k in live]
             if any(g.is_sparse for g in live_grads):
@@ -498,6 +609,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 value = value.at(self._steps_taken)
                 if isinstance(value, PerParameter):
                     _check_per_parameter(name, value, shapes)
+                else:
+                    self._check_shape(name, value, shapes)
                 for single in value if isinstance(value, PerParameter) else [value]:
                     self._check_value(name, single)
                 hyper[name] = value
@@ -577,8 +690,16 @@ def _flat(value: Any) -> list[Any]:
     return [value]
 
 
+def _is_sequence(value: Any) -> bool:
+    """Whether ``value`` is a sequence of values as 0.2.1 accepted them: anything with a length
+    and indexing (list, tuple, ``nn.ParameterList``...), but not a tensor, string or mapping."""
+    if isinstance(value, (str, bytes, Tensor, Mapping, PerStep)):
+        return False
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__")
+
+
 def _is_pair(value: Any) -> bool:
-    sequence = isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1)
+    sequence = _is_sequence(value) or (isinstance(value, Tensor) and value.dim() == 1)
     return sequence and len(value) == 2
 
 
@@ -592,18 +713,24 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Number) or (isinstance(value, Tensor) and value.dim() == 0)
 
 
+def _never_stepped(state: Mapping[str, Any]) -> bool:
+    step = state.get("step")
+    return step is not None and not (isinstance(step, Tensor) and step.requires_grad) and float(step) == 0
+
+
 def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
     """One override value per parameter group, following higher 0.2.1's conventions.
 
-    A sequence (list, tuple, or tensor with at least one dimension) of length 1 applies to every
-    group and one of length ``num_groups`` gives one value per group. A number or 0-dim tensor
-    applies to every group, and so does a bare pair for ``betas``/``etas``/``step_sizes``.
+    A sequence (list, tuple, ``nn.ParameterList`` or other object with a length and indexing,
+    or a tensor with at least one dimension) of length 1 applies to every group and one of
+    length ``num_groups`` gives one value per group. A number or 0-dim tensor applies to every
+    group, and so does a bare tuple pair for ``betas``/``etas``/``step_sizes``.
     """
     if _is_scalar(value) or isinstance(value, (PerParameter, PerStep)):
         return [value] * num_groups
     if name in PAIR_HYPERPARAMETERS and isinstance(value, tuple) and len(value) == 2 and all(map(_is_scalar, value)):
         return [value] * num_groups
-    if isinstance(value, (list, tuple, Tensor)):
+    if isinstance(value, Tensor) or _is_sequence(value):
         if len(value) == 1:
             return [value[0]] * num_groups
         if len(value) == num_groups:
@@ -919,11 +1046,34 @@ def _maybe_mask(tensor: Tensor, mask: Tensor) -> None:
 
 
 def _recursive_apply(replacement: Any, target: Any) -> Any:
-    """Map a structure of replacements onto a structure of tensors of the same shape."""
+    """Write the values of ``replacement`` into the structure ``target`` (0.2.1's helper).
+
+    ``target`` is a hyperparameter as a torch optimizer holds it and ``replacement`` the learned
+    value of the same structure (lists, tuples, sets and dicts, matched in order). A tensor in
+    ``target`` takes the replacement's data in place (and is returned); a number in ``target``
+    becomes the replacement's value, of the target's type (``float``, ``int``...).
+    """
     if isinstance(target, Tensor):
-        return replacement if isinstance(replacement, Tensor) else torch.as_tensor(replacement)
-    if isinstance(target, (list, tuple)):
+        value = replacement if isinstance(replacement, Tensor) else torch.as_tensor(replacement)
+        target.data = value.detach().to(target.device).data
+        return target
+    if _is_container(target):
+        if type(replacement) is not type(target) and not (
+            isinstance(target, (list, tuple)) and isinstance(replacement, (list, tuple))
+        ):
+            raise ValueError(
+                f"cannot apply a replacement of type {type(replacement).__name__} to a target of type "
+                f"{type(target).__name__}: give the same structure."
+            )
+        if isinstance(target, dict):
+            return type(target)(
+                {key: _recursive_apply(r, t) for r, (key, t) in zip(replacement.values(), target.items())}
+            )
         return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target))
-    if isinstance(target, dict):
-        return {k: _recursive_apply(replacement[k], v) for k, v in target.items()}
-    return replacement
+    if _is_container(replacement):
+        raise ValueError(
+            f"cannot apply a replacement of type {type(replacement).__name__} to a non-container target "
+            f"{target!r}: give the same structure."
+        )
+    value = replacement.item() if isinstance(replacement, Tensor) else replacement
+    return type(target)(value) if isinstance(target, numbers.Number) else value

@@ -123,6 +123,49 @@ def _zeros(param: Tensor) -> Tensor:
     return torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
+# Scalar state (step counts, NAdam's mu_product, ASGD's eta and mu) is kept as torch.optim keeps
+# it: 0-dim tensors of torch's "scalar dtype" (float64 if the default dtype is float64, else
+# float32), so that the state can be handed to a torch optimizer and, where torch rounds such a
+# value to float32, the numbers are torch's. Like torch's non-capturable kernels, the rules read
+# the value as a Python number for the math (unless it is part of a graph: a tensor
+# hyperparameter that requires grad flowed into it).
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _scalar(value: float) -> Tensor:
+    """``value`` as torch.optim stores scalar state: a 0-dim CPU tensor of the scalar dtype."""
+    return torch.scalar_tensor(value, dtype=_scalar_dtype())  # twice as fast as torch.tensor
+
+
+def _value(x: Any) -> Any:
+    """A 0-dim state tensor outside any graph as a Python number (torch's ``_get_value``)."""
+    if isinstance(x, Tensor) and x.dim() == 0 and not x.requires_grad:
+        return x.item()
+    return x
+
+
+def _next_step(step: Any) -> tuple[Any, Any]:
+    """The incremented step count, as stored (a tensor stays a tensor), and its value."""
+    if isinstance(step, Tensor):
+        value = step.item() + 1  # exact: torch's step counts are whole numbers in a float tensor
+        return torch.scalar_tensor(value, dtype=step.dtype, device=step.device), value
+    return step + 1, step + 1
+
+
+def _add_scaled_many(xs: list[Tensor], ys: list[Tensor], a: float) -> list[Tensor]:
+    """``[x + a * y]`` for number ``a``, keeping nothing extra for the backward pass.
+
+    torch 2.13's ``_foreach_add(xs, ys, alpha=a)`` saves both lists for its derivative (which
+    needs neither): in an unroll that keeps every step's gradients alive, 60 MiB more over a
+    200-step unroll of a 74k-parameter MLP. One-tensor ``add`` saves nothing, so it is used
+    whenever autograd records the operation.
+    """
+    if torch.is_grad_enabled() and (any(x.requires_grad for x in xs) or any(y.requires_grad for y in ys)):
+        return [torch.add(x, y, alpha=a) for x, y in zip(xs, ys)]
+    return list(torch._foreach_add(xs, ys, alpha=a))
+
+
 # The four fused forms that torch.optim's kernels use. With a Python-number coefficient they call
 # the same fused kernel as torch.optim (bitwise-equal results). A coefficient given as a tensor that
 # requires grad takes the fused kernel for the value and gets its gradient from an exactly-zero
@@ -216,7 +259,7 @@ def sgd_update_many(
     if hp["maximize"]:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        grads = _add_scaled_many(grads, params, weight_decay)
     new_states: list[State] = [{} for _ in params]
     if momentum != 0:
         buffers = [state.get("momentum_buffer") for state in states]
@@ -225,10 +268,10 @@ def sgd_update_many(
         elif any(buf is None for buf in buffers):
             return None
         else:
-            buffers = torch._foreach_add(torch._foreach_mul(buffers, momentum), grads, alpha=1 - dampening)
+            buffers = _add_scaled_many([buf * momentum for buf in buffers], grads, 1 - dampening)
         new_states = [{"momentum_buffer": buf} for buf in buffers]
-        grads = torch._foreach_add(grads, buffers, alpha=momentum) if hp["nesterov"] else buffers
-    return torch._foreach_add(params, grads, alpha=-lr), new_states
+        grads = _add_scaled_many(grads, buffers, momentum) if hp["nesterov"] else buffers
+    return _add_scaled_many(params, grads, -lr), new_states
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +281,7 @@ def sgd_update_many(
 #   weight decay: g <- g + wd p  (L2)  or  p <- p (1 - lr wd)  (decoupled, AdamW)
 # --------------------------------------------------------------------------------------------
 def adam_init(param: Tensor, hp: Hyper) -> State:
-    state: State = {"step": 0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+    state: State = {"step": _scalar(0.0), "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
     if hp["amsgrad"]:
         state["max_exp_avg_sq"] = _zeros(param)
     return state
@@ -248,10 +291,10 @@ def adam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
     lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
     exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
-    new_state: State = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    new_state: State = {"step": step_t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     second_moment = exp_avg_sq
     if hp["amsgrad"]:
         second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
@@ -269,28 +312,28 @@ def adam_update_many(
 
     Operation for operation the same math, so the same values; ``None`` (use the one-tensor
     rule) when a hyperparameter is a tensor. Only the operations whose multi-tensor derivative
-    keeps no extra tensors are multi-tensor: torch 2.13's ``_foreach_mul``/``_foreach_div``/
-    ``_foreach_add`` with a scalar keep their inputs for the backward pass (a copy of every
-    parameter-sized state per step: 8 MiB each on the benchmark's batched 16-layer MLP), and
-    the derivative of ``_foreach_addcdiv`` fails for more than a few tensors.
+    saves no more than the one-tensor one are multi-tensor: torch 2.13's ``_foreach_mul``,
+    ``_foreach_div``, ``_foreach_add`` and ``_foreach_addcmul`` save inputs their derivative does
+    not need (a copy of a parameter-sized state per parameter and step, kept for the whole
+    unroll), and the derivative of ``_foreach_addcdiv`` fails for more than a few tensors.
     """
     if not _numbers(hp, ("lr", "eps", "weight_decay")) or any(isinstance(b, Tensor) for b in hp["betas"]):
         return None
     lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
         grads = torch._foreach_neg(grads)
-    steps = [state["step"] + 1 for state in states]
+    step_ts, steps = zip(*(_next_step(state["step"]) for state in states))
     if weight_decay != 0:
         if hp["decoupled_weight_decay"]:
-            params = torch._foreach_mul(params, 1 - lr * weight_decay)
+            params = [p * (1 - lr * weight_decay) for p in params]  # _foreach_mul would save params
         else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+            grads = _add_scaled_many(grads, params, weight_decay)
     exp_avgs = torch._foreach_lerp([state["exp_avg"] for state in states], grads, 1 - beta1)
-    exp_avg_sqs = [state["exp_avg_sq"] * beta2 for state in states]
-    exp_avg_sqs = torch._foreach_addcmul(exp_avg_sqs, grads, grads, value=1 - beta2)
+    # One-tensor addcmul: the multi-tensor one also saves the (otherwise unneeded) decayed average.
+    exp_avg_sqs = [torch.addcmul(s["exp_avg_sq"] * beta2, g, g, value=1 - beta2) for s, g in zip(states, grads)]
     new_states: list[State] = [
-        {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        for step, exp_avg, exp_avg_sq in zip(steps, exp_avgs, exp_avg_sqs)
+        {"step": step_t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        for step_t, exp_avg, exp_avg_sq in zip(step_ts, exp_avgs, exp_avg_sqs)
     ]
     second_moments = exp_avg_sqs
     if hp["amsgrad"]:
@@ -308,20 +351,20 @@ def adam_update_many(
 # Adagrad (Duchi et al. 2011):  s <- s + g^2;  p <- p - lr/(1 + (t-1) lr_decay) * g / (sqrt(s) + eps)
 # --------------------------------------------------------------------------------------------
 def adagrad_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "sum": _zeros(param) + hp["initial_accumulator_value"]}
+    return {"step": _scalar(0.0), "sum": _zeros(param) + hp["initial_accumulator_value"]}
 
 
 def adagrad_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
     lr, lr_decay, eps, weight_decay = hp["lr"], hp["lr_decay"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     if _active(weight_decay):
         grad = _add_scaled(grad, param, weight_decay)
     clr = lr / (1 + (step - 1) * lr_decay)
     accumulated = _add_product(state["sum"], grad, grad, 1)
     std = sqrt0(accumulated) + eps
-    return _add_ratio(param, grad, std, -clr), {"step": step, "sum": accumulated}
+    return _add_ratio(param, grad, std, -clr), {"step": step_t, "sum": accumulated}
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +372,7 @@ def adagrad_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tupl
 #                          u <- rho u + (1-rho) d^2;  p <- p - lr d
 # --------------------------------------------------------------------------------------------
 def adadelta_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "square_avg": _zeros(param), "acc_delta": _zeros(param)}
+    return {"step": _scalar(0.0), "square_avg": _zeros(param), "acc_delta": _zeros(param)}
 
 
 def adadelta_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
@@ -342,7 +385,7 @@ def adadelta_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tup
     std = (square_avg + eps).sqrt()
     delta = (state["acc_delta"] + eps).sqrt() / std * grad
     acc_delta = _add_product(state["acc_delta"] * rho, delta, delta, 1 - rho)
-    new_state = {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
+    new_state = {"step": _next_step(state["step"])[0], "square_avg": square_avg, "acc_delta": acc_delta}
     return _add_scaled(param, delta, -lr), new_state
 
 
@@ -351,20 +394,20 @@ def adadelta_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tup
 #                                       p <- p - lr/(1-b1^t) * m / u
 # --------------------------------------------------------------------------------------------
 def adamax_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "exp_avg": _zeros(param), "exp_inf": _zeros(param)}
+    return {"step": _scalar(0.0), "exp_avg": _zeros(param), "exp_inf": _zeros(param)}
 
 
 def adamax_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
     lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     if _active(weight_decay):
         grad = _add_scaled(grad, param, weight_decay)
     exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
     exp_inf = torch.maximum(state["exp_inf"] * beta2, grad.abs() + eps)
     clr = lr / (1 - beta1**step)
-    new_state = {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+    new_state = {"step": step_t, "exp_avg": exp_avg, "exp_inf": exp_inf}
     return _add_ratio(param, exp_avg, exp_inf, -clr), new_state
 
 
@@ -373,17 +416,19 @@ def adamax_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple
 #   eta <- lr / (1 + lambd lr t)^alpha;  mu <- 1 / max(1, t - t0)
 # --------------------------------------------------------------------------------------------
 def asgd_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "eta": hp["lr"], "mu": 1.0, "ax": _zeros(param)}
+    lr = hp["lr"]
+    eta = lr if isinstance(lr, Tensor) else _scalar(lr)
+    return {"step": _scalar(0.0), "eta": eta, "mu": _scalar(1.0), "ax": _zeros(param)}
 
 
 def asgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
     lr, lambd, alpha, t0, weight_decay = hp["lr"], hp["lambd"], hp["alpha"], hp["t0"], hp["weight_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     if _active(weight_decay):
         grad = _add_scaled(grad, param, weight_decay)
-    eta, mu = state["eta"], state["mu"]
+    eta, mu = _value(state["eta"]), _value(state["mu"])
     param = param * (1 - lambd * eta)
     param = _add_scaled(param, grad, -eta)
     ax = state["ax"]
@@ -393,7 +438,11 @@ def asgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
         new_mu: Any = 1 / torch.clamp(step - t0, min=1)
     else:
         new_mu = 1 / max(1, step - t0)
-    return param, {"step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
+    # torch stores eta and mu in the scalar dtype (float32 under a float32 default): so do we,
+    # unless they carry a hypergradient.
+    new_eta = new_eta if isinstance(new_eta, Tensor) else _scalar(new_eta)
+    new_mu = new_mu if isinstance(new_mu, Tensor) else _scalar(new_mu)
+    return param, {"step": step_t, "eta": new_eta, "mu": new_mu, "ax": ax}
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +451,7 @@ def asgd_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[T
 #   momentum: b <- mu b + g/avg, p <- p - lr b;  else p <- p - lr g/avg
 # --------------------------------------------------------------------------------------------
 def rmsprop_init(param: Tensor, hp: Hyper) -> State:
-    state: State = {"step": 0, "square_avg": _zeros(param)}
+    state: State = {"step": _scalar(0.0), "square_avg": _zeros(param)}
     if _active(hp["momentum"]):
         state["momentum_buffer"] = _zeros(param)
     if hp["centered"]:
@@ -417,7 +466,7 @@ def rmsprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tupl
     if _active(weight_decay):
         grad = _add_scaled(grad, param, weight_decay)
     square_avg = _add_product(state["square_avg"] * alpha, grad, grad, 1 - alpha)
-    new_state: State = {"step": state["step"] + 1, "square_avg": square_avg}
+    new_state: State = {"step": _next_step(state["step"])[0], "square_avg": square_avg}
     if hp["centered"]:
         grad_avg = _lerp(state["grad_avg"], grad, 1 - alpha)
         new_state["grad_avg"] = grad_avg
@@ -437,7 +486,7 @@ def rmsprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tupl
 #   g <- 0 where the sign flipped;  p <- p - sign(g) step;  g_prev <- g
 # --------------------------------------------------------------------------------------------
 def rprop_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "prev": _zeros(param), "step_size": _zeros(param) + hp["lr"]}
+    return {"step": _scalar(0.0), "prev": _zeros(param), "step_size": _zeros(param) + hp["lr"]}
 
 
 def rprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
@@ -450,7 +499,7 @@ def rprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
     factor = torch.where(sign > 0, etaplus, torch.where(sign < 0, etaminus, ones))
     step_size = _clamp(state["step_size"] * factor, step_size_min, step_size_max)
     grad = torch.where(factor == etaminus, torch.zeros_like(grad), grad)
-    new_state = {"step": state["step"] + 1, "prev": grad, "step_size": step_size}
+    new_state = {"step": _next_step(state["step"])[0], "prev": grad, "step_size": step_size}
     return _add_product(param, grad.sign(), step_size, -1), new_state
 
 
@@ -460,7 +509,7 @@ def rprop_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
 #   d = sqrt(v/(1-b2^t)) + eps
 # --------------------------------------------------------------------------------------------
 def nadam_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "mu_product": 1.0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+    return {"step": _scalar(0.0), "mu_product": _scalar(1.0), "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
 
 def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
@@ -468,18 +517,23 @@ def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
     momentum_decay = hp["momentum_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     bias_correction2 = 1 - beta2**step
     param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # The product is kept as torch keeps it (a tensor of the scalar dtype, float32 under a
+    # float32 default) and read back as a number, unless it carries a hypergradient.
     mu_product = state["mu_product"] * mu
-    mu_product_next = mu_product * mu_next
+    if not isinstance(mu_product, Tensor):
+        mu_product = _scalar(mu_product)
+    mu_product_value = _value(mu_product)
+    mu_product_next = mu_product_value * mu_next
     exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
     denom = sqrt0(exp_avg_sq / bias_correction2) + eps
-    param = _add_ratio(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product))
+    param = _add_ratio(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product_value))
     param = _add_ratio(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
-    new_state = {"step": step, "mu_product": mu_product, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    new_state = {"step": step_t, "mu_product": mu_product, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     return param, new_state
 
 
@@ -489,17 +543,17 @@ def nadam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[
 #   with r_t = sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t)); else p <- p - lr m_hat
 # --------------------------------------------------------------------------------------------
 def radam_init(param: Tensor, hp: Hyper) -> State:
-    return {"step": 0, "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+    return {"step": _scalar(0.0), "exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
 
 
 def radam_update(param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
     lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
         grad = -grad
-    step = state["step"] + 1
+    step_t, step = _next_step(state["step"])
     param, grad = _weight_decay(param, grad, lr, weight_decay, hp["decoupled_weight_decay"])
     exp_avg, exp_avg_sq = _moments(state, grad, beta1, beta2)
-    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    new_state = {"step": step_t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     corrected_exp_avg = exp_avg / bias_correction1
@@ -543,9 +597,12 @@ class UpdateRule:
         update_many: optional, the same as ``update`` for lists of parameters, gradients and
             states with multi-tensor kernels (fewer operations and autograd nodes), giving the
             same values; it returns ``None`` where it does not apply (``update`` is used then).
-        flags_added_later: ``(flag, value)`` for flags that older torch versions (>= 2.1) do not
+        flags_added_later: ``(flag, value)`` for flags that older torch 2.x versions do not
             put into the parameter groups, with the value that gives their behaviour (the value
             torch's own ``__setstate__`` fills in for such groups).
+        init_hyperparameters: the hyperparameters ``init`` reads (Adagrad's
+            ``initial_accumulator_value``): overriding one replaces the state of parameters that
+            have not stepped yet, which torch may have built from the old value.
     """
 
     name: str
@@ -558,6 +615,7 @@ class UpdateRule:
         Callable[[list[Tensor], list[Tensor], list[State], Hyper], tuple[list[Tensor], list[State]] | None] | None
     ) = None
     flags_added_later: tuple[tuple[str, bool], ...] = ()
+    init_hyperparameters: tuple[str, ...] = ()
 
     @property
     def options(self) -> frozenset[str]:
@@ -594,6 +652,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize",),
             adagrad_init,
             adagrad_update,
+            init_hyperparameters=("initial_accumulator_value",),
         ),
         UpdateRule(
             "Adadelta",
@@ -618,6 +677,7 @@ RULES: dict[str, UpdateRule] = {
             ("maximize",),
             asgd_init,
             asgd_update,
+            init_hyperparameters=("lr",),
         ),
         UpdateRule(
             "RMSprop",
@@ -627,7 +687,15 @@ RULES: dict[str, UpdateRule] = {
             rmsprop_init,
             rmsprop_update,
         ),
-        UpdateRule("Rprop", torch.optim.Rprop, ("lr", "etas", "step_sizes"), ("maximize",), rprop_init, rprop_update),
+        UpdateRule(
+            "Rprop",
+            torch.optim.Rprop,
+            ("lr", "etas", "step_sizes"),
+            ("maximize",),
+            rprop_init,
+            rprop_update,
+            init_hyperparameters=("lr",),
+        ),
         UpdateRule(
             "NAdam",
             torch.optim.NAdam,

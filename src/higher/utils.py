@@ -1,8 +1,8 @@
-"""Small utilities of higher 0.2.1's public interface."""
+"""Small utilities of higher 0.2.1's interface (public and the private helpers user code imports)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,6 +19,24 @@ def _copy_tensor(t: Tensor, safe_copy: bool, device: torch.device | str | None =
     return copied.detach().requires_grad_(t.requires_grad)
 
 
+def _recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
+    """``map_fn`` applied to every leaf of nested lists, tuples, sets and dict values.
+
+    Containers are rebuilt with their own type (dict keys kept); anything else is a leaf.
+    """
+    if isinstance(target, dict):
+        return type(target)({key: _recursive_map(value, map_fn) for key, value in target.items()})
+    if isinstance(target, (list, tuple, set)):
+        return type(target)(_recursive_map(item, map_fn) for item in target)
+    return map_fn(target)
+
+
+def _recursive_copy_and_cast(target: Any, device: torch.device | str | None) -> Any:
+    """Nested containers with every tensor replaced by a detached copy (see :func:`_copy_tensor`)
+    on ``device``; other leaves are kept as they are."""
+    return _recursive_map(target, lambda x: _copy_tensor(x, True, device) if isinstance(x, Tensor) else x)
+
+
 def get_func_params(
     module: torch.nn.Module, device: torch.device | str | None = None, safe_copy: bool = True
 ) -> list[Tensor]:
@@ -27,6 +45,7 @@ def get_func_params(
 
 
 def _is_container(x: Any) -> bool:
+    """Whether ``x`` is a list, tuple, set or dict (the containers the helpers here recurse into)."""
     return isinstance(x, (list, tuple, set, dict))
 
 
@@ -45,3 +64,26 @@ def _find_param_in_list(param: Tensor, candidates: Iterable[Tensor]) -> int | No
         if candidate is param:
             return i
     return None
+
+
+def _get_param_mapping(module: torch.nn.Module, seen: list[Tensor], mapping: list[int]) -> list[int]:
+    """For every parameter slot of ``module``'s tree, the index of its tensor among the distinct ones.
+
+    Walks the tree depth first (a module's own parameters, then its children, as
+    ``module.parameters()`` does but visiting shared modules and tied slots again), appending
+    each new tensor to ``seen`` and each slot's index into ``seen`` to ``mapping``; returns
+    ``mapping``. Tied weights give repeated indices.
+    """
+    for param in module._parameters.values():
+        if param is None:
+            continue
+        found = _find_param_in_list(param, seen)
+        if found is None:
+            mapping.append(len(seen))
+            seen.append(param)
+        else:
+            mapping.append(found)
+    for child in module._modules.values():
+        if child is not None:
+            _get_param_mapping(child, seen, mapping)
+    return mapping
