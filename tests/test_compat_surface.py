@@ -59,11 +59,19 @@ UTILS = [
     "_get_param_mapping",
 ]
 # ---------------------------------------------------------------------------------------------
-# higher.patch: the fmodel side (the lead's part of issue 8) FILLS THIS LIST. 0.2.1's names:
-# make_functional, monkeypatch, buffer_sync, _MonkeyPatchBase, _make_functional,
-# _update_patched_params, _patched_parameters, _ParameterPlaceholder, _modify_internally,
-# _internal_attrs. Only those that resolve today are listed; add the rest with the redesign.
-PATCH = ["make_functional", "monkeypatch", "buffer_sync"]
+# higher.patch: 0.2.1's names (their behaviour: tests/test_patch_compat.py).
+PATCH = [
+    "make_functional",
+    "monkeypatch",
+    "buffer_sync",
+    "_MonkeyPatchBase",
+    "_make_functional",
+    "_update_patched_params",
+    "_patched_parameters",
+    "_ParameterPlaceholder",
+    "_modify_internally",
+    "_internal_attrs",
+]
 # ---------------------------------------------------------------------------------------------
 
 SURFACE = (
