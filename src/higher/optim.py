@@ -258,6 +258,12 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         for group, shapes in zip(groups, self._group_shapes):
             for name in names:
                 value = group.get(name)
+                kind = type(value)
+                if name in PAIR_HYPERPARAMETERS:
+                    if kind is tuple and len(value) == 2 and all(type(v) in (float, int) and v == v for v in value):
+                        continue  # the usual case, a plain pair (betas, etas, step_sizes)
+                elif (kind is float or kind is int) and value == value:
+                    continue  # the usual case, a plain number
                 if isinstance(value, PerStep) and not callable(value.values):
                     candidates = list(value.values)
                 elif isinstance(value, PerStep):

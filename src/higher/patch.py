@@ -94,6 +94,9 @@ class _NoHooks(OrderedDict):
 
 _NO_HOOKS = _NoHooks()
 
+# A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode.
+_MODULE_STATE = [(key, value) for key, value in nn.Module().__dict__.items() if key != "training"]
+
 # The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
 _TAG = "_higher_replica"
 
@@ -221,6 +224,14 @@ class _Tree:
             for m in modules
         ]
         self.plan = self._copy_plan()
+        # What the root view of every patch of this tree knows (shared, never modified).
+        self.root_view_state = {
+            "_hg_all_param_names": [(name, slot[2]) for name, slot in self.param_slots],
+            "_hg_param_idx": list(range(len(self.param_names))),
+            "_hg_param_names": self.param_names,
+            "_hg_buffer_names": [(name, i) for i, name in enumerate(self.buffer_names)],
+            "_hg_subtree": list(range(len(modules))),
+        }
 
     def live_modules(self) -> list[nn.Module] | None:
         """The modules, if the tree is still as analysed (else ``None``)."""
@@ -517,17 +528,16 @@ class FunctionalModule(nn.Module):
         d["_hg_core"] = core
         index = d["_hg_index"] = None if path is None else core.module_index[id(module)]
         d["_hg_module"] = module
-        mode = module.training if index is None else core.replicas[index].training
-        super().__init__()  # sets `training` (kept on the replica) and `_modules`, see the properties below
-        object.__setattr__(self, "training", mode)
+        # nn.Module.__init__'s state, made directly (it is a dozen empty dicts; views are made per
+        # inner loop). ``training`` is a property here: the mode lives on the replica.
+        for key, value in _MODULE_STATE:
+            d[key] = value.copy() if type(value) in _OWN_CONTAINERS else value
+        if index is None:
+            object.__setattr__(self, "training", module.training)
         d["_hg_path"] = path
         d["_hg_is_root"] = path == ""
         if path == "":  # the root sees every slot: nothing to select (submodule views select on first use)
-            d["_hg_all_param_names"] = [(name, slot[2]) for name, slot in core.param_slots]
-            d["_hg_param_idx"] = list(range(len(core.param_names)))
-            d["_hg_param_names"] = core.param_names
-            d["_hg_buffer_names"] = [(name, i) for i, name in enumerate(core.buffer_names)]
-            d["_hg_subtree"] = list(range(len(core.modules)))
+            d.update(core.tree.root_view_state)
             self._hg_own_tensors()
 
     def _hg_select(self) -> None:

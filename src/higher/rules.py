@@ -22,6 +22,7 @@ Adding an optimizer means writing one ``init`` and one ``update`` function and o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -617,7 +618,7 @@ class UpdateRule:
     flags_added_later: tuple[tuple[str, bool], ...] = ()
     init_hyperparameters: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def options(self) -> frozenset[str]:
         """Every group key this rule reads or accepts without effect (implementation flags)."""
         return frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS)
