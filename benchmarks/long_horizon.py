@@ -14,6 +14,7 @@ a profiler-based count misses the autograd graph's own nodes; peak RSS counts ev
     python benchmarks/long_horizon.py                       # table + docs/long-horizon.png
     python benchmarks/long_horizon.py --steps 10 100 1000   # a subset
     python benchmarks/long_horizon.py --crossover           # forward vs reverse against #hyperparameters
+    python benchmarks/long_horizon.py --timing 1000         # time ratio, alternating rounds in one process
 """
 
 from __future__ import annotations
@@ -100,15 +101,29 @@ def child(method: str, steps: int, hypers: int) -> None:
     run(method, 2, hypers)  # warm-up: library pages, allocator pools
     baseline = _rss_mib()
     seconds = run(method, steps, hypers)
-    print(json.dumps({"method": method, "steps": steps, "hypers": hypers, "seconds": seconds,
-                      "peak_mib": _rss_mib(), "baseline_mib": baseline, "unroll_mib": _rss_mib() - baseline}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "steps": steps,
+                "hypers": hypers,
+                "seconds": seconds,
+                "peak_mib": _rss_mib(),
+                "baseline_mib": baseline,
+                "unroll_mib": _rss_mib() - baseline,
+            }
+        )
+    )
 
 
 def measure(method: str, steps: int, hypers: int = 2) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     out = subprocess.run(
         [sys.executable, __file__, "--child", method, str(steps), str(hypers)],
-        check=True, capture_output=True, text=True, env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -121,26 +136,52 @@ def main() -> None:
     parser.add_argument("--plot", default=str(ROOT / "docs" / "long-horizon.png"))
     parser.add_argument("--crossover", action="store_true", help="forward vs reverse time against #hyperparameters")
     parser.add_argument("--json", help="write all points to this file")
+    parser.add_argument("--timing", type=int, metavar="T", help="time full vs checkpointed at T steps in this process")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for --timing")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
     print(f"load average before: {os.getloadavg()}", flush=True)
     points = []
+    if args.timing:
+        torch.set_num_threads(1)
+        run("full", 2)
+        run("checkpointed", 2)
+        times: dict[str, list[float]] = {"full": [], "checkpointed": []}
+        for _ in range(args.rounds):
+            for method in times:
+                times[method].append(run(method, args.timing))
+                print(f"T={args.timing} {method:13s} {times[method][-1]:7.2f} s", flush=True)
+        best = {m: min(v) for m, v in times.items()}
+        ratios = [c / f for c, f in zip(times["checkpointed"], times["full"])]
+        print(
+            f"min: full {best['full']:.2f} s, checkpointed {best['checkpointed']:.2f} s, "
+            f"ratio of minima {best['checkpointed'] / best['full']:.2f}; per-round ratios "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}"
+        )
+        print(f"load average after: {os.getloadavg()}", flush=True)
+        return
     if args.crossover:
         for hypers in (1, 2, 4, 8, 16):
             for method in ("reverse", "forward"):
                 p = measure("full" if method == "reverse" else "forward", 100, hypers)
                 p["method"] = method
                 points.append(p)
-                print(f"T=100 hyper scalars={hypers:3d} {method:8s} {p['seconds']:7.2f} s  {p['unroll_mib']:8.1f} MiB", flush=True)
+                print(
+                    f"T=100 hyper scalars={hypers:3d} {method:8s} {p['seconds']:7.2f} s  {p['unroll_mib']:8.1f} MiB",
+                    flush=True,
+                )
     else:
         for steps in args.steps:
             for method in args.methods:
                 p = measure(method, steps)
                 points.append(p)
-                print(f"T={steps:5d} {method:13s} {p['seconds']:8.2f} s  unroll {p['unroll_mib']:8.1f} MiB  "
-                      f"(peak {p['peak_mib']:.1f}, baseline {p['baseline_mib']:.1f})", flush=True)
+                print(
+                    f"T={steps:5d} {method:13s} {p['seconds']:8.2f} s  unroll {p['unroll_mib']:8.1f} MiB  "
+                    f"(peak {p['peak_mib']:.1f}, baseline {p['baseline_mib']:.1f})",
+                    flush=True,
+                )
         if args.plot:
             import matplotlib
 

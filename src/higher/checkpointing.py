@@ -15,18 +15,21 @@ and hypergradients (in float64 they agree to rounding, in practice bitwise)::
         higher.checkpointed_unroll(fmodel, diffopt, lambda fmodel, t: F.mse_loss(fmodel(xs[t]), ys[t]), steps=1000)
         F.mse_loss(fmodel(x_val), y_val).backward()   # meta-gradients reach model and lr
 
-How: each segment runs under ``torch.autograd.graph.saved_tensors_hooks``: the graph is recorded
-as usual, but every tensor it saves for backward goes into a small holder that the segment
-releases when its steps are done (during the segment the inner gradients need them). When the
-backward pass first unpacks a released tensor, the segment is run again from its checkpoint
-(fmodel and optimizer set back to that point, and afterwards to where they were), filling the
-holders in the same order; one segment is materialized at a time. Since the graph itself is the
-original one, every tensor the step function closes over (hyperparameters used in the loss,
-data that requires grad) is handled without being declared. The last segment is not released
-(backward starts there). ``torch.utils.checkpoint`` is not used: its non-reentrant form
-recomputes the segment whenever a saved tensor is unpacked during the segment's own forward pass,
-which the inner ``autograd.grad`` of every step does (quadratic cost), and its reentrant form
-does not let ``torch.autograd.grad`` reach tensors outside the segment.
+How: each checkpointed segment becomes one autograd node (a ``torch.autograd.Function``). The
+steps run from detached copies of the segment's starting fast weights and optimizer state; their
+graph is dropped at once and only the end state is kept, as the node's outputs. The node's inputs
+are the starting tensors plus every tensor from outside the segment that the steps read: found
+by walking the segment's graph before dropping it (leaf tensors such as ``override``
+hyperparameters, model parameters, data that requires grad; and non-leaf hyperparameter tensors
+in the optimizer's groups, ``PerStep`` lists or ``inputs=[...]``). Its backward restores the
+segment's start (fast weights, optimizer state, buffers, training modes, step counter, random
+number generator), runs the steps again with the graph, and differentiates them with
+``torch.autograd.grad``. Memory: one checkpoint per segment plus one segment's graph; the graph
+of the other steps is not kept at all (not even its nodes, which in a deep network's unroll weigh
+as much as the saved tensors). The last segment is not checkpointed (backward starts there).
+``torch.utils.checkpoint`` is not used: its non-reentrant form keeps every node and recomputes
+the segment whenever a saved tensor is unpacked during the segment's own forward pass, which the
+inner ``autograd.grad`` of every step does (quadratic cost).
 
 What the step function may do: anything deterministic given the fmodel, the optimizer and the
 step index: draw random numbers (the generator state is restored for the recomputation), use
@@ -51,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import DifferentiableOptimizer
+from .optim import DifferentiableOptimizer, PerStep
 from .patch import FunctionalModule
 
 __all__ = ["CheckpointedUnroll", "checkpointed_unroll", "default_every"]
@@ -118,6 +121,7 @@ def _restore(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, snapsho
         group.update({key: dict(value) for key, value in saved.items()})
     for group, hyper in zip(diffopt.param_groups, snapshot.hyper):
         group.update(hyper)
+        group["params"] = [None] * len(group["params"])  # step() fills them; do not keep a recomputed graph
     with torch.no_grad():
         for buffer, saved in zip(fmodel.buffers(), snapshot.buffers):
             buffer.copy_(saved)
@@ -145,89 +149,203 @@ def _check(fmodel: Any, diffopt: Any, steps: Any, every: Any) -> None:
         raise ValueError(f"every must be a positive integer (steps per checkpointed segment), got {every!r}")
 
 
-class _Holder:
-    """One saved tensor of a checkpointed segment: kept during the segment, then released."""
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors in a hyperparameter value (numbers, tensors, tuples, PerParameter, PerStep lists)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, PerStep):
+        value = value.values
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
-    __slots__ = ("segment", "index", "tensor", "shape", "dtype")
 
-    def __init__(self, segment: _Segment, index: int, tensor: Tensor) -> None:
-        self.segment = segment
-        self.index = index
-        self.tensor: Tensor | None = tensor
-        self.shape = tensor.shape
-        self.dtype = tensor.dtype
+def _next_sequence_number() -> int:
+    probe = torch.zeros((), requires_grad=True) * 1
+    return probe.grad_fn._sequence_nr()  # type: ignore[union-attr]
+
+
+class _SegmentFunction(torch.autograd.Function):
+    """Steps ``start..stop-1`` as one autograd node: inputs the state at ``start`` and the tensors the steps read,
+    outputs the state at ``stop``; backward runs the steps again and differentiates that run."""
+
+    @staticmethod
+    def forward(ctx: Any, segment: _Segment, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.segment = segment
+        ctx.save_for_backward(*inputs)
+        outputs = segment.outputs
+        segment.outputs = []
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        segment: _Segment = ctx.segment
+        inputs = ctx.saved_tensors
+        result = segment.recompute(list(inputs), list(grads))
+        return (None, *result)
 
 
 class _Segment:
-    """Steps ``start..stop-1``, their saved tensors, and the state to recompute them from."""
+    """One checkpointed segment: the state to start from and how to run and differentiate its steps."""
 
     def __init__(self, unroll: _Unroll, start: int, stop: int) -> None:
         self.unroll = unroll
         self.start = start
         self.stop = stop
-        self.begin = _snapshot(unroll.fmodel, unroll.diffopt)
         self.rng = _rng_states(unroll.devices)
-        self.holders: list[_Holder] = []
-        self.recomputing = -1  # the next holder to fill while recomputing; -1 when not
+        self.outputs: list[Tensor] = []
+        self.output_slots: list[tuple[str, Any]] = []
 
-    def pack(self, tensor: Tensor) -> _Holder:
-        if self.recomputing >= 0:
-            index = self.recomputing
-            if index >= len(self.holders):
-                raise RuntimeError(_MISMATCH.format(start=self.start, stop=self.stop, what="more tensors"))
-            holder = self.holders[index]
-            if holder.shape != tensor.shape or holder.dtype != tensor.dtype:
-                raise RuntimeError(_MISMATCH.format(start=self.start, stop=self.stop, what="different tensors"))
-            holder.tensor = tensor
-            self.recomputing += 1
-            return holder
-        holder = _Holder(self, len(self.holders), tensor)
-        self.holders.append(holder)
-        return holder
+    def _install(self, starts: list[Tensor]) -> None:
+        """Restore the state at ``start`` with its tensors replaced by ``starts`` (detached leaves)."""
+        begin = self.begin
+        params = list(begin.params)
+        state = [{k: dict(v) for k, v in g.items()} for g in begin.state]
+        for (kind, where), tensor in zip(self.in_slots, starts):
+            if kind == "param":
+                params[where] = tensor
+            else:
+                g, k, key = where
+                state[g][k][key] = tensor
+        _restore(
+            self.unroll.fmodel,
+            self.unroll.diffopt,
+            _Snapshot(params, state, begin.hyper, begin.buffers, begin.modes, begin.steps_taken),
+        )
 
-    def release(self) -> None:
-        for holder in self.holders:
-            holder.tensor = None
+    def _run(self) -> None:
+        for t in range(self.start, self.stop):
+            self.unroll.take_step(t)
 
-    def recompute(self) -> None:
+    def forward(self) -> list[Tensor]:
+        """Run the steps; return the inputs of the segment node (start tensors, then the external tensors read)."""
         unroll = self.unroll
-        if unroll.materialized is not None and unroll.materialized is not self:
-            unroll.materialized.release()
-        unroll.materialized = None
+        fmodel, diffopt = unroll.fmodel, unroll.diffopt
+        self.begin = _snapshot(fmodel, diffopt)
+        self.in_slots = _slots(self.begin.params, self.begin.state)
+        starts = [_at(self.begin.params, self.begin.state, slot) for slot in self.in_slots]
+        copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
+        self._install(copies)
+        first = _next_sequence_number()
+        with torch.enable_grad():
+            self._run()
+        params, state = list(fmodel.parameters()), diffopt.state
+        self.out_slots = [slot for slot in _slots(params, state) if _at(params, state, slot).requires_grad]
+        outputs = [_at(params, state, slot) for slot in self.out_slots]
+        externals = _externals(outputs, copies, first, unroll.known_tensors(), self.start, self.stop)
+        self.external_count = len(externals)
+        # Everything else (tensors that need no gradient, step counters) stays as the run left it, detached.
+        fmodel.update_params([p.detach().requires_grad_(p.requires_grad) for p in params])
+        diffopt._detach_state()
+        self.outputs = [o.detach() for o in outputs]
+        return starts + externals
+
+    def install_outputs(self, outputs: Sequence[Tensor]) -> None:
+        fmodel, diffopt = self.unroll.fmodel, self.unroll.diffopt
+        params = list(fmodel.parameters())
+        for (kind, where), tensor in zip(self.out_slots, outputs):
+            if kind == "param":
+                params[where] = tensor
+            else:
+                g, k, key = where
+                diffopt.state[g][k][key] = tensor
+        fmodel.update_params(params)
+
+    def recompute(self, inputs: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        unroll = self.unroll
         fmodel, diffopt = unroll.fmodel, unroll.diffopt
         now = _snapshot(fmodel, diffopt)
         kept = len(unroll.result.losses)
-        self.recomputing = 0
+        count = len(inputs) - self.external_count
+        starts, externals = inputs[:count], inputs[count:]
+        tracked = fmodel.track_higher_grads
+        fmodel.track_higher_grads = False  # the history keeps only the latest entry while recomputing
         try:
             with torch.random.fork_rng(devices=unroll.devices), torch.enable_grad():
                 _set_rng_states(self.rng, unroll.devices)
-                _restore(fmodel, diffopt, self.begin)
-                with torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack):
-                    for t in range(self.start, self.stop):
-                        unroll.take_step(t)
-            if self.recomputing != len(self.holders):
-                raise RuntimeError(_MISMATCH.format(start=self.start, stop=self.stop, what="fewer tensors"))
+                copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
+                self._install(copies)
+                self._run()
+                params, state = list(fmodel.parameters()), diffopt.state
+                outputs = [_at(params, state, slot) for slot in self.out_slots]
+                pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+                wrt = [(i, x) for i, x in enumerate(copies + externals) if x.requires_grad]
+                computed: Sequence[Tensor | None] = [None] * len(wrt)
+                if pairs and wrt:
+                    computed = torch.autograd.grad(
+                        [o for o, _ in pairs], [x for _, x in wrt], [g for _, g in pairs], allow_unused=True
+                    )
         finally:
-            self.recomputing = -1
             del unroll.result.losses[kept:]
             _restore(fmodel, diffopt, now)
+            fmodel.track_higher_grads = tracked
         unroll.result.recomputations += 1
-        unroll.materialized = self
+        result: list[Tensor | None] = [None] * len(inputs)
+        for (i, _), g in zip(wrt, computed):
+            result[i] = g
+        return result
 
 
-_MISMATCH = (
-    "checkpointed_unroll: recomputing steps {start}..{stop} saved {what} for backward than the first run; the "
-    "step function must compute the same operations for the same step (no Python state that changes between "
-    "calls, e.g. an lr_scheduler stepped inside it: use higher.PerStep)."
-)
+Slot = tuple[str, Any]
 
 
-def _unpack(holder: _Holder) -> Tensor:
-    if holder.tensor is None:
-        holder.segment.recompute()
-    tensor = holder.tensor
-    assert tensor is not None
-    return tensor
+def _slots(params: list[Tensor], state: list[Any]) -> list[Slot]:
+    """Where the floating-point tensors of the fast weights and the optimizer state are."""
+    slots: list[Slot] = [("param", i) for i, p in enumerate(params) if isinstance(p, Tensor)]
+    for g, group in enumerate(state):
+        for k, st in group.items():
+            for key, value in st.items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    slots.append(("state", (g, k, key)))
+    return slots
+
+
+def _at(params: list[Tensor], state: list[Any], slot: Slot) -> Tensor:
+    kind, where = slot
+    if kind == "param":
+        return params[where]
+    g, k, key = where
+    return state[g][k][key]
+
+
+def _externals(
+    outputs: list[Tensor], copies: list[Tensor], first: int, known: dict[Any, Tensor], start: int, stop: int
+) -> list[Tensor]:
+    """The tensors outside the segment that its outputs depend on (found by walking the segment's graph)."""
+    mine = {id(c) for c in copies}
+    found: dict[int, Tensor] = {}
+    seen: set[Any] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    leaf_type = _accumulate_grad_type()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node) is leaf_type:
+            variable = node.variable
+            if id(variable) not in mine:
+                found.setdefault(id(variable), variable)
+            continue
+        if node._sequence_nr() < first:  # made before the segment: an external non-leaf tensor
+            tensor = known.get(node)
+            if tensor is None:
+                raise ValueError(
+                    f"checkpointed_unroll: steps {start}..{stop - 1} depend on a tensor computed before the unroll "
+                    f"(its graph node is {type(node).__name__}) that the function cannot recompute from: pass it as "
+                    f"inputs=[...] (e.g. the hyperparameter tensor your step function or PerStep callable reads), "
+                    f"or compute it inside the step function from leaf tensors."
+                )
+            found.setdefault(id(tensor), tensor)
+            continue
+        for next_node, _ in node.next_functions:
+            if next_node is not None and next_node not in seen:
+                stack.append(next_node)
+    return list(found.values())
+
+
+def _accumulate_grad_type() -> type:
+    return type(torch.zeros((), requires_grad=True).clone().grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 
 def _rng_states(devices: list[int]) -> tuple[Tensor, list[Tensor]]:
@@ -247,7 +365,16 @@ class _Unroll:
     take_step: Callable[[int], None]
     result: CheckpointedUnroll
     devices: list[int]
-    materialized: _Segment | None = None
+    inputs: list[Tensor]
+
+    def known_tensors(self) -> dict[Any, Tensor]:
+        """Non-leaf tensors the steps may read, by graph node: hyperparameters and ``inputs``."""
+        tensors = list(self.inputs)
+        for group in self.diffopt.param_groups:
+            for key, value in group.items():
+                if key != "params":
+                    tensors += _tensors_in(value)
+        return {t.grad_fn: t for t in tensors if t.grad_fn is not None}
 
 
 def checkpointed_unroll(
@@ -258,6 +385,7 @@ def checkpointed_unroll(
     *,
     batches: Sequence[Any] | None = None,
     every: int | None = None,
+    inputs: Sequence[Tensor] = (),
 ) -> CheckpointedUnroll:
     """Take ``steps`` differentiable steps of ``diffopt``, keeping only every ``every``-th state for backward.
 
@@ -271,6 +399,10 @@ def checkpointed_unroll(
         batches: the steps' batches (optional), one per step.
         every: steps per checkpointed segment; default ``ceil(sqrt(steps))``. Memory holds
             ``steps / every`` checkpoints plus one segment's graph.
+        inputs: non-leaf tensors that the step function reads from outside (e.g.
+            ``lr = log_lr.exp()`` computed before the unroll and used in the loss or in a ``PerStep``
+            callable). Leaf tensors and the optimizer's own hyperparameter tensors are found
+            automatically; a missing one raises an error naming this argument.
 
     Returns:
         A :class:`CheckpointedUnroll`; the fmodel holds the final fast weights, connected to
@@ -296,7 +428,7 @@ def checkpointed_unroll(
         losses.append(float(loss.detach().sum()))
 
     devices = sorted({p.device.index or 0 for p in initial if p.device.type == "cuda"})
-    unroll = _Unroll(fmodel, diffopt, take_step, result, devices)
+    unroll = _Unroll(fmodel, diffopt, take_step, result, devices, list(inputs))
     tracked = fmodel.track_higher_grads
     fmodel.track_higher_grads = False  # keep only the latest fast weights in the history
     try:
@@ -308,10 +440,8 @@ def checkpointed_unroll(
                     take_step(t)
             else:
                 segment = _Segment(unroll, start, stop)
-                with torch.autograd.graph.saved_tensors_hooks(segment.pack, _unpack):
-                    for t in range(start, stop):
-                        take_step(t)
-                segment.release()
+                node_inputs = segment.forward()
+                segment.install_outputs(_SegmentFunction.apply(segment, *node_inputs))
                 result.checkpoints += 1
     finally:
         fmodel.track_higher_grads = tracked

@@ -67,15 +67,44 @@ _ZERO_TENSOR = (
 )
 
 
-def _cut(value: Any, requires_grad: bool = False) -> Any:
-    """``value`` without its reverse-mode graph, keeping its forward-mode tangent."""
+def _duals(values: list[Tensor], tangents: list[Tensor]) -> list[Tensor]:
+    return [fwAD.make_dual(v, t) for v, t in zip(values, tangents)]
+
+
+def _split(value: Any, zeros: bool) -> Any:
+    """``(primal, tangent)`` of a tensor, detached (tangent ``None`` if it has none, or zeros)."""
     if not isinstance(value, Tensor):
         return value
     primal, tangent = fwAD.unpack_dual(value)
+    if tangent is None and zeros and value.is_floating_point():
+        tangent = torch.zeros_like(primal)
+    return (primal.detach(), None if tangent is None else tangent.detach())
+
+
+def _carry(params: list[Tensor], diffopt: Any, zeros: bool = False) -> tuple[list[Any], list[Any]]:
+    """The fast weights and optimizer state as plain ``(primal, tangent)`` pairs, to cross a level."""
+    state = [
+        {k: {key: _split(v, zeros) for key, v in st.items()} for k, st in group.items()} for group in diffopt.state
+    ]
+    return [_split(p, True) for p in params], state
+
+
+def _join(pair: Any, requires_grad: bool = False) -> Any:
+    if not isinstance(pair, tuple):
+        return pair
+    primal, tangent = pair
     primal = primal.detach()
     if requires_grad:
         primal = primal.requires_grad_()
-    return primal if tangent is None else fwAD.make_dual(primal, tangent.detach())
+    return primal if tangent is None else fwAD.make_dual(primal, tangent)
+
+
+def _install(fmodel: Any, diffopt: Any, carried: tuple[list[Any], list[Any]], flags: list[bool]) -> None:
+    params, state = carried
+    fmodel.update_params([_join(p, f) for p, f in zip(params, flags)])
+    for group, saved in zip(diffopt.state, state):
+        for k, st in saved.items():
+            group[k] = {key: _join(v) for key, v in st.items()}
 
 
 def _check(hyperparameters: Any, steps: Any) -> list[Tensor]:
@@ -134,15 +163,18 @@ def forward_hypergradient(
     flat = torch.zeros(total, dtype=values[0].dtype, device=values[0].device)
     out_value: Tensor | None = None
     for direction in range(total):
+        tangents = []
+        offset = 0
+        for value, size in zip(values, sizes):
+            tangent = torch.zeros(size, dtype=value.dtype, device=value.device)
+            if offset <= direction < offset + size:
+                tangent[direction - offset] = 1
+            tangents.append(tangent.view_as(value))
+            offset += size
+        # Each step runs in its own forward-AD level, the tangents carried across as plain tensors:
+        # a level keeps every tangent created in it until it exits (memory growing with the steps).
         with fwAD.dual_level():
-            hyper = []
-            offset = 0
-            for value, size in zip(values, sizes):
-                tangent = torch.zeros(size, dtype=value.dtype, device=value.device)
-                if offset <= direction < offset + size:
-                    tangent[direction - offset] = 1
-                hyper.append(fwAD.make_dual(value, tangent.view_as(value)))
-                offset += size
+            hyper = _duals(values, tangents)
             with innerloop_ctx(
                 model,
                 opt,
@@ -153,34 +185,34 @@ def forward_hypergradient(
                 tasks=tasks,
             ) as (fmodel, diffopt):
                 fmodel.track_higher_grads = False  # keep only the latest fast weights
-                # Explicit zero tangents: the autograd engine cannot accumulate into the implicit
-                # (immutable) zero tangent that a tensor without one has.
                 flags = [p.requires_grad for p in fmodel.parameters()]
-                fmodel.update_params(
-                    [fwAD.make_dual(p.detach(), torch.zeros_like(p)).requires_grad_(f) for p, f in zip(fmodel.parameters(), flags)]
-                )
-                for t in range(steps):
-                    loss = inner_loss(fmodel, t, hyper)
-                    try:
-                        # The update needs no reverse-mode graph (the fast weights are cut after it
-                        # anyway); forward mode works without one. Under no_grad, sqrt0 is torch.sqrt.
-                        with torch.no_grad():
-                            diffopt.step(loss)
-                    except RuntimeError as error:
-                        if "ZeroTensors are immutable" not in str(error):
-                            raise
-                        raise RuntimeError(_ZERO_TENSOR) from error
-                    fmodel.update_params([_cut(p, f) for p, f in zip(fmodel.parameters(), flags)])
-                    for group in diffopt.state:
-                        for state in group.values():
-                            for key, value in state.items():
-                                state[key] = _cut(value)
-                loss = outer_loss(fmodel, hyper)
-                primal, tangent = fwAD.unpack_dual(loss)
-                if primal.numel() != 1:
-                    raise ValueError(f"outer_loss must return a scalar, got shape {tuple(primal.shape)}")
-                flat[direction] = 0 if tangent is None else tangent.reshape(())
-                out_value = primal.detach().reshape(())
+                # Explicit zero tangents: the autograd engine cannot accumulate into the implicit
+                # (immutable) zero tangent of a tensor without one.
+                carried = _carry(list(fmodel.parameters()), diffopt, zeros=True)
+        for t in range(steps):
+            with fwAD.dual_level():
+                hyper = _duals(values, tangents)
+                _install(fmodel, diffopt, carried, flags)
+                loss = inner_loss(fmodel, t, hyper)
+                try:
+                    # The update needs no reverse-mode graph (the fast weights are cut after it
+                    # anyway); forward mode works without one. Under no_grad, sqrt0 is torch.sqrt.
+                    with torch.no_grad():
+                        diffopt.step(loss, override=override(hyper) if override is not None else None)
+                except RuntimeError as error:
+                    if "ZeroTensors are immutable" not in str(error):
+                        raise
+                    raise RuntimeError(_ZERO_TENSOR) from error
+                carried = _carry(list(fmodel.parameters()), diffopt)
+        with fwAD.dual_level():
+            hyper = _duals(values, tangents)
+            _install(fmodel, diffopt, carried, flags)
+            loss = outer_loss(fmodel, hyper)
+            primal, tangent = fwAD.unpack_dual(loss)
+            if primal.numel() != 1:
+                raise ValueError(f"outer_loss must return a scalar, got shape {tuple(primal.shape)}")
+            flat[direction] = 0 if tangent is None else tangent.reshape(())
+            out_value = primal.detach().reshape(())
     grads = list(torch.split(flat, sizes)) if total else []
     assert out_value is not None or total == 0
     return ForwardHypergradient(

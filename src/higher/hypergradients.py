@@ -151,7 +151,7 @@ def hypergradient(
             if method == "checkpointed":
                 extra["recomputations"] = unroll.recomputations
         grads = [torch.zeros_like(h) if h.grad is None else h.grad for h in hyper]
-        value = float(out)
+        value = float(out.detach())
     seconds = time.perf_counter() - start
     extra["peak_rss_mib"] = _peak_rss_mib()
     return HypergradientResult(method, [g.detach() for g in grads], value, inner_losses, seconds, extra)
