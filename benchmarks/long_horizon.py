@@ -39,6 +39,7 @@ import higher  # noqa: E402
 from benchmarks.workloads import WORKLOADS, deep_mlp  # noqa: E402
 
 METHODS = ("full", "checkpointed", "forward")
+OTHERS = ("truncated", "first_order")  # approximate methods, for the docs' table
 
 
 def _rss_mib() -> float:
@@ -52,8 +53,8 @@ def _problem():
     return deep_mlp(), sx, sy, qx, qy
 
 
-def run(method: str, steps: int, hypers: int = 2) -> float:
-    """One measurement; returns seconds."""
+def run(method: str, steps: int, hypers: int = 2, exact: list[float] | None = None) -> float:
+    """One measurement; returns seconds (and appends d/d(lr, momentum) to ``exact`` if given)."""
     model, sx, sy, qx, qy = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     start = time.perf_counter()
@@ -66,7 +67,7 @@ def run(method: str, steps: int, hypers: int = 2) -> float:
                 return {"lr": [hh[0]], "momentum": [hh[1]]}
             return {"lr": [higher.PerParameter([hh[0][i % hypers] for i in range(n)])]}
 
-        higher.forward_hypergradient(
+        result = higher.forward_hypergradient(
             model,
             opt,
             h,
@@ -75,6 +76,8 @@ def run(method: str, steps: int, hypers: int = 2) -> float:
             steps,
             override=override,
         )
+        if exact is not None:
+            exact.extend(float(g) for g in result.hypergradients)
         return time.perf_counter() - start
     if hypers == 2:
         lr, mom = torch.tensor(0.01, requires_grad=True), torch.tensor(0.9, requires_grad=True)
@@ -83,16 +86,21 @@ def run(method: str, steps: int, hypers: int = 2) -> float:
         h = torch.full((hypers,), 0.01, requires_grad=True)
         n = len(list(model.parameters()))
         override = {"lr": [higher.PerParameter([h[i % hypers] for i in range(n)])]}
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override) as (
-        fm,
-        do,
-    ):
+    with higher.innerloop_ctx(
+        model, opt, copy_initial_weights=False, override=override, first_order=method == "first_order"
+    ) as (fm, do):
         if method == "checkpointed":
             higher.checkpointed_unroll(fm, do, lambda f, t: F.mse_loss(f(sx), sy), steps)
         else:
-            for _ in range(steps):
+            window = higher.checkpointing.default_every(steps)
+            for t in range(steps):
+                if method == "truncated" and t and t % window == 0:
+                    fm.detach_()  # backpropagate through the last window only
+                    do.detach_()
                 do.step(F.mse_loss(fm(sx), sy))
         F.mse_loss(fm(qx), qy).backward()
+    if method in ("full", "checkpointed", "truncated", "first_order") and hypers == 2 and exact is not None:
+        exact.extend([lr.grad.item(), mom.grad.item()])
     return time.perf_counter() - start
 
 
@@ -132,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 2000])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + OTHERS)
+    parser.add_argument("--exactness", type=int, metavar="T", help="float64 d/d(lr, momentum) of every method at T")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "long-horizon.png"))
     parser.add_argument("--crossover", action="store_true", help="forward vs reverse time against #hyperparameters")
     parser.add_argument("--json", help="write all points to this file")
@@ -144,6 +153,20 @@ def main() -> None:
         return
     print(f"load average before: {os.getloadavg()}", flush=True)
     points = []
+    if args.exactness:
+        torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float64)
+        values = {}
+        for method in ("full", "checkpointed", "forward", "truncated", "first_order"):
+            values[method] = []
+            run(method, args.exactness, exact=values[method])
+        ref = values["full"]
+        for method, (d_lr, d_mom) in values.items():
+            err = max(abs(d_lr - ref[0]) / abs(ref[0]), abs(d_mom - ref[1]) / abs(ref[1]))
+            print(
+                f"T={args.exactness} {method:13s} d/dlr {d_lr: .10e}  d/dmomentum {d_mom: .10e}  max rel. error {err:.1e}"
+            )
+        return
     if args.timing:
         torch.set_num_threads(1)
         run("full", 2)

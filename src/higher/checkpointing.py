@@ -7,9 +7,9 @@ every ``every``-th step (fast weights, optimizer state, buffers, the step counte
 number generator state) and recomputes each segment of ``every`` steps from its checkpoint when
 the backward pass reaches it (Griewank's checkpointing, "Achieving logarithmic growth of temporal
 and spatial complexity in reverse automatic differentiation", 1992). The cost is one extra
-forward pass of the unroll; the result is the same graph with the same values, so
-``loss.backward()`` on any loss of the final fast weights gives the full unroll's meta-gradients
-and hypergradients (in float64 they agree to rounding, in practice bitwise)::
+forward pass of the unroll; the recomputed steps give the same values, so ``loss.backward()`` on
+any loss of the final fast weights gives the full unroll's meta-gradients and hypergradients, up
+to the order in which gradient contributions are summed (in float64 they agree to about 1e-14)::
 
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]}) as (fmodel, diffopt):
         higher.checkpointed_unroll(fmodel, diffopt, lambda fmodel, t: F.mse_loss(fmodel(xs[t]), ys[t]), steps=1000)
@@ -227,12 +227,35 @@ class _Segment:
         copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
         self._install(copies)
         first = _next_sequence_number()
-        with torch.enable_grad():
-            self._run()
+        # This run only needs values (backward recomputes the segment with the full graph), so the
+        # inner gradients are taken without a graph, as in first-order mode. They enter the update
+        # as fresh leaves that require grad: every tensor derived from them requires grad exactly
+        # when it would in the full run, and the graph still reaches every tensor the steps read
+        # (through the losses and the updates), which is how the external ones are found.
+        marked: list[Tensor] = []
+        user_callback = diffopt._grad_callback
+
+        def mark(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+            leaves = tuple(None if g is None else g.detach().requires_grad_() for g in grads)
+            marked.extend(g for g in leaves if g is not None)
+            return leaves if user_callback is None else tuple(user_callback(leaves))
+
+        losses: list[Tensor] = []
+        first_order = diffopt._first_order
+        diffopt._first_order = diffopt._track_higher_grads  # no graph through the inner gradients
+        try:
+            with torch.enable_grad():
+                for t in range(self.start, self.stop):
+                    losses.append(unroll.take_step(t, mark if diffopt._track_higher_grads else None))
+        finally:
+            diffopt._first_order = first_order
         params, state = list(fmodel.parameters()), diffopt.state
         self.out_slots = [slot for slot in _slots(params, state) if _at(params, state, slot).requires_grad]
         outputs = [_at(params, state, slot) for slot in self.out_slots]
-        externals = _externals(outputs, copies, first, unroll.known_tensors(), self.start, self.stop)
+        externals = _externals(
+            outputs + losses, copies + marked, first, unroll.known_tensors(), self.start, self.stop
+        )
+        del losses, marked
         self.external_count = len(externals)
         # Everything else (tensors that need no gradient, step counters) stays as the run left it, detached.
         fmodel.update_params([p.detach().requires_grad_(p.requires_grad) for p in params])
@@ -362,7 +385,7 @@ def _set_rng_states(states: tuple[Tensor, list[Tensor]], devices: list[int]) -> 
 class _Unroll:
     fmodel: FunctionalModule
     diffopt: DifferentiableOptimizer
-    take_step: Callable[[int], None]
+    take_step: Callable[..., Tensor]
     result: CheckpointedUnroll
     devices: list[int]
     inputs: list[Tensor]
@@ -422,10 +445,11 @@ def checkpointed_unroll(
     losses: list[float] = []
     result = CheckpointedUnroll(steps, every, 0, initial, initial, losses)
 
-    def take_step(t: int) -> None:
+    def take_step(t: int, grad_callback: Callable[..., Any] | None = None) -> Tensor:
         loss = step_loss(fmodel, t if batches is None else batches[t])
-        diffopt.step(loss)
+        diffopt.step(loss, grad_callback=grad_callback)
         losses.append(float(loss.detach().sum()))
+        return loss
 
     devices = sorted({p.device.index or 0 for p in initial if p.device.type == "cuda"})
     unroll = _Unroll(fmodel, diffopt, take_step, result, devices, list(inputs))
