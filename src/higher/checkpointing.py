@@ -252,10 +252,7 @@ class _Segment:
         params, state = list(fmodel.parameters()), diffopt.state
         self.out_slots = [slot for slot in _slots(params, state) if _at(params, state, slot).requires_grad]
         outputs = [_at(params, state, slot) for slot in self.out_slots]
-        externals = _externals(
-            outputs + losses, copies + marked, first, unroll.known_tensors(), self.start, self.stop
-        )
-        del losses, marked
+        externals = _externals(outputs + losses, copies + marked, first, unroll.known_tensors(), self.start, self.stop)
         self.external_count = len(externals)
         # Everything else (tensors that need no gradient, step counters) stays as the run left it, detached.
         fmodel.update_params([p.detach().requires_grad_(p.requires_grad) for p in params])

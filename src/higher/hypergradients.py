@@ -24,7 +24,6 @@ per-feature L2 coefficients of a logistic regression learned on a validation los
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +60,10 @@ class HypergradientResult:
 
 def _peak_rss_mib() -> float:
     """This process's peak resident memory so far (MiB); per method only when each runs in its own process."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - Windows
+        return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
