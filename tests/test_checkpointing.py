@@ -218,3 +218,25 @@ def test_bad_arguments():
             higher.checkpointed_unroll(model, diffopt, step, 3)
         with pytest.raises(TypeError, match="differentiable optimizer"):
             higher.checkpointed_unroll(fmodel, opt, step, 3)
+
+
+def test_a_gradient_callback_reading_a_hyperparameter():
+    """The optimizer's grad_callback runs in both passes; a tensor it reads gets its hypergradient."""
+    model = _model()
+    xs, ys, xq, yq = _data()
+    scale = torch.tensor(0.7, requires_grad=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    grads = []
+    for checkpointed in (False, True):
+        with higher.innerloop_ctx(model, opt) as (fmodel, _):
+            callback = lambda gs: tuple(g * scale for g in gs)  # noqa: E731
+            diffopt = higher.get_diff_optim(opt, model.parameters(), fmodel=fmodel, grad_callback=callback)
+            step_loss = lambda fm, t: F.mse_loss(fm(xs[t]), ys[t])  # noqa: E731
+            if checkpointed:
+                higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, every=2)
+            else:
+                for t in range(STEPS):
+                    diffopt.step(step_loss(fmodel, t))
+            grads.append(torch.autograd.grad(F.mse_loss(fmodel(xq), yq), scale)[0])
+    _assert_close([grads[1]], [grads[0]])
+    assert grads[0].abs() > 0
