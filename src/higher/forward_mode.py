@@ -211,7 +211,7 @@ def forward_hypergradient(
             primal, tangent = fwAD.unpack_dual(loss)
             if primal.numel() != 1:
                 raise ValueError(f"outer_loss must return a scalar, got shape {tuple(primal.shape)}")
-            flat[direction] = 0 if tangent is None else tangent.reshape(())
+            flat[direction] = 0 if tangent is None else tangent.detach().reshape(())
             out_value = primal.detach().reshape(())
     grads = list(torch.split(flat, sizes)) if total else []
     assert out_value is not None or total == 0
