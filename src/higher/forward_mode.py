@@ -18,7 +18,9 @@ the gradient is the Hessian-vector product), and the update rules of :mod:`highe
 dual tensors unchanged. After each step the fast weights and optimizer state are cut from the
 reverse graph (their tangents kept), so memory stays flat.
 
-Limits: one pass per scalar hyperparameter; the update runs without a reverse graph, where
+Limits: one pass per scalar hyperparameter; no task-batched mode (``tasks=T``; a first
+attempt failed in the batched optimizer's gradient step, not investigated yet); the update runs
+without a reverse graph, where
 :func:`higher.rules.sqrt0` is ``torch.sqrt``, so an adaptive optimizer's tangent is NaN where a
 second-moment entry is exactly 0 (a parameter whose gradient has been exactly 0 at every step);
 ``F.mse_loss`` with ``reduction='mean'`` cannot be differentiated forward-over-reverse in
@@ -128,7 +130,6 @@ def forward_hypergradient(
     steps: int,
     *,
     override: Override | None = None,
-    tasks: int | None = None,
     device: torch.device | str | None = None,
 ) -> ForwardHypergradient:
     """The hypergradient of ``outer_loss`` after ``steps`` inner steps, by forward mode.
@@ -147,7 +148,6 @@ def forward_hypergradient(
             :func:`higher.innerloop_ctx` built from ``hyper`` (e.g. ``lambda h: {"lr": [h[0]]}``,
             ``{"lr": [higher.PerStep(list(h[0]))]}`` for a learned schedule,
             ``{"lr": [higher.PerParameter(h)]}`` for per-parameter rates).
-        tasks: task-batched mode (see :func:`higher.innerloop_ctx`).
         device: as for :func:`higher.innerloop_ctx`.
 
     Returns:
@@ -182,7 +182,6 @@ def forward_hypergradient(
                 copy_initial_weights=True,
                 override=override(hyper) if override is not None else None,
                 first_order=True,
-                tasks=tasks,
             ) as (fmodel, diffopt):
                 fmodel.track_higher_grads = False  # keep only the latest fast weights
                 flags = [p.requires_grad for p in fmodel.parameters()]
