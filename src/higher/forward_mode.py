@@ -16,7 +16,8 @@ inner loop: the hyperparameters enter as dual tensors (through ``override`` and 
 the inner gradient is taken by reverse mode on dual tensors (forward-over-reverse: the tangent of
 the gradient is the Hessian-vector product), and the update rules of :mod:`higher.rules` run on
 dual tensors unchanged. After each step the fast weights and optimizer state are cut from the
-reverse graph (their tangents kept), so memory stays flat.
+reverse graph, and each step runs in its own forward-AD level with the tangents carried across as
+plain tensors (a level keeps every tangent made in it until it exits), so memory stays flat.
 
 Limits: one pass per scalar hyperparameter; no task-batched mode (``tasks=T``; a first
 attempt failed in the batched optimizer's gradient step, not investigated yet); the update runs
