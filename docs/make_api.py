@@ -23,6 +23,10 @@ MODULES = [
     "higher.patch",
     "higher.utils",
     "higher.rules",
+    "higher.checkpointing",
+    "higher.forward_mode",
+    "higher.implicit",
+    "higher.hypergradients",
     "higher.cli",
 ]
 HEADER = """# API reference

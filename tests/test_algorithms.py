@@ -267,3 +267,56 @@ def test_bad_input_gets_clear_errors():
         maml_step(model, opt, [], F.mse_loss)
     with pytest.raises(ValueError, match="support_x, support_y, query_x, query_y"):
         maml_step(model, opt, [tasks[0][:2]], F.mse_loss)
+
+
+# ---------------------------------------------------------------------------------------------- iMAML
+def test_imaml_meta_gradient_equals_the_proximal_closed_form():
+    """Linear regression: theta* = (X'X + reg I)^-1 (X'y + reg phi), meta-gradient reg (X'X + reg I)^-1 g."""
+    from higher.algorithms import imaml_step
+
+    model = nn.Linear(4, 1, bias=False)
+    phi = model.weight.detach().clone().squeeze(0)
+    reg = 2.0
+    loss_fn = lambda pred, y: 0.5 * (pred.squeeze(-1) - y).pow(2).sum()  # noqa: E731
+    tasks = [(torch.randn(6, 4), torch.randn(6), torch.randn(5, 4), torch.randn(5)) for _ in range(2)]
+    expected, losses = torch.zeros(4), []
+    for x, y, xq, yq in tasks:
+        a = x.T @ x + reg * torch.eye(4)
+        theta = torch.linalg.solve(a, x.T @ y + reg * phi)
+        expected += reg * torch.linalg.solve(a, xq.T @ (xq @ theta - yq)) / len(tasks)
+        losses.append(float(0.5 * (xq @ theta - yq).pow(2).sum()))
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    loss = imaml_step(model, inner_opt, tasks, loss_fn, inner_steps=1500, reg=reg, cg_iterations=20)
+    assert torch.allclose(model.weight.grad.squeeze(0), expected, rtol=1e-8, atol=1e-10)
+    assert abs(loss - sum(losses) / len(losses)) < 1e-9
+    assert torch.equal(model.weight.detach().squeeze(0), phi)  # the model itself is not modified
+
+
+def test_imaml_learns_a_sine_initialisation_and_checks_its_arguments():
+    from higher.algorithms import imaml_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))
+    meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def task():
+        amplitude, phase = torch.rand(()) * 2 + 0.5, torch.rand(()) * 3
+        x = torch.rand(20, 1) * 6 - 3
+        y = amplitude * torch.sin(x + phase)
+        return x[:10], y[:10], x[10:], y[10:]
+
+    fixed = [task() for _ in range(4)]
+    first = None
+    for _ in range(15):
+        meta_opt.zero_grad()
+        loss = imaml_step(model, inner_opt, fixed, F.mse_loss, inner_steps=5, reg=5.0, cg_iterations=5)
+        first = loss if first is None else first
+        meta_opt.step()
+    assert loss < first
+    with pytest.raises(ValueError, match="reg must be positive"):
+        imaml_step(model, inner_opt, fixed, F.mse_loss, reg=0.0)
+    with pytest.raises(ValueError, match="all of model's parameters"):
+        imaml_step(model, torch.optim.SGD(model[2].parameters(), lr=0.1), fixed, F.mse_loss)
+    with pytest.raises(ValueError, match="at least one task"):
+        imaml_step(model, inner_opt, [], F.mse_loss)

@@ -121,3 +121,23 @@ def innerloop_ctx(
         first_order=first_order,
     )
     yield fmodel, diffopt
+
+
+# Long horizons (issue 11): imported last, they use innerloop_ctx.
+from . import checkpointing, forward_mode, hypergradients, implicit  # noqa: E402
+from .checkpointing import CheckpointedUnroll, checkpointed_unroll  # noqa: E402
+from .forward_mode import ForwardHypergradient, forward_hypergradient  # noqa: E402
+from .implicit import ImplicitHypergradient, implicit_hypergradient  # noqa: E402
+
+__all__ += [
+    "CheckpointedUnroll",
+    "ForwardHypergradient",
+    "ImplicitHypergradient",
+    "checkpointed_unroll",
+    "checkpointing",
+    "forward_hypergradient",
+    "forward_mode",
+    "hypergradients",
+    "implicit",
+    "implicit_hypergradient",
+]

@@ -1,0 +1,242 @@
+"""checkpointed_unroll gives the full unroll's meta-gradients and hypergradients (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import higher
+
+STEPS = 7
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    "adam": (torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
+    "adamax": (torch.optim.Adamax, {"lr": 0.01}),
+    "asgd": (torch.optim.ASGD, {"lr": 0.05, "t0": 2}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True}),
+    "rprop": (torch.optim.Rprop, {"lr": 0.01}),
+    "nadam": (torch.optim.NAdam, {"lr": 0.01}),
+    "radam": (torch.optim.RAdam, {"lr": 0.01}),
+}
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _data(steps: int = STEPS):
+    return torch.randn(steps, 5, 3), torch.randn(steps, 5, 2), torch.randn(6, 3), torch.randn(6, 2)
+
+
+def _meta_gradients(model, opt, override, step_loss, outer, steps, checkpointed, every=None, tensors=(), **ctx):
+    """Meta-gradients (model parameters) and hypergradients (``tensors``) of a full or checkpointed unroll."""
+    model.zero_grad(set_to_none=True)
+    for t in tensors:
+        t.grad = None
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override, **ctx) as (fmodel, diffopt):
+        if checkpointed:
+            result = higher.checkpointed_unroll(fmodel, diffopt, step_loss, steps, every=every)
+        else:
+            result = None
+            for t in range(steps):
+                diffopt.step(step_loss(fmodel, t))
+        outer(fmodel).backward()
+    grads = [p.grad.clone() for p in model.parameters()] + [t.grad.clone() for t in tensors]
+    return grads, result
+
+
+def _assert_close(a, b, tol=1e-10):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.isfinite(x).all()
+        assert (x - y).abs().max().item() <= tol * max(1.0, y.abs().max().item())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_matches_full_unroll(name):
+    cls, kwargs = OPTIMIZERS[name]
+    model = _model()
+    xs, ys, xq, yq = _data()
+    opt = cls(model.parameters(), **kwargs)
+    lr = torch.tensor(kwargs["lr"], requires_grad=True)
+    step_loss = lambda fmodel, t: F.mse_loss(fmodel(xs[t]), ys[t])  # noqa: E731
+    outer = lambda fmodel: F.mse_loss(fmodel(xq), yq)  # noqa: E731
+    full, _ = _meta_gradients(model, opt, {"lr": [lr]}, step_loss, outer, STEPS, False, tensors=[lr])
+    ckpt, result = _meta_gradients(model, opt, {"lr": [lr]}, step_loss, outer, STEPS, True, every=2, tensors=[lr])
+    _assert_close(ckpt, full)
+    assert result.checkpoints == 3 and result.recomputations == 3  # segments 0-1, 2-3, 4-5; 6 kept
+    assert lr.grad.abs().item() > 0
+
+
+def test_schedules_per_parameter_values_and_hyperparameters_in_the_loss():
+    model = _model()
+    xs, ys, xq, yq = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    schedule = [torch.tensor(0.1 / (1 + t), requires_grad=True) for t in range(STEPS)]
+    per_parameter = [torch.full_like(p, 0.9).requires_grad_() for p in model.parameters()]
+    decay = torch.tensor(0.01, requires_grad=True)  # read by the step function only: found automatically
+    override = {"lr": [higher.PerStep(schedule)], "momentum": [higher.PerParameter(per_parameter)]}
+
+    def step_loss(fmodel, t):
+        return F.mse_loss(fmodel(xs[t]), ys[t]) + decay * sum(p.pow(2).sum() for p in fmodel.parameters())
+
+    outer = lambda fmodel: F.mse_loss(fmodel(xq), yq)  # noqa: E731
+    tensors = [*schedule, *per_parameter, decay]
+    full, _ = _meta_gradients(model, opt, override, step_loss, outer, STEPS, False, tensors=tensors)
+    ckpt, _ = _meta_gradients(model, opt, override, step_loss, outer, STEPS, True, every=3, tensors=tensors)
+    _assert_close(ckpt, full)
+    assert all(t.grad.abs().sum() > 0 for t in tensors)
+
+
+def test_batchnorm_dropout_and_eval_mode_afterwards():
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2))
+    xs, ys, xq, yq = _data(9)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step_loss = lambda fmodel, t: F.mse_loss(fmodel(xs[t]), ys[t])  # noqa: E731
+
+    def outer(fmodel):
+        fmodel.eval()  # uses the running statistics of the inner loop
+        return F.mse_loss(fmodel(xq), yq)
+
+    def run(checkpointed):
+        torch.manual_seed(3)  # the same dropout masks
+        return _meta_gradients(model, opt, None, step_loss, outer, 9, checkpointed, every=2)[0]
+
+    buffers = [b.clone() for b in model.buffers()]
+    _assert_close(run(True), run(False))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the model's own are untouched
+
+
+def test_task_batched_mode():
+    tasks = 3
+    model = _model()
+    xs, ys = torch.randn(STEPS, tasks, 5, 3), torch.randn(STEPS, tasks, 5, 2)
+    xq, yq = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lr = torch.full((tasks,), 0.1, requires_grad=True)
+    step_loss = lambda fmodel, t: ((fmodel(xs[t]) - ys[t]) ** 2).mean(dim=(1, 2))  # noqa: E731
+    outer = lambda fmodel: ((fmodel(xq) - yq) ** 2).mean()  # noqa: E731
+    full, _ = _meta_gradients(model, opt, {"lr": [lr]}, step_loss, outer, STEPS, False, tensors=[lr], tasks=tasks)
+    ckpt, _ = _meta_gradients(
+        model, opt, {"lr": [lr]}, step_loss, outer, STEPS, True, every=2, tensors=[lr], tasks=tasks
+    )
+    _assert_close(ckpt, full)
+
+
+def test_copied_initial_weights_batches_and_float32():
+    torch.set_default_dtype(torch.float32)
+    model = _model()
+    xs, ys, xq, yq = _data(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr = torch.tensor(0.1, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+            initial = list(fmodel.parameters())
+            if checkpointed:
+                batches = list(zip(xs, ys))
+                run = higher.checkpointed_unroll(
+                    fmodel, diffopt, lambda fm, b: F.mse_loss(fm(b[0]), b[1]), batches=batches
+                )
+                assert run.initial_params == initial and run.steps == 10 and run.every == 4
+            else:
+                for t in range(10):
+                    diffopt.step(F.mse_loss(fmodel(xs[t]), ys[t]))
+            results.append(torch.autograd.grad(F.mse_loss(fmodel(xq), yq), [lr, *initial]))
+    for a, b in zip(*results):
+        assert a.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_leaf_tensor_read_by_the_step_function_must_be_declared():
+    model = _model()
+    xs, ys, xq, yq = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log_scale = torch.tensor(0.0, requires_grad=True)
+    scale = log_scale.exp()  # computed before the unroll: the unroll cannot recompute it
+    step_loss = lambda fmodel, t: scale * F.mse_loss(fmodel(xs[t]), ys[t])  # noqa: E731
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match="inputs="):
+            higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, every=2)
+    grads = []
+    for checkpointed in (False, True):
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            if checkpointed:
+                higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, every=2, inputs=[scale])
+            else:
+                for t in range(STEPS):
+                    diffopt.step(step_loss(fmodel, t))
+            grads.append(torch.autograd.grad(F.mse_loss(fmodel(xq), yq), log_scale, retain_graph=True)[0])
+    _assert_close([grads[1]], [grads[0]])
+    assert grads[0].abs() > 0
+
+
+def test_keeps_one_segment_of_graph_and_the_latest_history_entry():
+    model = _model()
+    xs, ys, xq, yq = _data(16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        run = higher.checkpointed_unroll(fmodel, diffopt, lambda fm, t: F.mse_loss(fm(xs[t]), ys[t]), 16)
+        assert run.every == 4 and run.checkpoints == 3
+        assert len(fmodel._fast_params) == 1  # the history holds the final fast weights only
+        # Walking back from the final weights: the last segment's graph, then one node per checkpoint.
+        names, stack, seen = [], [p.grad_fn for p in fmodel.parameters()], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names.append(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+        assert names.count("_SegmentFunctionBackward") == 3
+        F.mse_loss(fmodel(xq), yq).backward()
+    assert run.recomputations == 3
+    assert len(run.losses) == 16
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bad_arguments():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lambda fm, t: fm(torch.randn(2, 3)).sum()  # noqa: E731
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match="every must be a positive integer"):
+            higher.checkpointed_unroll(fmodel, diffopt, step, 4, every=0)
+        with pytest.raises(ValueError, match="steps must be a non-negative integer"):
+            higher.checkpointed_unroll(fmodel, diffopt, step, -1)
+        with pytest.raises(ValueError, match="give steps"):
+            higher.checkpointed_unroll(fmodel, diffopt, step)
+        with pytest.raises(ValueError, match="only 1 batches"):
+            higher.checkpointed_unroll(fmodel, diffopt, step, 3, batches=[0])
+        with pytest.raises(TypeError, match="fmodel"):
+            higher.checkpointed_unroll(model, diffopt, step, 3)
+        with pytest.raises(TypeError, match="differentiable optimizer"):
+            higher.checkpointed_unroll(fmodel, opt, step, 3)
+
+
+def test_a_gradient_callback_reading_a_hyperparameter():
+    """The optimizer's grad_callback runs in both passes; a tensor it reads gets its hypergradient."""
+    model = _model()
+    xs, ys, xq, yq = _data()
+    scale = torch.tensor(0.7, requires_grad=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    grads = []
+    for checkpointed in (False, True):
+        with higher.innerloop_ctx(model, opt) as (fmodel, _):
+            callback = lambda gs: tuple(g * scale for g in gs)  # noqa: E731
+            diffopt = higher.get_diff_optim(opt, model.parameters(), fmodel=fmodel, grad_callback=callback)
+            step_loss = lambda fm, t: F.mse_loss(fm(xs[t]), ys[t])  # noqa: E731
+            if checkpointed:
+                higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, every=2)
+            else:
+                for t in range(STEPS):
+                    diffopt.step(step_loss(fmodel, t))
+            grads.append(torch.autograd.grad(F.mse_loss(fmodel(xq), yq), scale)[0])
+    _assert_close([grads[1]], [grads[0]])
+    assert grads[0].abs() > 0
