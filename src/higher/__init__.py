@@ -121,3 +121,11 @@ def innerloop_ctx(
         first_order=first_order,
     )
     yield fmodel, diffopt
+
+
+# Distributed meta-learning (issue 10): innerloop_ctx accepts a DistributedDataParallel model; the
+# gradient all-reduce is arranged by higher.distributed (see its docstring).
+from . import distributed  # noqa: E402
+
+innerloop_ctx = distributed._wrap_innerloop_ctx(innerloop_ctx)
+__all__.append("distributed")
