@@ -362,8 +362,9 @@ def test_an_error_on_one_rank_ends_every_rank():
     elapsed = time.monotonic() - start
     assert not records[1]["ok"] and records[1]["type"] == "FloatingPointError"
     assert "task 3 is nan" in records[1]["message"]
-    # rank 0 does not hang: its all-reduce fails once rank 1 is gone (or at the group's timeout)
+    # rank 0 does not hang: its all-reduce fails once rank 1 is gone, and it reports rank 1's error
     assert not records[0]["ok"], records[0]
+    assert "rank 1 raised FloatingPointError" in records[0]["message"] and "task 3 is nan" in records[0]["message"]
     assert elapsed < JOIN_TIMEOUT_S
 
 

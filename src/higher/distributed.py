@@ -304,7 +304,13 @@ class _GradSync:
                 bucket.pending = 0
             self._launch_ready()
             for bucket in state:
-                bucket.work.wait()
+                try:
+                    bucket.work.wait()
+                except Exception as error:
+                    peer = _peer_error(self.group)
+                    if peer is None:
+                        raise
+                    raise RuntimeError(f"meta-gradient all-reduce failed because {peer}") from error
             with torch.no_grad():
                 for bucket in state:
                     self._unflatten(bucket)
@@ -394,6 +400,52 @@ def _attach(fmodel: nn.Module, ddp: nn.Module, sync: _GradSync) -> None:
     nn.Module.register_forward_pre_hook(fmodel, arm)
 
 
+# ------------------------------------------------------------------------------------- failures
+# An exception in one rank's inner loop must end every rank, with that error, never a hang. The
+# failing rank writes its error to the process group's store (hosted by rank 0) on its way out;
+# a rank whose all-reduce then fails (the peer's connection closes, or the group's timeout
+# expires) raises with the peer's error instead of an anonymous transport error.
+_ERROR_KEY = "higher.distributed.error.{}"
+
+
+def _store() -> Any:
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _report_error(group: Any, error: BaseException) -> None:
+    store = _store()
+    if store is None:
+        return
+    try:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        store.set(_ERROR_KEY.format(rank), f"rank {rank} raised {type(error).__name__}: {error}")
+    except Exception:  # the error being raised matters more than its report
+        pass
+
+
+def _peer_error(group: Any) -> str | None:
+    store = _store()
+    if store is None:
+        return None
+    try:
+        import torch.distributed as dist
+
+        for rank in range(dist.get_world_size()):
+            key = _ERROR_KEY.format(rank)
+            if store.check([key]):
+                return store.get(key).decode()
+    except Exception:
+        return None
+    return None
+
+
 # ------------------------------------------------------------------------------ innerloop_ctx hook
 def _wrap_innerloop_ctx(innerloop_ctx: Callable[..., Any]) -> Callable[..., Any]:
     """``innerloop_ctx`` that accepts a ``DistributedDataParallel`` model (see the module docstring)."""
@@ -421,9 +473,13 @@ def _ddp_innerloop_ctx(
 
     @contextlib.contextmanager
     def context() -> Iterator[Any]:
-        with innerloop_ctx(*bound.args, **bound.kwargs) as (fmodel, diffopt):
-            if reaches_model:
-                _attach(fmodel, ddp, sync)
-            yield fmodel, diffopt
+        try:
+            with innerloop_ctx(*bound.args, **bound.kwargs) as (fmodel, diffopt):
+                if reaches_model:
+                    _attach(fmodel, ddp, sync)
+                yield fmodel, diffopt
+        except Exception as error:
+            _report_error(sync.group, error)
+            raise
 
     return context()
