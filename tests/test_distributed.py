@@ -57,7 +57,9 @@ def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> Non
             torch.distributed.destroy_process_group()
         torch.save({"ok": True, "result": result}, path)
     except BaseException as error:  # noqa: BLE001 - reported to the test
-        torch.save({"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}, path)
+        torch.save(
+            {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}, path
+        )
         raise SystemExit(1) from None
 
 
@@ -176,9 +178,12 @@ def _meta_train(
             for k, t in enumerate(idx):
                 last = k == len(idx) - 1
                 sync = contextlib.nullcontext() if (last or not ddp) else net.no_sync()
-                with sync, higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False, first_order=first_order) as (
-                    fmodel,
-                    diffopt,
+                with (
+                    sync,
+                    higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False, first_order=first_order) as (
+                        fmodel,
+                        diffopt,
+                    ),
                 ):
                     for _ in range(INNER_STEPS):
                         diffopt.step(F.mse_loss(fmodel(sx[t]), sy[t]))
@@ -198,7 +203,9 @@ def _single(kind: str, mode: str, dtype: torch.dtype, first_order: bool) -> dict
     return _meta_train(model, model, range(TOTAL_TASKS), 1, mode, dtype, first_order)
 
 
-def _distributed_worker(rank: int, kind: str, mode: str, dtype: torch.dtype, first_order: bool, ddp_kwargs: dict) -> Any:
+def _distributed_worker(
+    rank: int, kind: str, mode: str, dtype: torch.dtype, first_order: bool, ddp_kwargs: dict
+) -> Any:
     model = _model(kind, dtype)
     net = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     tasks = hd.split_tasks(TOTAL_TASKS)
