@@ -426,3 +426,40 @@ def test_ddp_without_process_group_is_a_clear_error():
     model = _model("mlp", torch.float64)
     with pytest.raises(RuntimeError, match="init_process_group"):
         higher.innerloop_ctx(FakeDDP(model), torch.optim.SGD(model.parameters(), lr=0.1)).__enter__()
+
+
+def _maml_step_worker(rank: int) -> Any:
+    from higher.data import SinusoidTasks
+
+    model = _model("mlp", torch.float64)
+    net = nn.parallel.DistributedDataParallel(model)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = SinusoidTasks(shots=5, seed=3)
+    losses = []
+    for _ in range(OUTER_STEPS):
+        tasks = sampler.sample(5).tasks()
+        meta_opt.zero_grad()
+        losses.append(hd.maml_step(net, inner_opt, tasks, F.mse_loss, inner_steps=2))
+        meta_opt.step()
+    return {"losses": losses, "params": [p.detach().clone() for p in model.parameters()], "stats": hd.sync_stats(net)}
+
+
+def test_distributed_maml_step_equals_maml_step():
+    from higher.algorithms import maml_step
+    from higher.data import SinusoidTasks
+
+    model = _model("mlp", torch.float64)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = SinusoidTasks(shots=5, seed=3)
+    losses = []
+    for _ in range(OUTER_STEPS):
+        tasks = sampler.sample(5).tasks()
+        meta_opt.zero_grad()
+        losses.append(maml_step(model, inner_opt, tasks, F.mse_loss, inner_steps=2))
+        meta_opt.step()
+    for result in _results("_maml_step_worker"):
+        assert result["losses"] == pytest.approx(losses, rel=1e-12)
+        _assert_close(result["params"], [p.detach() for p in model.parameters()], torch.float64)
+        assert result["stats"]["all_reduces"] == OUTER_STEPS  # one per meta-iteration, 3 or 2 tasks per rank

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "is_ddp",
+    "maml_step",
     "split_tasks",
     "task_weight",
     "sync_stats",
@@ -112,6 +113,59 @@ def task_weight(num_tasks: int, world_size: int | None = None) -> float:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
     return world_size / num_tasks
+
+
+def maml_step(
+    model: nn.Module,
+    inner_opt: torch.optim.Optimizer,
+    tasks: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inner_steps: int = 1,
+    first_order: bool = False,
+) -> float:
+    """:func:`higher.algorithms.maml_step` over a meta-batch that every rank holds, split across ranks.
+
+    ``tasks`` is the *whole* meta-batch, the same on every rank (sample it with the same seed
+    everywhere). This rank adapts its share (:func:`split_tasks`), one task at a time, inside
+    ``model.no_sync()`` for all but its last task, so that the gradients are all-reduced once;
+    each query loss is weighted by :func:`task_weight`. After the call every rank's ``.grad``
+    holds the meta-gradient of the mean query loss over the whole meta-batch, as one process
+    computes it with ``higher.algorithms.maml_step`` (up to the order of the sums). Returns that
+    mean query loss (one more all-reduce, of a single number). ``model`` is a
+    ``DistributedDataParallel`` model; a plain model (one process) gives ``maml_step`` itself.
+    """
+    from . import algorithms
+
+    tasks = list(tasks)
+    if not is_ddp(model):
+        return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
+    import contextlib
+
+    import torch.distributed as dist
+
+    group = model.process_group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if len(tasks) < world:
+        raise ValueError(
+            f"a meta-batch of {len(tasks)} tasks cannot be split across {world} ranks: every rank needs at "
+            f"least one task (its backward takes part in the all-reduce)."
+        )
+    mine = split_tasks(len(tasks), rank, world)
+    weight = task_weight(len(tasks), world)
+    total = 0.0
+    for k in mine:
+        support_x, support_y, query_x, query_y = algorithms._unpack(tasks[k])
+        sync = contextlib.nullcontext() if k == mine[-1] else model.no_sync()
+        with sync:
+            fmodel = algorithms.adapt(
+                model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order
+            )
+            query_loss = loss_fn(fmodel(query_x), query_y)
+            (query_loss * weight).backward()
+        total += float(query_loss.detach())
+    summed = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(summed, group=group)
+    return float(summed) / len(tasks)
 
 
 # ---------------------------------------------------------------------------------------- checks
