@@ -19,10 +19,14 @@ see the same machine load:
   got before ``higher.distributed`` (per task only).
 
 Before timing, each variant's meta-gradient (float64, one meta-iteration) is checked against the
-1-rank one. Reports the median time per meta-iteration, meta-iterations per second, the speed-up
-over 1 rank, and the bytes each rank all-reduces per meta-iteration (against one model's
-gradients). The load average is printed before and after: the numbers are only as good as the
-machine is quiet.
+1-rank one. Reports the median wall-clock time per meta-iteration as meta-iterations per second
+and the speed-up over 1 rank, and the bytes each rank all-reduces per meta-iteration (against one
+model's gradients). Also the CPU-time speed-up: the 1-rank CPU time per meta-iteration over the
+busiest rank's CPU time (process time, all threads): the speed-up the work division allows when
+each rank has a core of its own, including every overhead that costs CPU (hooks, flattening,
+the transport) but not the time spent waiting for the other rank. On a machine shared with other
+jobs the wall-clock speed-up is limited by the cores the ranks actually get; the load average
+is printed before and after.
 """
 
 from __future__ import annotations
@@ -164,6 +168,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 dist.broadcast(count, 0)
                 counts[v] = int(count)
             times: dict[str, list[float]] = {v: [] for v in variants}
+            cpu: dict[str, list[float]] = {v: [] for v in variants}
             stats_before = {}
             for round_index in range(args.rounds):
                 order = variants if round_index % 2 == 0 else list(reversed(variants))
@@ -172,12 +177,15 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                     if v == "2 ranks" and round_index == 0 and b is not None:
                         stats_before = hd.sync_stats(b[2])
                     dist.barrier()
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     if b is not None:
                         for _ in range(counts[v]):
                             b[0]()
+                    own_cpu = torch.tensor([(time.process_time() - start_cpu) / counts[v]], dtype=torch.float64)
                     dist.barrier()
                     times[v].append((time.perf_counter() - start) / counts[v])
+                    dist.all_reduce(own_cpu, op=dist.ReduceOp.MAX)  # the busiest rank's CPU time
+                    cpu[v].append(float(own_cpu))
             ddp_stats = hd.sync_stats(built["2 ranks"][2])
             iterations = ddp_stats["backwards"] - stats_before.get("backwards", 0)
             model_bytes = sum(p.numel() * p.element_size() for p in built["2 ranks"][1].parameters())
@@ -191,6 +199,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 results[f"{name}/{mode}"] = {
                     "workload": workload.description,
                     "median_s": {v: statistics.median(t) for v, t in times.items()},
+                    "median_cpu_s": {v: statistics.median(t) for v, t in cpu.items()},
                     "samples_s": times,
                     "iterations_per_sample": counts,
                     "max_rel_grad_difference_float64": errors,
@@ -203,13 +212,45 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
 
 
 def _row(name: str, mode: str, r: dict) -> str:
-    m = r["median_s"]
-    one = m["1 rank"]
+    m, c = r["median_s"], r["median_cpu_s"]
+    one, one_cpu = m["1 rank"], c["1 rank"]
     cells = [f"{name}", mode, f"{1 / one:.1f}"]
     for v in VARIANTS[1:]:
-        cells.append(f"{1 / m[v]:.1f} ({one / m[v]:.2f}x)" if v in m else "-")
+        cells.append(f"{1 / m[v]:.1f} ({one / m[v]:.2f}x; CPU {one_cpu / c[v]:.2f}x)" if v in m else "-")
     cells.append(f"{r['bytes_per_meta_iteration']:.0f} / {r['model_gradient_bytes']}")
     return "| " + " | ".join(cells) + " |"
+
+
+def task_curve(names: list[str], rounds: int) -> None:
+    """One process: time per batched meta-iteration against the number of tasks in it.
+
+    Shows how much of a batched meta-iteration does not shrink with fewer tasks (per-operation
+    overhead), which bounds what splitting the tasks across ranks can gain.
+    """
+    torch.set_num_threads(1)
+    for name in names:
+        workload = WORKLOADS[name]
+        counts = sorted({1, 2, max(1, workload.tasks // 2), workload.tasks - workload.tasks // 2, workload.tasks})
+        steps = {}
+        for n in counts:
+            torch.manual_seed(0)
+            model = workload.make_model()
+            data = workload.make_data(torch.Generator().manual_seed(0))
+            steps[n] = _meta_iteration(workload, model, model, data, range(n), 1, "batched", False)
+            steps[n]()
+        samples: dict[int, list[float]] = {n: [] for n in counts}
+        for _ in range(rounds):
+            for n in counts:
+                start = time.perf_counter()
+                for _ in range(5):
+                    steps[n]()
+                samples[n].append((time.perf_counter() - start) / 5)
+        full = statistics.median(samples[workload.tasks])
+        cells = ", ".join(
+            f"{n} tasks {1e3 * statistics.median(samples[n]):.1f} ms ({statistics.median(samples[n]) / full:.2f})"
+            for n in counts
+        )
+        print(f"{name} batched, one process: {cells}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,7 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sample", type=float, default=0.4, help="seconds per timing sample (about)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument(
+        "--task-curve", action="store_true", help="only time batched meta-iterations against the number of tasks"
+    )
     args = parser.parse_args(argv)
+    if args.task_curve:
+        print(f"load average before: {os.getloadavg()}")
+        task_curve(args.workloads, args.rounds)
+        print(f"load average after: {os.getloadavg()}")
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
