@@ -259,10 +259,14 @@ def test_per_task_no_sync_equals_single_process(dtype):
         assert result["stats"]["bytes"] == OUTER_STEPS * _model_bytes("mlp", dtype)
 
 
+def _first_order_worker(rank: int) -> Any:
+    return {mode: _distributed_worker(rank, "mlp", mode, torch.float64, True, {}) for mode in ("batched", "per_task")}
+
+
 def test_first_order_both_paths():
+    results = _results("_first_order_worker")
     for mode in ("batched", "per_task"):
-        results = _results("_distributed_worker", "mlp", mode, torch.float64, True, {})
-        _check_against_single(results, _single("mlp", mode, torch.float64, True), torch.float64)
+        _check_against_single([r[mode] for r in results], _single("mlp", mode, torch.float64, True), torch.float64)
 
 
 def test_batchnorm_buffers_and_small_buckets():
