@@ -285,6 +285,32 @@ def test_batchnorm_buffers_and_small_buckets():
         assert stats["broadcasts"] == OUTER_STEPS
 
 
+def _shared_buffers_step(model: nn.Module, net: nn.Module, rank: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, generator=torch.Generator().manual_seed(rank))
+    with higher.innerloop_ctx(net, opt, copy_initial_weights=False, share_buffers=True) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).mean())
+        fmodel(x).pow(2).mean().backward()
+
+
+def _shared_buffers_worker(rank: int) -> Any:
+    model = _model("bn", torch.float64)
+    _shared_buffers_step(model, nn.parallel.DistributedDataParallel(model), rank)
+    return [b.clone() for b in model.buffers()]
+
+
+def test_shared_buffers_take_rank_0s_after_the_all_reduce():
+    """share_buffers=True: each rank's inner loop updates its model's BatchNorm statistics; then rank 0's win."""
+    results = _results("_shared_buffers_worker")
+    alone = _model("bn", torch.float64)
+    _shared_buffers_step(alone, alone, 0)  # rank 0's inner loop in one process
+    moved = [not torch.equal(b, b0) for b, b0 in zip(alone.buffers(), _model("bn", torch.float64).buffers())]
+    assert all(moved)
+    for result in results:
+        for b, expected in zip(result, alone.buffers()):
+            torch.testing.assert_close(b, expected, rtol=0, atol=1e-14)
+
+
 def _no_sync_decided_at_forward(rank: int) -> Any:
     """As in DDP, a backward syncs when its forward ran outside no_sync (and not otherwise)."""
     model = _model("mlp", torch.float64)
@@ -394,6 +420,10 @@ def _options_worker(rank: int) -> Any:
         assert isinstance(fmodel, nn.Sequential)  # the fmodel of ddp.module
         fmodel(torch.ones(2, 1)).sum().backward()
     errors["synced"] = hd.sync_stats(net2)["backwards"]
+    net3 = nn.parallel.DistributedDataParallel(model)
+    net3._register_builtin_comm_hook(torch.distributed.BuiltinCommHookType.FP16_COMPRESS)
+    with pytest.raises(NotImplementedError, match="FP16_COMPRESS"):
+        higher.innerloop_ctx(net3, opt, copy_initial_weights=False).__enter__()
     return errors
 
 
