@@ -24,7 +24,7 @@ def worker(iterations: int, threads: int) -> float:
     import torch.nn.functional as F
 
     from higher.algorithms import maml_step
-    from higher.cli import sinusoid_model
+    from higher.demos.sinusoid import sinusoid_model
     from higher.data import SinusoidTasks
 
     torch.set_num_threads(threads)
