@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -233,7 +233,7 @@ def _load_digits(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         raise ImportError(
             "DigitsTasks needs scikit-learn (it ships the digits data): pip install 'higher[demo]'"
         ) from error
-    bunch = load_digits()
+    bunch: Any = load_digits()  # a Bunch (sklearn's stubs also allow the (X, y) tuple of return_X_y=True)
     images = torch.as_tensor(bunch.images, dtype=dtype) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
     return images, labels

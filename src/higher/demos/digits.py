@@ -72,7 +72,7 @@ class DigitsConfig:
     seed: int = 0
 
 
-def digits_model(ways: int, hidden: int = 64) -> nn.Module:
+def digits_model(ways: int, hidden: int = 64) -> nn.Sequential:
     """A small MLP over the 64 pixels, ending in ``ways`` logits."""
     return nn.Sequential(
         nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ways)
@@ -145,7 +145,7 @@ def _unstack(batch: Task) -> list[Task]:
     return [Task(*parts) for parts in zip(*batch)]
 
 
-def train_pretrained(config: DigitsConfig, tasks: DigitsTasks, device: torch.device) -> nn.Module:
+def train_pretrained(config: DigitsConfig, tasks: DigitsTasks, device: torch.device) -> nn.Sequential:
     """The baseline's body: a classifier of all meta-training classes, trained jointly (Adam, batches of 128).
 
     Returns a network with a new zero-initialised head of ``ways`` outputs on that body.
@@ -164,8 +164,10 @@ def train_pretrained(config: DigitsConfig, tasks: DigitsTasks, device: torch.dev
     baseline = digits_model(config.ways).to(device)
     body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("4.")}
     baseline.load_state_dict(body, strict=False)
-    nn.init.zeros_(baseline[4].weight)
-    nn.init.zeros_(baseline[4].bias)
+    head = baseline[4]
+    assert isinstance(head, nn.Linear)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
     return baseline
 
 
@@ -194,7 +196,9 @@ def accuracy_curves(
 
 def fine_tuning_opt(model: nn.Module, lr: float, head_only: bool) -> torch.optim.Optimizer:
     """SGD over the whole network, or over its last layer only (the body then stays fixed)."""
-    params = model[-1].parameters() if head_only and isinstance(model, nn.Sequential) else model.parameters()
+    if head_only and not isinstance(model, nn.Sequential):
+        raise TypeError("head-only fine-tuning takes the last layer of an nn.Sequential")
+    params = model[-1].parameters() if isinstance(model, nn.Sequential) and head_only else model.parameters()
     return torch.optim.SGD(params, lr=lr)
 
 
