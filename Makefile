@@ -41,7 +41,7 @@ test: install-dev
 
 # pyright over src/ (configured in pyproject.toml: basic mode, every file).
 typecheck: install-dev
-	$(PY) -m pyright --pythonpath $(PY)
+	$(PY) -m pyright --project pyproject.toml --pythonpath $(PY)
 
 # The sdist and the wheel, into dist/.
 dist: install-dev
