@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .demos import common, digits, hyper, sinusoid
 
 __all__ = ["main", "build_parser"]
@@ -210,13 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_of(args)
         progress = not args.no_progress
         record: dict[str, Any]
-        if isinstance(config, sinusoid.SinusoidConfig):
-            record = sinusoid.run(config, args.device, args.out, progress)
-        elif isinstance(config, digits.DigitsConfig):
-            record = digits.run(config, args.device, args.out, progress)
-        else:
-            record = hyper.run(config, args.device, args.out, progress)
-        if args.json:
+        # Under torchrun (WORLD_SIZE > 1) the ranks share the meta-batches; rank 0 prints and plots.
+        with distributed.launched(args.device) as device:
+            if isinstance(config, sinusoid.SinusoidConfig):
+                record = sinusoid.run(config, device, args.out, progress)
+            elif isinstance(config, digits.DigitsConfig):
+                record = digits.run(config, device, args.out, progress)
+            else:
+                if distributed.rank_and_world_size()[1] > 1:
+                    raise CliError("demo hyper does not run distributed (torchrun); sinusoid and digits do")
+                record = hyper.run(config, device, args.out, progress)
+        if args.json and record:
             record["options"]["threads"] = args.threads
             print(common.json_line(record), flush=True)
     except CliError as error:

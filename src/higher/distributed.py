@@ -42,6 +42,7 @@ tensor here, not a view of a bucket.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -53,7 +54,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "is_ddp",
+    "launched",
     "maml_step",
+    "mean_over_ranks",
+    "share",
     "split_tasks",
     "task_weight",
     "sync_stats",
@@ -139,8 +143,6 @@ def maml_step(
     tasks = list(tasks)
     if not is_ddp(model):
         return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
-    import contextlib
-
     import torch.distributed as dist
 
     group = model.process_group
@@ -163,9 +165,69 @@ def maml_step(
             query_loss = loss_fn(fmodel(query_x), query_y)
             (query_loss * weight).backward()
         total += float(query_loss.detach())
-    summed = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
-    dist.all_reduce(summed, group=group)
-    return float(summed) / len(tasks)
+    return mean_over_ranks(total, len(tasks), group)
+
+
+def share(*tensors: Tensor, num_tasks: int | None = None) -> tuple[Tensor, ...]:
+    """This rank's tasks of tensors stacked along a leading task dimension (:func:`split_tasks`)."""
+    total = tensors[0].shape[0] if num_tasks is None else num_tasks
+    mine = split_tasks(total)
+    return tuple(t[mine.start : mine.stop] for t in tensors)
+
+
+def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None) -> float:
+    """The mean over the whole meta-batch of a per-task quantity whose sum over this rank's tasks is given.
+
+    One all-reduce of one number (none without a process group), e.g. for the running meta-loss
+    that a progress bar shows.
+    """
+    import torch.distributed as dist
+
+    value = float(local_sum)
+    if rank_and_world_size(group)[1] > 1:
+        summed = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend(group) == "nccl":
+            summed = summed.cuda()
+        dist.all_reduce(summed, group=group)
+        value = float(summed)
+    return value / num_tasks
+
+
+@contextlib.contextmanager
+def launched(device: torch.device | str | None = None, timeout_s: float = 600.0) -> Iterator[torch.device | None]:
+    """Join the job ``torchrun`` started, for the length of the block; a no-op in a plain process.
+
+    With ``WORLD_SIZE`` > 1 in the environment (``torchrun --nproc-per-node N``): initialises the
+    default process group (NCCL for a CUDA ``device``, else gloo; ``timeout_s`` on every
+    collective, so a failing rank cannot hang the others), moves a CUDA ``device`` to this rank's
+    GPU (``LOCAL_RANK``), silences stdout on every rank but 0 (errors still show), and destroys
+    the group at the end. Yields the device this rank should use.
+    """
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield None if device is None else torch.device(device)
+        return
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        if dist.get_rank() == 0:
+            yield device
+        else:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                yield device
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -522,8 +584,6 @@ def _ddp_innerloop_ctx(
     bound.apply_defaults()
     sync = _sync_for(ddp)
     reaches_model = not bound.arguments["copy_initial_weights"] or bound.arguments.get("initial_params") is not None
-
-    import contextlib
 
     @contextlib.contextmanager
     def context() -> Iterator[Any]:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import innerloop_ctx
-from ..algorithms import adaptation_losses, maml_step
+from .. import distributed, innerloop_ctx
+from ..algorithms import adaptation_losses
 from ..data import DigitsTasks, Task
 from .common import (
     TEST_SEED,
@@ -118,24 +118,34 @@ def train_maml(
     """Meta-train the MLP's initialisation with MAML; returns it and the seconds taken."""
     torch.manual_seed(config.seed)
     model = digits_model(config.ways).to(device)
+    # Under torchrun every rank samples the same meta-batches and adapts its share of the tasks;
+    # DDP's all-reduce (higher.distributed) makes the meta-gradient the whole batch's.
+    distributed_run = distributed.rank_and_world_size()[1] > 1
+    net = nn.parallel.DistributedDataParallel(model) if distributed_run else model
     meta_opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
     inner_opt = torch.optim.SGD(model.parameters(), lr=config.inner_lr)
     bar = Progress(config.iterations, progress, "MAML digits")
     for iteration in range(1, config.iterations + 1):
         batch = Task(*(t.to(device) for t in tasks.sample_batch(config.meta_batch)))
         meta_opt.zero_grad()
-        if config.per_task:
-            loss = maml_step(model, inner_opt, _unstack(batch), F.cross_entropy, config.train_steps)
+        if config.per_task:  # higher.algorithms.maml_step, or its split across ranks
+            loss = distributed.maml_step(net, inner_opt, _unstack(batch), F.cross_entropy, config.train_steps)
         else:
-            with innerloop_ctx(model, inner_opt, copy_initial_weights=False, tasks=config.meta_batch) as (
+            mine = Task(*distributed.share(*batch)) if distributed_run else batch
+            with innerloop_ctx(net, inner_opt, copy_initial_weights=False, tasks=mine.support_x.shape[0]) as (
                 fmodel,
                 diffopt,
             ):
                 for _ in range(config.train_steps):
-                    diffopt.step(task_cross_entropy(fmodel(batch.support_x), batch.support_y))
-                query_loss = task_cross_entropy(fmodel(batch.query_x), batch.query_y).mean()
-            query_loss.backward()
-            loss = float(query_loss.detach())
+                    diffopt.step(task_cross_entropy(fmodel(mine.support_x), mine.support_y))
+                query_losses = task_cross_entropy(fmodel(mine.query_x), mine.query_y)
+            if distributed_run:
+                (query_losses.sum() * distributed.task_weight(config.meta_batch)).backward()
+                loss = distributed.mean_over_ranks(query_losses.detach().sum(), config.meta_batch)
+            else:
+                query_loss = query_losses.mean()
+                query_loss.backward()
+                loss = float(query_loss.detach())
         meta_opt.step()
         bar.update(iteration, loss)
     return model, bar.close()
@@ -237,6 +247,9 @@ def run(config: DigitsConfig, device: torch.device, out: Path, progress: bool = 
     tasks = samplers(config)
     ways, shots = config.ways, config.shots
     mode = "per-task loop" if config.per_task else "task-batched"
+    world = distributed.rank_and_world_size()[1]
+    if world > 1:
+        mode += f", split across {world} ranks"
     print(
         f"MAML, {ways}-way {shots}-shot digits (sklearn, rotations as classes): meta-train classes "
         f"{len(tasks['train'].classes)} (digits 0-2), meta-validation {len(tasks['val'].classes)} (digits 3-4), "
@@ -244,7 +257,10 @@ def run(config: DigitsConfig, device: torch.device, out: Path, progress: bool = 
         f"(lr {config.inner_lr}), meta-batch {config.meta_batch} ({mode}), {config.iterations} iterations, {device}",
         flush=True,
     )
-    maml, maml_seconds = train_maml(config, tasks["train"], device, progress)
+    rank = distributed.rank_and_world_size()[0]
+    maml, maml_seconds = train_maml(config, tasks["train"], device, progress and rank == 0)
+    if rank != 0:  # the other ranks of a torchrun job only share the meta-training
+        return {}
     trained = time.perf_counter()
     baseline = train_pretrained(config, tasks["train"], device)
     baseline_done = time.perf_counter()

@@ -29,10 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import innerloop_ctx
-from ..algorithms import MetaSGD, anil_step, maml_step
+from .. import distributed, innerloop_ctx
+from ..algorithms import MetaSGD, anil_step
 from ..data import SinusoidTasks, TaskBatch
-from .common import TEST_SEED, Progress, format_table, mean_interval, pyplot, save_figure, steps_label, table_json
+from .common import (
+    TEST_SEED,
+    DemoError,
+    Progress,
+    format_table,
+    mean_interval,
+    pyplot,
+    save_figure,
+    steps_label,
+    table_json,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -108,6 +118,10 @@ class Learner:
     def meta_step(self, batch: TaskBatch, per_task: bool) -> float:
         raise NotImplementedError
 
+    def distribute(self) -> None:
+        """Split each meta-batch across the ranks of the ``torchrun`` job (``higher.distributed``)."""
+        raise DemoError(f"{self.label} does not run distributed (torchrun) yet; --algorithm maml and fomaml do")
+
     def adaptation(self) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any] | None]:
         """``(model, inner optimizer, override)`` for fine-tuning on a test task."""
         return self.model, self.inner_opt, None
@@ -126,7 +140,12 @@ def batched_meta_step(
     ``batch`` is ``(support_x, support_y, query_x, query_y)`` with a leading task dimension. As
     :func:`higher.algorithms.maml_step`, the mean query loss over tasks is backpropagated (into
     ``model.parameters()`` and the tensors of ``override`` that require grad) and returned.
+    With a ``DistributedDataParallel`` model, this rank runs its share of the tasks and the
+    gradient (all-reduced in the backward) and the returned loss are those of the whole batch.
     """
+    num_tasks = batch[0].shape[0]
+    if distributed.is_ddp(model):
+        batch = distributed.share(*batch)  # type: ignore[assignment]
     support_x, support_y, query_x, query_y = batch
     with innerloop_ctx(
         model,
@@ -138,7 +157,11 @@ def batched_meta_step(
     ) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(task_mse(fmodel(support_x), support_y))
-        loss = task_mse(fmodel(query_x), query_y).mean()
+        losses = task_mse(fmodel(query_x), query_y)
+    if distributed.is_ddp(model):
+        (losses.sum() * distributed.task_weight(num_tasks)).backward()
+        return distributed.mean_over_ranks(losses.detach().sum(), num_tasks)
+    loss = losses.mean()
     loss.backward()
     return float(loss.detach())
 
@@ -152,12 +175,17 @@ class MAML(Learner):
 
     label = "MAML"
     first_order = False
+    net: nn.Module | None = None
+
+    def distribute(self) -> None:
+        self.net = nn.parallel.DistributedDataParallel(self.model)
 
     def meta_step(self, batch: TaskBatch, per_task: bool) -> float:
         steps = self.config.inner_steps
-        if per_task:
-            return maml_step(self.model, self.inner_opt, batch.tasks(), F.mse_loss, steps, self.first_order)
-        return batched_meta_step(self.model, self.inner_opt, _stacked(batch), steps, self.first_order)
+        model = self.model if self.net is None else self.net
+        if per_task:  # higher.algorithms.maml_step, or its split across ranks
+            return distributed.maml_step(model, self.inner_opt, batch.tasks(), F.mse_loss, steps, self.first_order)
+        return batched_meta_step(model, self.inner_opt, _stacked(batch), steps, self.first_order)
 
 
 class FirstOrderMAML(MAML):
@@ -240,6 +268,8 @@ def train_meta(
     """Meta-train a fresh network with ``config.algorithm``; returns the :class:`Learner` and the loop's seconds."""
     torch.manual_seed(config.seed)
     learner = ALGORITHMS[config.algorithm](sinusoid_model().to(device), config)
+    if distributed.rank_and_world_size()[1] > 1:  # torchrun: every rank samples the same batches, runs its share
+        learner.distribute()
     sampler = SinusoidTasks(shots=config.shots, seed=config.seed)
     meta_opt = torch.optim.Adam(learner.meta_parameters(), lr=config.meta_lr)
     bar = Progress(config.iterations, progress, learner.label, quiet=quiet)
@@ -413,13 +443,19 @@ def run(config: SinusoidConfig, device: torch.device, out: Path, progress: bool 
     start = time.perf_counter()
     label = ALGORITHMS[config.algorithm].label
     path = "per-task loop" if config.per_task else f"task-batched, {config.meta_batch} tasks at once"
+    ranks = distributed.rank_and_world_size()[1]
+    if ranks > 1:
+        path = f"{'per-task loop' if config.per_task else 'task-batched'}, split across {ranks} ranks"
     print(
         f"{label} on sinusoid regression (Finn et al. 2017): 40-40 ReLU MLP, K={config.shots}, "
         f"{config.inner_steps} inner SGD step (lr {config.inner_lr}), meta-batch {config.meta_batch} ({path}), "
         f"Adam (lr {config.meta_lr}), {config.iterations} iterations, seed {config.seed}, {device}",
         flush=True,
     )
-    learner, loop_seconds = train_meta(config, device, progress=progress)
+    rank, world = distributed.rank_and_world_size()
+    learner, loop_seconds = train_meta(config, device, progress=progress and rank == 0)
+    if rank != 0:  # the other ranks of a torchrun job only share the meta-training
+        return {}
     trained = time.perf_counter()
     per_iteration = loop_seconds / config.iterations if config.iterations else float("nan")
     print(
