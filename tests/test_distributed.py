@@ -497,3 +497,35 @@ def test_distributed_maml_step_equals_maml_step():
         assert result["losses"] == pytest.approx(losses, rel=1e-12)
         _assert_close(result["params"], [p.detach() for p in model.parameters()], torch.float64)
         assert result["stats"]["all_reduces"] == OUTER_STEPS  # one per meta-iteration, 3 or 2 tasks per rank
+
+
+def _demo_table(output: str) -> list[str]:
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("MSE on"))
+    return lines[start : start + 4]
+
+
+def test_torchrun_demo_prints_the_single_process_table(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m higher demo`: the same table, one header, one PNG (rank 0)."""
+    import subprocess
+    import sys
+
+    from higher import cli
+
+    options = ["demo", "--iterations", "20", "--test-tasks", "20", "--no-progress"]
+    torch.set_default_dtype(torch.float32)  # as in a fresh process (the fixture restores float64)
+    assert cli.main([*options, "--out", str(tmp_path / "one.png")]) == 0
+    one = capsys.readouterr().out
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "higher"]
+        + [*options, "--out", str(tmp_path / "two.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr
+    assert "split across 2 ranks" in two.stdout
+    assert two.stdout.count("MAML on sinusoid regression") == 1  # only rank 0 prints
+    assert _demo_table(two.stdout) == _demo_table(one)
+    assert (tmp_path / "two.png").exists()
