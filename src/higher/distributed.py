@@ -145,7 +145,8 @@ def maml_step(
         return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
     import torch.distributed as dist
 
-    group = model.process_group
+    ddp: Any = model
+    group = ddp.process_group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if len(tasks) < world:
         raise ValueError(
@@ -157,7 +158,7 @@ def maml_step(
     total = 0.0
     for k in mine:
         support_x, support_y, query_x, query_y = algorithms._unpack(tasks[k])
-        sync = contextlib.nullcontext() if k == mine[-1] else model.no_sync()
+        sync = contextlib.nullcontext() if k == mine[-1] else ddp.no_sync()
         with sync:
             fmodel = algorithms.adapt(
                 model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order
@@ -194,7 +195,7 @@ def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None
 
 
 @contextlib.contextmanager
-def launched(device: torch.device | str | None = None, timeout_s: float = 600.0) -> Iterator[torch.device | None]:
+def launched(device: torch.device | str | None = None, timeout_s: float = 600.0) -> Iterator[torch.device]:
     """Join the job ``torchrun`` started, for the length of the block; a no-op in a plain process.
 
     With ``WORLD_SIZE`` > 1 in the environment (``torchrun --nproc-per-node N``): initialises the
@@ -210,7 +211,7 @@ def launched(device: torch.device | str | None = None, timeout_s: float = 600.0)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        yield None if device is None else torch.device(device)
+        yield torch.device("cpu" if device is None else device)
         return
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
@@ -231,7 +232,7 @@ def launched(device: torch.device | str | None = None, timeout_s: float = 600.0)
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _unsupported_options(ddp: nn.Module) -> list[str]:
+def _unsupported_options(ddp: Any) -> list[str]:
     """DDP settings whose effect on the gradients this module does not reproduce."""
     problems = []
     if getattr(ddp, "_comm_hooks", None):
@@ -261,7 +262,7 @@ def _unsupported_options(ddp: nn.Module) -> list[str]:
     return problems
 
 
-def _check_ddp(ddp: nn.Module) -> None:
+def _check_ddp(ddp: Any) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -294,7 +295,7 @@ class _Bucket:
 class _GradSync:
     """DDP's gradient averaging for the gradients that fmodels send to ``ddp.module``'s parameters."""
 
-    def __init__(self, ddp: nn.Module) -> None:
+    def __init__(self, ddp: Any) -> None:
         import torch.distributed as dist
 
         self._dist = dist
@@ -473,17 +474,17 @@ class _GradSync:
         self.stats["broadcast_bytes"] += sum(b.numel() * b.element_size() for b in buffers)
 
 
-def _names_of(ddp: nn.Module | None, params: list[Tensor]) -> list[str]:
+def _names_of(ddp: Any, params: list[Tensor]) -> list[str]:
     if ddp is None:
         return [f"#{i}" for i in range(len(params))]
     wanted = {id(p) for p in params}
     return [name for name, p in ddp.module.named_parameters() if id(p) in wanted]
 
 
-_SYNCS: weakref.WeakKeyDictionary[nn.Module, _GradSync] = weakref.WeakKeyDictionary()
+_SYNCS: weakref.WeakKeyDictionary[Any, _GradSync] = weakref.WeakKeyDictionary()
 
 
-def _sync_for(ddp: nn.Module) -> _GradSync:
+def _sync_for(ddp: Any) -> _GradSync:
     _check_ddp(ddp)
     sync = _SYNCS.get(ddp)
     if sync is None or sync.group is not ddp.process_group:
@@ -503,7 +504,7 @@ def sync_stats(ddp: nn.Module) -> dict[str, int]:
     return dict(sync.stats)
 
 
-def _attach(fmodel: nn.Module, ddp: nn.Module, sync: _GradSync) -> None:
+def _attach(fmodel: nn.Module, ddp: Any, sync: _GradSync) -> None:
     """Arm ``sync`` at every call of ``fmodel`` made with gradients on, outside ``ddp.no_sync()``."""
     ddp_ref = weakref.ref(ddp)
 
@@ -578,7 +579,7 @@ def _wrap_innerloop_ctx(innerloop_ctx: Callable[..., Any]) -> Callable[..., Any]
 
 
 def _ddp_innerloop_ctx(
-    innerloop_ctx: Callable[..., Any], signature: inspect.Signature, ddp: nn.Module, args: tuple, kwargs: dict
+    innerloop_ctx: Callable[..., Any], signature: inspect.Signature, ddp: Any, args: tuple, kwargs: dict
 ) -> Any:
     bound = signature.bind(ddp.module, *args, **kwargs)
     bound.apply_defaults()
