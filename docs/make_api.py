@@ -23,6 +23,7 @@ MODULES = [
     "higher.patch",
     "higher.utils",
     "higher.rules",
+    "higher.distributed",
     "higher.cli",
 ]
 HEADER = """# API reference

@@ -424,6 +424,10 @@ def _options_worker(rank: int) -> Any:
     net3._register_builtin_comm_hook(torch.distributed.BuiltinCommHookType.FP16_COMPRESS)
     with pytest.raises(NotImplementedError, match="FP16_COMPRESS"):
         higher.innerloop_ctx(net3, opt, copy_initial_weights=False).__enter__()
+    embedding = nn.Embedding(5, 3, sparse=True)
+    net4 = nn.parallel.DistributedDataParallel(embedding)
+    with pytest.raises(NotImplementedError, match="sparse"):
+        higher.innerloop_ctx(net4, torch.optim.SGD(embedding.parameters(), lr=0.1)).__enter__()
     return errors
 
 

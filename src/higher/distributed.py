@@ -32,7 +32,7 @@ under 1 MiB), whatever the number of tasks and inner steps.
 
 Options of DDP that change the arithmetic and that this module does not reproduce raise a
 clear error when the model enters ``innerloop_ctx`` (communication hooks, mixed precision,
-delayed all-reduce, the ``Join`` context, the compiled "python reducer"). Options honoured:
+delayed all-reduce, the ``Join`` context, the compiled "python reducer", sparse gradients). Options honoured:
 ``bucket_cap_mb``, ``find_unused_parameters`` and ``static_graph`` (unused parameters contribute
 zero; a parameter unused on every rank keeps its ``.grad``), ``forward_sync_buffers``
 (``broadcast_buffers``), parameters and buffers DDP ignores, ``no_sync()``, the process group.
@@ -259,6 +259,11 @@ def _unsupported_options(ddp: Any) -> list[str]:
         problems.append("the Join context manager for uneven inputs (ranks must run one synchronised backward each)")
     if getattr(ddp, "is_multi_device_module", False):
         problems.append("a module spread over several devices")
+    module = getattr(ddp, "module", None)
+    if isinstance(module, nn.Module) and any(
+        isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in module.modules()
+    ):
+        problems.append("sparse gradients (an Embedding with sparse=True)")
     return problems
 
 
