@@ -420,6 +420,15 @@ def _options_worker(rank: int) -> Any:
         assert isinstance(fmodel, nn.Sequential)  # the fmodel of ddp.module
         fmodel(torch.ones(2, 1)).sum().backward()
     errors["synced"] = hd.sync_stats(net2)["backwards"]
+    # copy_initial_weights=True (the default): nothing reaches the model, nothing is armed or reduced
+    with higher.innerloop_ctx(net2, opt) as (fmodel, diffopt):
+        fmodel(torch.ones(2, 1)).sum().backward()
+    errors["after_copy"] = hd.sync_stats(net2)["backwards"]
+    errors["hooks_after_copy"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    # copy_initial_weights passed positionally (model, opt, device, copy_initial_weights)
+    with higher.innerloop_ctx(net2, opt, None, False) as (fmodel, diffopt):
+        fmodel(torch.ones(2, 1)).sum().backward()
+    errors["positional"] = hd.sync_stats(net2)["backwards"]
     net3 = nn.parallel.DistributedDataParallel(model)
     net3._register_builtin_comm_hook(torch.distributed.BuiltinCommHookType.FP16_COMPRESS)
     with pytest.raises(NotImplementedError, match="FP16_COMPRESS"):
@@ -435,6 +444,8 @@ def test_unsupported_options_raise():
     for result in _results("_options_worker"):
         assert "register_comm_hook" in result["comm_hook"]
         assert result["synced"] == 1
+        assert result["after_copy"] == 1 and result["hooks_after_copy"] == 0
+        assert result["positional"] == 2
 
 
 def test_split_tasks_and_weights():

@@ -232,8 +232,12 @@ def launched(device: torch.device | str | None = None, timeout_s: float = 600.0)
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _unsupported_options(ddp: Any) -> list[str]:
-    """DDP settings whose effect on the gradients this module does not reproduce."""
+def _unsupported_options(ddp: Any, constructor: bool = True) -> list[str]:
+    """DDP settings whose effect on the gradients this module does not reproduce.
+
+    ``constructor=False`` skips the settings fixed when the DDP object was built (checked once,
+    when its synchronisation is made); hooks and the ``Join`` context can come later.
+    """
     problems = []
     if getattr(ddp, "_comm_hooks", None):
         problems.append(
@@ -248,15 +252,17 @@ def _unsupported_options(ddp: Any) -> list[str]:
             hook_name = ""
         if hook_name:
             problems.append(f"the built-in communication hook {hook_name!r} (_register_builtin_comm_hook)")
+    join_config = getattr(ddp, "_join_config", None)
+    if join_config is not None and getattr(join_config, "enable", False):
+        problems.append("the Join context manager for uneven inputs (ranks must run one synchronised backward each)")
+    if not constructor:
+        return problems
     if getattr(ddp, "mixed_precision", None) is not None:
         problems.append("mixed_precision= (DDP's reduced-precision parameter copies are not used by the fmodel)")
     if getattr(ddp, "_delay_all_reduce_params", None):
         problems.append("delay_all_reduce_named_params=/param_to_hook_all_reduce=")
     if getattr(ddp, "_use_python_reducer", False):
         problems.append("the compiled 'python_reducer' DDP mode (torch._dynamo optimize_ddp)")
-    join_config = getattr(ddp, "_join_config", None)
-    if join_config is not None and getattr(join_config, "enable", False):
-        problems.append("the Join context manager for uneven inputs (ranks must run one synchronised backward each)")
     if getattr(ddp, "is_multi_device_module", False):
         problems.append("a module spread over several devices")
     module = getattr(ddp, "module", None)
@@ -267,7 +273,7 @@ def _unsupported_options(ddp: Any) -> list[str]:
     return problems
 
 
-def _check_ddp(ddp: Any) -> None:
+def _check_ddp(ddp: Any, constructor: bool = True) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -275,7 +281,7 @@ def _check_ddp(ddp: Any) -> None:
             "a DistributedDataParallel model was passed to innerloop_ctx but torch.distributed's "
             "process group is not initialised; call torch.distributed.init_process_group first."
         )
-    problems = _unsupported_options(ddp)
+    problems = _unsupported_options(ddp, constructor)
     if problems:
         raise NotImplementedError(
             "higher cannot honour these DistributedDataParallel settings in an inner loop: "
@@ -490,10 +496,12 @@ _SYNCS: weakref.WeakKeyDictionary[Any, _GradSync] = weakref.WeakKeyDictionary()
 
 
 def _sync_for(ddp: Any) -> _GradSync:
-    _check_ddp(ddp)
     sync = _SYNCS.get(ddp)
     if sync is None or sync.group is not ddp.process_group:
+        _check_ddp(ddp)
         sync = _SYNCS[ddp] = _GradSync(ddp)
+    else:
+        _check_ddp(ddp, constructor=False)
     return sync
 
 
@@ -587,9 +595,9 @@ def _ddp_innerloop_ctx(
     innerloop_ctx: Callable[..., Any], signature: inspect.Signature, ddp: Any, args: tuple, kwargs: dict
 ) -> Any:
     bound = signature.bind(ddp.module, *args, **kwargs)
-    bound.apply_defaults()
     sync = _sync_for(ddp)
-    reaches_model = not bound.arguments["copy_initial_weights"] or bound.arguments.get("initial_params") is not None
+    copies = bound.arguments.get("copy_initial_weights", signature.parameters["copy_initial_weights"].default)
+    reaches_model = not copies or bound.arguments.get("initial_params") is not None
 
     @contextlib.contextmanager
     def context() -> Iterator[Any]:
