@@ -37,7 +37,7 @@ def test_sinusoid_demo_tiny_run(tmp_path, capsys):
     [
         (["--iterations", "3", "--test-tasks", "4"], "sinusoid"),
         (["sinusoid", "--algorithm", "anil", "--iterations", "2", "--test-tasks", "3", "--per-task"], "sinusoid"),
-        (["digits", "--iterations", "2", "--test-tasks", "3", "--ways", "3"], "digits"),
+        (["digits", "--iterations", "2", "--test-tasks", "3", "--ways", "3", "--val-tasks", "5"], "digits"),
         (["hyper", "--iterations", "2", "--inner-steps", "2", "--test-tasks", "2"], "hyper"),
     ],
 )
@@ -75,7 +75,9 @@ def test_defaults_and_configs():
     assert config.iterations == sinusoid.DEFAULTS["iterations"] == 70000
     assert (config.algorithm, config.per_task, config.shots, config.test_tasks) == ("maml", False, 10, 600)
     assert str(args.out) == "higher-demo.png" and args.threads == 1 and args.json is False
-    assert isinstance(cli.config_of(resolve("digits")), digits.DigitsConfig)
+    digits_config = cli.config_of(resolve("digits", "--val-tasks", "9"))
+    assert isinstance(digits_config, digits.DigitsConfig) and digits_config.val_tasks == 9
+    assert cli.config_of(resolve("digits")).val_tasks == 300  # type: ignore[union-attr]
     hyper_config = cli.config_of(resolve("hyper", "--inner-steps", "7"))
     assert isinstance(hyper_config, hyper.HyperConfig) and hyper_config.inner_steps == 7
     assert hyper_config.method == "unrolled" and hyper_config.shots == 20

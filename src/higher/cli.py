@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     digits_parser.add_argument(
         "--ways", type=_positive_int, default=5, help=f"classes per task (default 5, at most {digits.MAX_WAYS})"
     )
+    digits_parser.add_argument(
+        "--val-tasks",
+        type=_positive_int,
+        default=300,
+        help="meta-validation tasks on which each method's fine-tuning is chosen (default 300)",
+    )
     hyper_parser = experiments.add_parser("hyper", help="learn the inner learning rate and momentum by hypergradient")
     _add_common_options(hyper_parser, suppress=True)
     hyper_parser.add_argument("--inner-steps", type=_positive_int, default=50, help="unrolled SGD steps (default 50)")
@@ -196,7 +202,7 @@ def config_of(args: argparse.Namespace) -> sinusoid.SinusoidConfig | digits.Digi
     if args.experiment == "sinusoid":
         return sinusoid.SinusoidConfig(algorithm=args.algorithm, **shared)
     if args.experiment == "digits":
-        return digits.DigitsConfig(ways=args.ways, **shared)
+        return digits.DigitsConfig(ways=args.ways, val_tasks=args.val_tasks, **shared)
     return hyper.HyperConfig(inner_steps=args.inner_steps, method=args.method, **shared)
 
 

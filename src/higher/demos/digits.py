@@ -47,7 +47,7 @@ __all__ = ["DEFAULTS", "LR_GRID", "DigitsConfig", "digits_model", "run"]
 
 DEFAULTS: dict[str, Any] = {"iterations": 1500, "shots": 1, "out": "higher-demo-digits.png"}
 #: The fine-tuning learning rates tried on the meta-validation tasks, for every method alike.
-LR_GRID = (0.05, 0.1, 0.2, 0.4, 0.8)
+LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 TRAIN_DIGITS, VAL_DIGITS, TEST_DIGITS = (0, 1, 2), (3, 4), (5, 6, 7, 8)
 MAX_WAYS = 4 * len(VAL_DIGITS)  # the smallest split: meta-validation, 4 rotations per digit
 
