@@ -331,6 +331,7 @@ def _no_sync_decided_at_forward(rank: int) -> Any:
     counts.append(hd.sync_stats(net)["all_reduces"])
     # the model is left without hooks between meta-iterations
     hooks = [p._post_accumulate_grad_hooks for p in model.parameters()]
+    hooks += [m._forward_pre_hooks for m in model.modules()]  # the arming hook is the fmodel's own
     return {"counts": counts, "local": local, "synced": [p.grad.clone() for p in model.parameters()], "hooks": hooks}
 
 
