@@ -24,8 +24,8 @@ def worker(iterations: int, threads: int) -> float:
     import torch.nn.functional as F
 
     from higher.algorithms import maml_step
-    from higher.cli import sinusoid_model
     from higher.data import SinusoidTasks
+    from higher.demos.sinusoid import sinusoid_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

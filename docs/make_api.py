@@ -27,6 +27,7 @@ MODULES = [
     "higher.forward_mode",
     "higher.implicit",
     "higher.hypergradients",
+    "higher.distributed",
     "higher.cli",
 ]
 HEADER = """# API reference

@@ -1,5 +1,6 @@
-"""The command line on tiny settings: it runs, prints its table, writes its PNG, rejects bad options."""
+"""The command line: parsing, defaults, dispatch to higher.demos, --json, clear errors."""
 
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from higher import cli
+from higher.demos import digits, hyper, sinusoid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -15,89 +17,86 @@ def is_png(path) -> bool:
     return path.exists() and path.read_bytes()[:8] == PNG_MAGIC
 
 
+def resolve(*argv):
+    return cli._resolve(cli.build_parser().parse_args(["demo", *argv]))
+
+
 def test_sinusoid_demo_tiny_run(tmp_path, capsys):
     out = tmp_path / "plots" / "sinusoid.png"
     assert cli.main(["demo", "--iterations", "3", "--test-tasks", "4", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "MSE on 4 test tasks" in printed
+    assert "MSE on 4 test tasks" in printed and "task-batched" in printed
     for row in ("MAML", "pretrained"):
         assert any(line.startswith(row) and line.count("±") == 3 for line in printed.splitlines())
     assert "0 steps" in printed and "1 step" in printed and "10 steps" in printed
     assert is_png(out)
 
 
-def test_sinusoid_results_are_seeded_and_first_order_runs(tmp_path):
-    parser = cli.build_parser()
-
-    def run(*extra):
-        args = cli._resolve(parser.parse_args(["demo", "--iterations", "2", "--test-tasks", "3", *extra]))
-        config = cli.SinusoidConfig(
-            iterations=args.iterations, test_tasks=args.test_tasks, seed=args.seed, first_order=args.first_order
-        )
-        args.out = tmp_path / "x.png"
-        args.no_progress = True
-        return cli.run_sinusoid(args, config)
-
-    first, again = run("--seed", "4"), run("--seed", "4")
-    assert first == again
-    assert run("--seed", "5") != first
-    first_order = run("sinusoid", "--first-order", "--seed", "4")
-    assert list(first_order) == ["first-order MAML", "pretrained"]
-
-
-def test_sinusoid_defaults_are_the_papers_setup():
-    args = cli._resolve(cli.build_parser().parse_args(["demo"]))
-    config = cli.SinusoidConfig(iterations=args.iterations, shots=args.shots)
-    assert (config.shots, config.meta_batch, config.inner_lr, config.inner_steps, config.meta_lr) == (
-        10,
-        25,
-        0.01,
-        1,
-        1e-3,
-    )
-    assert (config.test_tasks, config.eval_steps) == (600, 10)
-    assert args.test_tasks == 600 and args.iterations > 0 and str(args.out).endswith(".png")
-    sizes = [tuple(p.shape) for p in cli.sinusoid_model().parameters()]
-    assert sizes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+@pytest.mark.parametrize(
+    ("argv", "experiment"),
+    [
+        (["--iterations", "3", "--test-tasks", "4"], "sinusoid"),
+        (["sinusoid", "--algorithm", "anil", "--iterations", "2", "--test-tasks", "3", "--per-task"], "sinusoid"),
+        (["digits", "--iterations", "2", "--test-tasks", "3", "--ways", "3", "--val-tasks", "5"], "digits"),
+        (["hyper", "--iterations", "2", "--inner-steps", "2", "--test-tasks", "2"], "hyper"),
+    ],
+)
+def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli.main(["demo", *argv, "--out", str(out), "--no-progress", "--json"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    record = json.loads(lines[-1])
+    assert record["experiment"] == experiment
+    assert record["options"]["out"] == str(out) and record["options"]["threads"] == 1
+    assert record["options"]["iterations"] == int(argv[argv.index("--iterations") + 1])
+    assert "total_s" in record["timings"]
+    printed = "\n".join(lines[:-1])
+    if experiment == "hyper":
+        learned = record["table"]["learned hyperparameters"]["validation_mse"]
+        assert f"{learned['mean']:.3f} ± {learned['ci95']:.3f}" in printed
+    else:
+        digits_shown = 1 if experiment == "digits" else 3
+        table = printed[printed.index("\nmethod ") :].splitlines()
+        for method, cells in record["table"].items():
+            row = next(line for line in table if line.startswith(method + " "))
+            for cell in cells.values():
+                assert f"{cell['mean']:.{digits_shown}f} ± {cell['ci95']:.{digits_shown}f}" in row
 
 
-def test_digits_demo_tiny_run(tmp_path, capsys):
-    out = tmp_path / "digits.png"
-    argv = [
-        "demo",
-        "digits",
-        "--iterations",
-        "2",
-        "--test-tasks",
-        "3",
-        "--ways",
-        "3",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "accuracy (%) on 3 test tasks (3-way 1-shot" in printed
-    assert is_png(out)
+def test_without_json_no_json_line(tmp_path, capsys):
+    cli.main(["demo", "--iterations", "1", "--test-tasks", "2", "--out", str(tmp_path / "x.png"), "--no-progress"])
+    assert not capsys.readouterr().out.splitlines()[-1].startswith("{")
 
 
-def test_hyper_demo_tiny_run(tmp_path, capsys):
-    out = tmp_path / "hyper.png"
-    argv = ["demo", "hyper", "--iterations", "3", "--inner-steps", "2", "--test-tasks", "2", "--out", str(out)]
-    assert cli.main(argv + ["--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "learned hyperparameters" in printed and "initial hyperparameters" in printed
-    assert is_png(out)
+def test_defaults_and_configs():
+    args = resolve()
+    config = cli.config_of(args)
+    assert isinstance(config, sinusoid.SinusoidConfig)
+    assert config.iterations == sinusoid.DEFAULTS["iterations"] == 70000
+    assert (config.algorithm, config.per_task, config.shots, config.test_tasks) == ("maml", False, 10, 600)
+    assert str(args.out) == "higher-demo.png" and args.threads == 1 and args.json is False
+    digits_config = cli.config_of(resolve("digits", "--val-tasks", "9"))
+    assert isinstance(digits_config, digits.DigitsConfig) and digits_config.val_tasks == 9
+    assert cli.config_of(resolve("digits")).val_tasks == 300  # type: ignore[union-attr]
+    hyper_config = cli.config_of(resolve("hyper", "--inner-steps", "7"))
+    assert isinstance(hyper_config, hyper.HyperConfig) and hyper_config.inner_steps == 7
+    assert hyper_config.method == "unrolled" and hyper_config.shots == 20
 
 
-def test_options_work_before_and_after_the_experiment_name(tmp_path):
-    parser = cli.build_parser()
-    before = cli._resolve(parser.parse_args(["demo", "--iterations", "7", "digits"]))
-    after = cli._resolve(parser.parse_args(["demo", "digits", "--iterations", "7"]))
+def test_algorithm_and_first_order_options():
+    assert resolve("sinusoid", "--first-order").algorithm == "fomaml"
+    assert resolve("sinusoid", "--algorithm", "fomaml").first_order is True
+    assert resolve("sinusoid", "--algorithm", "metasgd").algorithm == "metasgd"
+    assert cli.config_of(resolve("sinusoid", "--per-task", "--algorithm", "anil")).per_task is True
+    assert resolve().algorithm == "maml" and resolve().first_order is False
+
+
+def test_options_work_before_and_after_the_experiment_name():
+    before, after = resolve("--iterations", "7", "digits"), resolve("digits", "--iterations", "7")
     assert before.iterations == after.iterations == 7
     assert before.experiment == after.experiment == "digits"
-    assert cli._resolve(parser.parse_args(["demo", "digits"])).iterations == cli.DEFAULTS["digits"]["iterations"]
+    assert resolve("--json", "hyper").json is True and resolve("hyper", "--json").json is True
+    assert resolve("digits").iterations == cli.DEFAULTS["digits"]["iterations"]
 
 
 BAD_OPTIONS = [
@@ -107,8 +106,11 @@ BAD_OPTIONS = [
     (["demo", "--device", "tpu"], "unknown device"),
     (["demo", "--out", "result.jpg"], "must be a .png file"),
     (["demo", "--test-tasks", "0"], "must be at least 1"),
-    (["demo", "digits", "--ways", "20"], "at most 16"),
-    (["demo", "digits", "--shots", "170"], "exceeds"),
+    (["demo", "digits", "--ways", "20"], "at most 8"),
+    (["demo", "digits", "--shots", "170", "--iterations", "0"], "exceeds"),
+    (["demo", "sinusoid", "--algorithm", "reptile"], "invalid choice"),
+    (["demo", "sinusoid", "--first-order", "--algorithm", "anil"], "cannot be combined"),
+    (["demo", "hyper", "--method", "guess"], "invalid choice"),
     (["demo", "sideways"], "invalid choice"),
     ([], "required"),
 ]
@@ -136,4 +138,9 @@ def test_python_dash_m_higher_runs_the_cli():
         [sys.executable, "-m", "higher", "demo", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "--iterations" in result.stdout and "digits" in result.stdout and "hyper" in result.stdout
+    for option in ("--iterations", "digits", "hyper", "--json", "--per-task", "70000"):
+        assert option in result.stdout
+    sub = subprocess.run(
+        [sys.executable, "-m", "higher", "demo", "sinusoid", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert "maml" in sub.stdout and "metasgd" in sub.stdout and "anil" in sub.stdout

@@ -126,3 +126,31 @@ def test_digits_bad_arguments():
         DigitsTasks(shots=0)
     with pytest.raises(ValueError, match="exceeds"):
         DigitsTasks(shots=100, query=100)
+
+
+def test_digits_meta_validation_split_is_disjoint_from_the_others():
+    digits = {"train_digits": (0, 1, 2), "val_digits": (3, 4), "test_digits": (5, 6, 7, 8)}
+    splits = {split: DigitsTasks(split, ways=5, **digits) for split in ("train", "val", "test")}
+    assert {d for d, _ in splits["val"].classes} == {3, 4} and len(splits["val"].classes) == 8
+    assert len(splits["train"].classes) == 12 and len(splits["test"].classes) == 16
+    for first in splits:
+        for second in splits:
+            if first != second:
+                assert not set(splits[first].classes) & set(splits[second].classes)
+    with pytest.raises(ValueError, match="val_digits"):
+        DigitsTasks("val")
+    with pytest.raises(ValueError, match="overlap"):
+        DigitsTasks("train", train_digits=(0, 1, 2), val_digits=(2, 3))
+    with pytest.raises(ValueError, match="overlap"):
+        DigitsTasks("test", val_digits=(5,))
+
+
+def test_digits_sample_batch_stacks_tasks_in_sampling_order():
+    batch = DigitsTasks("test", ways=3, shots=2, query=4, seed=9).sample_batch(5)
+    assert batch.support_x.shape == (5, 6, 64) and batch.query_y.shape == (5, 12)
+    one_by_one = DigitsTasks("test", ways=3, shots=2, query=4, seed=9)
+    for index in range(5):
+        for stacked, single in zip(batch, one_by_one.sample()):
+            assert torch.equal(stacked[index], single)
+    with pytest.raises(ValueError, match="num_tasks"):
+        DigitsTasks().sample_batch(0)

@@ -13,25 +13,40 @@ whole inner loop (meta-learning, hyperparameter optimization, learned optimizers
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from . import batched, optim, patch, rules, utils
+from . import batched, checkpointing, distributed, forward_mode, hypergradients, implicit, optim, patch, rules, utils
+from .checkpointing import CheckpointedUnroll, checkpointed_unroll
+from .forward_mode import ForwardHypergradient, forward_hypergradient
+from .implicit import ImplicitHypergradient, implicit_hypergradient
 from .optim import DifferentiableOptimizer, PerParameter, PerStep, create_diff_optim, get_diff_optim, register_optim
 from .patch import FunctionalModule, monkeypatch
 
 __version__ = "1.0.0.dev0"
 
 __all__ = [
+    "CheckpointedUnroll",
     "DifferentiableOptimizer",
+    "ForwardHypergradient",
     "FunctionalModule",
+    "ImplicitHypergradient",
     "PerParameter",
     "PerStep",
     "batched",
+    "checkpointed_unroll",
+    "checkpointing",
     "create_diff_optim",
+    "distributed",
+    "forward_hypergradient",
+    "forward_mode",
     "get_diff_optim",
+    "hypergradients",
+    "implicit",
+    "implicit_hypergradient",
     "innerloop_ctx",
     "monkeypatch",
     "optim",
@@ -42,7 +57,6 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
 def innerloop_ctx(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -55,7 +69,7 @@ def innerloop_ctx(
     share_buffers: bool = False,
     initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     tasks: int | None = None,
-) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
+) -> contextlib.AbstractContextManager[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
 
     Args:
@@ -83,8 +97,41 @@ def innerloop_ctx(
             takes ``x`` with a leading task dimension, and ``diffopt.step`` takes the per-task
             losses (shape ``[tasks]``).
 
+    A ``torch.nn.parallel.DistributedDataParallel`` model works too: the inner loops run on the
+    model it wraps, and the meta-gradient is averaged over ranks once per backward pass, as DDP
+    does (see :mod:`higher.distributed`).
+
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
+    options = {
+        "device": device,
+        "copy_initial_weights": copy_initial_weights,
+        "override": override,
+        "track_higher_grads": track_higher_grads,
+        "first_order": first_order,
+        "share_buffers": share_buffers,
+        "initial_params": initial_params,
+        "tasks": tasks,
+    }
+    if distributed.is_ddp(model):
+        return distributed._ddp_innerloop_ctx(_innerloop_ctx, _INNERLOOP_SIGNATURE, model, (opt,), options)
+    return _innerloop_ctx(model, opt, **options)
+
+
+@contextlib.contextmanager
+def _innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: dict[str, Any] | None = None,
+    track_higher_grads: bool = True,
+    first_order: bool = False,
+    share_buffers: bool = False,
+    initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+    tasks: int | None = None,
+) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
+    """:func:`innerloop_ctx` for a model that is not wrapped in ``DistributedDataParallel``."""
     if tasks is not None:
         if share_buffers or initial_params is not None:
             raise NotImplementedError(
@@ -123,21 +170,4 @@ def innerloop_ctx(
     yield fmodel, diffopt
 
 
-# Long horizons (issue 11): imported last, they use innerloop_ctx.
-from . import checkpointing, forward_mode, hypergradients, implicit  # noqa: E402
-from .checkpointing import CheckpointedUnroll, checkpointed_unroll  # noqa: E402
-from .forward_mode import ForwardHypergradient, forward_hypergradient  # noqa: E402
-from .implicit import ImplicitHypergradient, implicit_hypergradient  # noqa: E402
-
-__all__ += [
-    "CheckpointedUnroll",
-    "ForwardHypergradient",
-    "ImplicitHypergradient",
-    "checkpointed_unroll",
-    "checkpointing",
-    "forward_hypergradient",
-    "forward_mode",
-    "hypergradients",
-    "implicit",
-    "implicit_hypergradient",
-]
+_INNERLOOP_SIGNATURE = inspect.signature(_innerloop_ctx)

@@ -233,7 +233,8 @@ class MetaSGD(nn.Module):
         if "lr" in options:
             raise ValueError("give the initial learning rate as MetaSGD(model, lr=...), not in optimizer_kwargs")
         # Never stepped itself: it gives the inner loop its update rule and other hyperparameters.
-        self.inner_opt = optimizer(model.parameters(), lr=float(lr), **options)
+        options["lr"] = float(lr)
+        self.inner_opt = optimizer(model.parameters(), **options)
 
     def adapt(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int = 1) -> FunctionalModule:
         """``steps`` inner updates with the learned learning rates; returns the adapted fmodel.

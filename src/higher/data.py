@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -136,13 +136,16 @@ class DigitsTasks:
     split a few classes remain alike, e.g. an 8 and an 8 turned by 180 degrees; this caps the
     accuracy any method can reach, for every method alike.)
 
+    A third, meta-validation split (``"val"``) takes its classes from ``val_digits``, for choosing
+    hyperparameters on classes that are neither trained on nor tested on; it is empty by default.
+
     Args:
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
         ways: classes per task (N).
         shots: support examples per class (K).
         query: query examples per class.
         seed: seed of the sampler's own ``torch.Generator``.
-        train_digits, test_digits: the digits of each split (must not overlap).
+        train_digits, test_digits, val_digits: the digits of each split (must not overlap).
         dtype: dtype of the images (default: torch's default dtype).
 
     Labels in each task are ``0 .. ways-1`` in a random order of the sampled classes. Images are
@@ -161,18 +164,29 @@ class DigitsTasks:
         train_digits: Sequence[int] = (0, 1, 2, 3, 4),
         test_digits: Sequence[int] = (5, 6, 7, 8),
         dtype: torch.dtype | None = None,
+        val_digits: Sequence[int] = (),
     ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if set(train_digits) & set(test_digits):
-            raise ValueError(
-                f"train_digits {tuple(train_digits)} and test_digits {tuple(test_digits)} overlap; "
-                f"meta-train and meta-test classes must be disjoint."
-            )
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        named = {
+            "train_digits": tuple(train_digits),
+            "val_digits": tuple(val_digits),
+            "test_digits": tuple(test_digits),
+        }
+        names = list(named)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if set(named[first]) & set(named[second]):
+                    raise ValueError(
+                        f"{first} {named[first]} and {second} {named[second]} overlap; "
+                        f"meta-train, meta-validation and meta-test classes must be disjoint."
+                    )
+        if split == "val" and not named["val_digits"]:
+            raise ValueError("split 'val' needs val_digits, e.g. DigitsTasks('val', val_digits=(3, 4), ...)")
         for name, value in (("ways", ways), ("shots", shots), ("query", query)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        digits = tuple(train_digits if split == "train" else test_digits)
+        digits = named[f"{split}_digits"]
         if any(not 0 <= d <= 9 for d in digits):
             raise ValueError(f"digits must lie in 0..9, got {digits}")
         self.classes: list[tuple[int, int]] = [(d, r) for d in digits for r in self.ROTATIONS]
@@ -188,6 +202,13 @@ class DigitsTasks:
             raise ValueError(f"shots + query = {shots + query} exceeds the {smallest} images of the smallest class")
         self.split, self.ways, self.shots, self.query = split, ways, shots, query
         self.generator = torch.Generator().manual_seed(seed)
+
+    def sample_batch(self, num_tasks: int) -> Task:
+        """``num_tasks`` tasks stacked along a leading task dimension (for task-batched mode)."""
+        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        tasks = [self.sample() for _ in range(num_tasks)]
+        return Task(*(torch.stack(parts) for parts in zip(*tasks)))
 
     def sample(self) -> Task:
         """One task: ``support_x`` (ways*shots, 64), ``support_y`` (ways*shots,), and the query set."""
@@ -212,7 +233,7 @@ def _load_digits(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         raise ImportError(
             "DigitsTasks needs scikit-learn (it ships the digits data): pip install 'higher[demo]'"
         ) from error
-    bunch = load_digits()
+    bunch: Any = load_digits()  # a Bunch (sklearn's stubs also allow the (X, y) tuple of return_X_y=True)
     images = torch.as_tensor(bunch.images, dtype=dtype) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
     return images, labels

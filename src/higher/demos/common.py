@@ -1,0 +1,164 @@
+"""What every demo shares: the progress display, statistics, tables, plotting and JSON output.
+
+Nothing here is specific to an experiment; each experiment module (:mod:`higher.demos.sinusoid`,
+:mod:`higher.demos.digits`, :mod:`higher.demos.hyper`) builds its model, training, evaluation
+and plot from these pieces and from the public API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DemoError",
+    "TEST_SEED",
+    "Progress",
+    "mean_interval",
+    "format_table",
+    "table_json",
+    "pyplot",
+    "save_figure",
+    "steps_label",
+    "to_jsonable",
+    "json_line",
+]
+
+TEST_SEED = 2017  # the test tasks are the same whatever --seed is, so that tables compare
+
+
+class DemoError(Exception):
+    """A bad option or environment: the command line prints ``higher: error: ...`` and exits with 2."""
+
+
+class Progress:
+    """A tqdm progress bar (iterations per second and the running meta-loss), or plain lines.
+
+    Without tqdm, or with ``enabled=False`` (``--no-progress``), it prints a line every 10% of the
+    iterations instead, with the elapsed time and the iterations per second. ``quiet=True``
+    prints nothing at all (used for the JSON output's timings only). The bar goes to stderr (tqdm's
+    default), so that stdout holds the results.
+    """
+
+    def __init__(self, total: int, enabled: bool, label: str, quiet: bool = False) -> None:
+        self.total, self.enabled, self.label, self.quiet = total, enabled, label, quiet
+        self.running: float | None = None
+        self.bar: Any = None
+        self.start = time.perf_counter()
+        self.next_line = 0
+        if enabled and not quiet:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                print(f"{label}: {total} iterations (install tqdm, or 'higher[demo]', for a progress bar)")
+            else:
+                self.bar = tqdm(total=total, desc=label, unit="it", dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, iteration: int, loss: float) -> None:
+        """Record the loss of iteration ``iteration`` (counted from 1)."""
+        self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if iteration % 20 == 0 or iteration == self.total:
+                self.bar.set_postfix(meta_loss=f"{self.running:.3f}", refresh=False)
+        elif iteration >= self.next_line or iteration == self.total:
+            elapsed = time.perf_counter() - self.start
+            rate = iteration / elapsed if elapsed > 0 else float("inf")
+            print(
+                f"{self.label}: {iteration}/{self.total}  running meta-loss {self.running:.3f}  "
+                f"{elapsed:.0f}s  {rate:.0f} it/s",
+                flush=True,
+            )
+            self.next_line = iteration + max(1, self.total // 10)
+
+    def close(self) -> float:
+        """Close the bar; return the seconds since it was created."""
+        if self.bar is not None:
+            self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% confidence interval (normal approximation)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(variance / n)
+
+
+def format_table(
+    title: str, columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float]]], digits: int
+) -> str:
+    """A text table of ``mean ± half-width`` cells, one row per method."""
+    cells = {name: [f"{m:.{digits}f} ± {h:.{digits}f}" for m, h in values] for name, values in rows.items()}
+    width = max(len(c) for c in [*columns, *(c for row in cells.values() for c in row)])
+    name_width = max(len("method"), *(len(n) for n in rows))
+    lines = [title, "  ".join(["method".ljust(name_width)] + [c.rjust(width) for c in columns])]
+    for name, row in cells.items():
+        lines.append("  ".join([name.ljust(name_width)] + [c.rjust(width) for c in row]))
+    return "\n".join(lines)
+
+
+def table_json(
+    columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float]]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The table's numbers: ``{method: {column: {"mean": m, "ci95": h}}}``."""
+    return {
+        name: {column: {"mean": m, "ci95": h} for column, (m, h) in zip(columns, values)}
+        for name, values in rows.items()
+    }
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend, or a clear error without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DemoError("the plot needs matplotlib: pip install 'higher[demo]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG, creating the folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def steps_label(step: int) -> str:
+    """``"1 step"``, ``"10 steps"``."""
+    return f"{step} step" + ("" if step == 1 else "s")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Options and results as JSON values: paths and devices as strings, NaN as null, tensors as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, (Path, torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One line of strict JSON (no NaN), for the last line of stdout under ``--json``."""
+    return json.dumps(to_jsonable(record), allow_nan=False, separators=(",", ":"))

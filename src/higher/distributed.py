@@ -1,0 +1,613 @@
+"""Meta-learning across processes: ``DistributedDataParallel`` models in inner loops.
+
+``higher.innerloop_ctx(DistributedDataParallel(model), opt, copy_initial_weights=False)`` works
+per task and with ``tasks=T``. Each rank (process) runs the inner loops of its own share of the
+meta-batch with the normal API; after ``meta_loss.backward()`` every rank holds the same
+meta-gradient in ``model``'s ``.grad``: the average over ranks, as DDP computes it, which equals
+what one process computes over the whole meta-batch when each rank's meta-loss is weighted as
+:func:`task_weight` says.
+
+How: the fmodel is made of ``ddp.module`` (the wrapped model), so DDP's own ``forward`` never
+runs. DDP's forward would do its per-call bookkeeping at every inner step (and broadcast the
+buffers at every call, one collective per inner step, which deadlocks as soon as ranks run
+different numbers of steps), and its reducer cannot see the fast weights. Instead this module
+does what DDP's reducer does, with DDP's semantics, once per backward:
+
+* an fmodel call with gradients enabled, outside ``ddp.no_sync()``, *arms* the synchronisation
+  (DDP decides at forward time too, so ``no_sync()`` is honoured the same way: forwards and
+  backwards inside it accumulate locally, the first armed backward after it all-reduces the
+  accumulated ``.grad``);
+* while armed, a post-accumulate-grad hook on each parameter DDP manages marks it ready;
+  parameters are grouped into buckets (DDP's sizes: 1 MiB first, then ``bucket_cap_mb``, in
+  reverse order of ``parameters()``, which is roughly the order in which backward finishes
+  them); a complete bucket is flattened, divided by the world size and all-reduced
+  asynchronously, in bucket order on every rank, overlapping the rest of the backward pass;
+* at the end of that backward (an autograd engine callback) the remaining buckets are sent, all
+  are waited for, the averages are copied into ``.grad``, the buffers are broadcast from rank 0
+  (``forward_sync_buffers``/``broadcast_buffers``, DDP's rule: every rank continues with rank 0's
+  buffers) and the hooks are removed, so the model carries nothing between meta-iterations.
+
+The number of collectives per synchronised backward is the number of buckets (one for a model
+under 1 MiB), whatever the number of tasks and inner steps.
+
+Options of DDP that change the arithmetic and that this module does not reproduce raise a
+clear error when the model enters ``innerloop_ctx`` (communication hooks, mixed precision,
+delayed all-reduce, the ``Join`` context, the compiled "python reducer", sparse gradients). Options honoured:
+``bucket_cap_mb``, ``find_unused_parameters`` and ``static_graph`` (unused parameters contribute
+zero; a parameter unused on every rank keeps its ``.grad``), ``forward_sync_buffers``
+(``broadcast_buffers``), parameters and buffers DDP ignores, ``no_sync()``, the process group.
+``gradient_as_bucket_view`` is accepted: the values are the same, but ``.grad`` is an ordinary
+tensor here, not a view of a bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "is_ddp",
+    "launched",
+    "maml_step",
+    "mean_over_ranks",
+    "share",
+    "split_tasks",
+    "task_weight",
+    "sync_stats",
+    "rank_and_world_size",
+]
+
+_FIRST_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+
+
+def is_ddp(model: Any) -> bool:
+    """Whether ``model`` is a ``torch.nn.parallel.DistributedDataParallel`` wrapper."""
+    ddp_class = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    return ddp_class is not None and isinstance(model, ddp_class)
+
+
+def rank_and_world_size(group: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group`` (default group), or ``(0, 1)`` without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def split_tasks(num_tasks: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """The indices of the tasks (out of ``num_tasks``) that ``rank`` runs: a contiguous block.
+
+    The blocks of all ranks, in rank order, are ``range(num_tasks)``; the first
+    ``num_tasks % world_size`` ranks get one task more. ``rank`` and ``world_size`` default to
+    the default process group's (or ``0`` and ``1`` without one), so the same program runs with
+    and without ``torchrun``.
+    """
+    if rank is None or world_size is None:
+        own_rank, own_world = rank_and_world_size()
+        rank = own_rank if rank is None else rank
+        world_size = own_world if world_size is None else world_size
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
+        raise ValueError(f"num_tasks must be a non-negative int, got {num_tasks!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    base, extra = divmod(num_tasks, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def task_weight(num_tasks: int, world_size: int | None = None) -> float:
+    """The weight of one task's meta-loss on a rank so that DDP's average is the meta-batch mean.
+
+    DDP averages the ranks' gradients, so a rank whose meta-loss is
+    ``task_weight(num_tasks) * sum(own task losses)`` contributes ``world_size / num_tasks`` of
+    each of its tasks, and the average over ranks is ``sum(all task losses) / num_tasks``: the
+    mean over the whole meta-batch, as one process computes it, even when the tasks do not
+    divide evenly among the ranks.
+    """
+    if world_size is None:
+        world_size = rank_and_world_size()[1]
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    return world_size / num_tasks
+
+
+def maml_step(
+    model: nn.Module,
+    inner_opt: torch.optim.Optimizer,
+    tasks: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inner_steps: int = 1,
+    first_order: bool = False,
+) -> float:
+    """:func:`higher.algorithms.maml_step` over a meta-batch that every rank holds, split across ranks.
+
+    ``tasks`` is the *whole* meta-batch, the same on every rank (sample it with the same seed
+    everywhere). This rank adapts its share (:func:`split_tasks`), one task at a time, inside
+    ``model.no_sync()`` for all but its last task, so that the gradients are all-reduced once;
+    each query loss is weighted by :func:`task_weight`. After the call every rank's ``.grad``
+    holds the meta-gradient of the mean query loss over the whole meta-batch, as one process
+    computes it with ``higher.algorithms.maml_step`` (up to the order of the sums). Returns that
+    mean query loss (one more all-reduce, of a single number). ``model`` is a
+    ``DistributedDataParallel`` model; a plain model (one process) gives ``maml_step`` itself.
+    """
+    from . import algorithms
+
+    tasks = list(tasks)
+    if not is_ddp(model):
+        return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
+    import torch.distributed as dist
+
+    ddp: Any = model
+    group = ddp.process_group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if len(tasks) < world:
+        raise ValueError(
+            f"a meta-batch of {len(tasks)} tasks cannot be split across {world} ranks: every rank needs at "
+            f"least one task (its backward takes part in the all-reduce)."
+        )
+    mine = split_tasks(len(tasks), rank, world)
+    weight = task_weight(len(tasks), world)
+    total = 0.0
+    for k in mine:
+        support_x, support_y, query_x, query_y = algorithms._unpack(tasks[k])
+        sync = contextlib.nullcontext() if k == mine[-1] else ddp.no_sync()
+        with sync:
+            fmodel = algorithms.adapt(
+                model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order
+            )
+            query_loss = loss_fn(fmodel(query_x), query_y)
+            (query_loss * weight).backward()
+        total += float(query_loss.detach())
+    return mean_over_ranks(total, len(tasks), group)
+
+
+def share(*tensors: Tensor, num_tasks: int | None = None) -> tuple[Tensor, ...]:
+    """This rank's tasks of tensors stacked along a leading task dimension (:func:`split_tasks`)."""
+    total = tensors[0].shape[0] if num_tasks is None else num_tasks
+    mine = split_tasks(total)
+    return tuple(t[mine.start : mine.stop] for t in tensors)
+
+
+def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None) -> float:
+    """The mean over the whole meta-batch of a per-task quantity whose sum over this rank's tasks is given.
+
+    One all-reduce of one number (none without a process group), e.g. for the running meta-loss
+    that a progress bar shows.
+    """
+    import torch.distributed as dist
+
+    value = float(local_sum)
+    if rank_and_world_size(group)[1] > 1:
+        summed = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend(group) == "nccl":
+            summed = summed.cuda()
+        dist.all_reduce(summed, group=group)
+        value = float(summed)
+    return value / num_tasks
+
+
+@contextlib.contextmanager
+def launched(device: torch.device | str | None = None, timeout_s: float = 600.0) -> Iterator[torch.device]:
+    """Join the job ``torchrun`` started, for the length of the block; a no-op in a plain process.
+
+    With ``WORLD_SIZE`` > 1 in the environment (``torchrun --nproc-per-node N``): initialises the
+    default process group (NCCL for a CUDA ``device``, else gloo; ``timeout_s`` on every
+    collective, so a failing rank cannot hang the others), moves a CUDA ``device`` to this rank's
+    GPU (``LOCAL_RANK``), silences stdout on every rank but 0 (errors still show), and destroys
+    the group at the end. Yields the device this rank should use.
+    """
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield torch.device("cpu" if device is None else device)
+        return
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        if dist.get_rank() == 0:
+            yield device
+        else:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                yield device
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- checks
+def _unsupported_options(ddp: Any, constructor: bool = True) -> list[str]:
+    """DDP settings whose effect on the gradients this module does not reproduce.
+
+    ``constructor=False`` skips the settings fixed when the DDP object was built (checked once,
+    when its synchronisation is made); hooks and the ``Join`` context can come later.
+    """
+    problems = []
+    if getattr(ddp, "_comm_hooks", None):
+        problems.append(
+            "a communication hook registered with register_comm_hook() (the gradients would be "
+            "all-reduced without it); compress or transform the gradients after backward instead"
+        )
+    logger = getattr(ddp, "logger", None)
+    if not getattr(ddp, "_comm_hooks", None) and logger is not None:
+        try:
+            hook_name = ddp._get_ddp_logging_data().get("comm_hook", "")
+        except Exception:  # logging data is best effort in DDP itself
+            hook_name = ""
+        if hook_name:
+            problems.append(f"the built-in communication hook {hook_name!r} (_register_builtin_comm_hook)")
+    join_config = getattr(ddp, "_join_config", None)
+    if join_config is not None and getattr(join_config, "enable", False):
+        problems.append("the Join context manager for uneven inputs (ranks must run one synchronised backward each)")
+    if not constructor:
+        return problems
+    if getattr(ddp, "mixed_precision", None) is not None:
+        problems.append("mixed_precision= (DDP's reduced-precision parameter copies are not used by the fmodel)")
+    if getattr(ddp, "_delay_all_reduce_params", None):
+        problems.append("delay_all_reduce_named_params=/param_to_hook_all_reduce=")
+    if getattr(ddp, "_use_python_reducer", False):
+        problems.append("the compiled 'python_reducer' DDP mode (torch._dynamo optimize_ddp)")
+    if getattr(ddp, "is_multi_device_module", False):
+        problems.append("a module spread over several devices")
+    module = getattr(ddp, "module", None)
+    if isinstance(module, nn.Module) and any(
+        isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in module.modules()
+    ):
+        problems.append("sparse gradients (an Embedding with sparse=True)")
+    return problems
+
+
+def _check_ddp(ddp: Any, constructor: bool = True) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "a DistributedDataParallel model was passed to innerloop_ctx but torch.distributed's "
+            "process group is not initialised; call torch.distributed.init_process_group first."
+        )
+    problems = _unsupported_options(ddp, constructor)
+    if problems:
+        raise NotImplementedError(
+            "higher cannot honour these DistributedDataParallel settings in an inner loop: "
+            + "; ".join(problems)
+            + ". Remove them, or pass ddp.module and all-reduce the meta-gradient yourself."
+        )
+
+
+# --------------------------------------------------------------------------------- the gradient sync
+class _Bucket:
+    __slots__ = ("params", "numel", "pending", "work", "flat", "launched")
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.pending = len(params)
+        self.work: Any = None
+        self.flat: Tensor | None = None
+        self.launched = False
+
+
+class _GradSync:
+    """DDP's gradient averaging for the gradients that fmodels send to ``ddp.module``'s parameters."""
+
+    def __init__(self, ddp: Any) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.ddp_ref = weakref.ref(ddp)
+        self.group = ddp.process_group
+        self.world_size = dist.get_world_size(self.group)
+        managed = getattr(ddp, "_module_parameters", None)
+        if managed is None:
+            ignored = getattr(ddp, "parameters_to_ignore", set())
+            managed = [p for n, p in ddp.module.named_parameters() if n not in ignored]
+        seen: set[int] = set()
+        self.params: list[Tensor] = []
+        for p in managed:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+        ignored = getattr(ddp, "parameters_to_ignore", set())
+        self.buffers = [b for n, b in ddp.module.named_buffers() if n not in ignored]
+        self.allow_unused = bool(ddp.find_unused_parameters or getattr(ddp, "static_graph", False))
+        cap = int(getattr(ddp, "bucket_bytes_cap", 25 * 1024 * 1024))
+        self.bucket_of: dict[int, int] = {}
+        self.buckets_params = self._assign_buckets(cap)
+        self.handles: list[Any] = []
+        self.armed = False
+        self.state: list[_Bucket] | None = None
+        self.next_bucket = 0
+        self.ready: set[int] = set()
+        # Counters, for tests and benchmarks (see sync_stats).
+        self.stats = {"backwards": 0, "all_reduces": 0, "bytes": 0, "broadcasts": 0, "broadcast_bytes": 0}
+
+    def _assign_buckets(self, cap: int) -> list[list[Tensor]]:
+        """Reverse parameter order, split by dtype/device and by size: 1 MiB first, then ``cap``."""
+        buckets: list[list[Tensor]] = []
+        open_buckets: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], int]] = {}
+        limit_first = min(_FIRST_BUCKET_BYTES, cap)
+        first_done: set[tuple[torch.dtype, torch.device]] = set()
+        for p in reversed(self.params):
+            key = (p.dtype, p.device)
+            members, size = open_buckets.get(key, ([], 0))
+            members.append(p)
+            size += p.numel() * p.element_size()
+            limit = cap if key in first_done else limit_first
+            if size >= limit:
+                buckets.append(members)
+                first_done.add(key)
+                open_buckets.pop(key, None)
+            else:
+                open_buckets[key] = (members, size)
+        buckets.extend(members for members, _ in open_buckets.values())
+        for index, members in enumerate(buckets):
+            for p in members:
+                self.bucket_of[id(p)] = index
+        return buckets
+
+    # -- arming (an fmodel call) ---------------------------------------------------------------
+    def arm(self) -> None:
+        """Make the next backward that reaches the parameters all-reduce their gradients."""
+        if self.armed:
+            return
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_ready) for p in self.params]
+        self.armed = True
+
+    def _disarm(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.armed = False
+        self.state = None
+        self.ready = set()
+        self.next_bucket = 0
+
+    # -- during backward ------------------------------------------------------------------------
+    def _on_ready(self, param: Tensor) -> None:
+        if self.state is None:
+            self.state = [_Bucket(members) for members in self.buckets_params]
+            self.ready = set()
+            self.next_bucket = 0
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+        key = id(param)
+        if key in self.ready:  # reentrant backward: the hook fired twice, DDP raises too
+            raise RuntimeError(
+                "a parameter's gradient was accumulated twice in one synchronised backward (reentrant "
+                "backward or checkpointing); DistributedDataParallel does not support this either."
+            )
+        self.ready.add(key)
+        bucket = self.state[self.bucket_of[key]]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Send the complete buckets, in bucket order (the same collectives in the same order on every rank)."""
+        state = self.state
+        assert state is not None
+        while self.next_bucket < len(state) and state[self.next_bucket].pending == 0:
+            self._launch(state[self.next_bucket])
+            self.next_bucket += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        pieces = []
+        for p in bucket.params:
+            grad = p.grad
+            pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if grad is None else grad.reshape(-1))
+        if self.allow_unused:  # one flag per parameter: did this rank give it a gradient?
+            first = bucket.params[0]
+            flags = [0.0 if p.grad is None else 1.0 for p in bucket.params]
+            pieces.append(torch.tensor(flags, dtype=first.dtype, device=first.device))
+        with torch.no_grad():
+            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+            flat.div_(self.world_size)
+        bucket.flat = flat
+        bucket.work = self._dist.all_reduce(flat, group=self.group, async_op=True)
+        bucket.launched = True
+        self.stats["all_reduces"] += 1
+        self.stats["bytes"] += flat.numel() * flat.element_size()
+
+    def _finalize(self) -> None:
+        state = self.state
+        assert state is not None
+        missing = [p for p in self.params if id(p) not in self.ready]
+        try:
+            for bucket in state:  # what backward did not reach contributes zero (and is reported below)
+                bucket.pending = 0
+            self._launch_ready()
+            for bucket in state:
+                try:
+                    bucket.work.wait()
+                except Exception as error:
+                    peer = _peer_error(self.group)
+                    if peer is None:
+                        raise
+                    raise RuntimeError(f"meta-gradient all-reduce failed because {peer}") from error
+            with torch.no_grad():
+                for bucket in state:
+                    self._unflatten(bucket)
+                if self.buffers and self._sync_buffers():
+                    self._broadcast_buffers()
+            self.stats["backwards"] += 1
+        finally:
+            self._disarm()
+        if missing and not self.allow_unused:
+            names = _names_of(self.ddp_ref(), missing)
+            raise RuntimeError(
+                f"DistributedDataParallel: these parameters received no gradient in this backward: {names}. "
+                f"As DDP does, this needs find_unused_parameters=True (then they count as zero on this rank) "
+                f"or static_graph=True; or exclude them from the model."
+            )
+
+    def _unflatten(self, bucket: _Bucket) -> None:
+        flat = bucket.flat
+        assert flat is not None
+        offset = 0
+        n = len(bucket.params)
+        flags = flat[flat.numel() - n :].tolist() if self.allow_unused else None
+        for i, p in enumerate(bucket.params):
+            count = p.numel()
+            value = flat[offset : offset + count].view_as(p)
+            offset += count
+            if flags is not None and flags[i] == 0:
+                continue  # unused on every rank: .grad untouched, as DDP leaves it
+            if p.grad is None:
+                p.grad = value.clone()
+            else:
+                p.grad.copy_(value)
+
+    def _sync_buffers(self) -> bool:
+        ddp = self.ddp_ref()
+        return ddp is not None and bool(getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True)))
+
+    def _broadcast_buffers(self) -> None:
+        buffers = [b.detach() for b in self.buffers]
+        ddp = self.ddp_ref()
+        size = getattr(ddp, "broadcast_bucket_size", 250 * 1024 * 1024)
+        self._dist._broadcast_coalesced(self.group, buffers, size, 0)
+        self.stats["broadcasts"] += 1
+        self.stats["broadcast_bytes"] += sum(b.numel() * b.element_size() for b in buffers)
+
+
+def _names_of(ddp: Any, params: list[Tensor]) -> list[str]:
+    if ddp is None:
+        return [f"#{i}" for i in range(len(params))]
+    wanted = {id(p) for p in params}
+    return [name for name, p in ddp.module.named_parameters() if id(p) in wanted]
+
+
+_SYNCS: weakref.WeakKeyDictionary[Any, _GradSync] = weakref.WeakKeyDictionary()
+
+
+def _sync_for(ddp: Any) -> _GradSync:
+    sync = _SYNCS.get(ddp)
+    if sync is None or sync.group is not ddp.process_group:
+        _check_ddp(ddp)
+        sync = _SYNCS[ddp] = _GradSync(ddp)
+    else:
+        _check_ddp(ddp, constructor=False)
+    return sync
+
+
+def sync_stats(ddp: nn.Module) -> dict[str, int]:
+    """Counters of the gradient synchronisation of ``ddp`` in inner loops, since it was first used.
+
+    ``backwards``: synchronised backward passes; ``all_reduces`` and ``bytes``: collectives and
+    the bytes each rank sent into them; ``broadcasts``/``broadcast_bytes``: buffer broadcasts.
+    """
+    sync = _SYNCS.get(ddp)
+    if sync is None:
+        return {"backwards": 0, "all_reduces": 0, "bytes": 0, "broadcasts": 0, "broadcast_bytes": 0}
+    return dict(sync.stats)
+
+
+def _attach(fmodel: nn.Module, ddp: Any, sync: _GradSync) -> None:
+    """Arm ``sync`` at every call of ``fmodel`` made with gradients on, outside ``ddp.no_sync()``."""
+    ddp_ref = weakref.ref(ddp)
+
+    def arm(module: nn.Module, args: Any) -> None:
+        live = ddp_ref()
+        if live is not None and torch.is_grad_enabled() and live.require_backward_grad_sync:
+            sync.arm()
+
+    # nn.Module's own registration: a hook of the fmodel itself, run by its __call__.
+    nn.Module.register_forward_pre_hook(fmodel, arm)
+
+
+# ------------------------------------------------------------------------------------- failures
+# An exception in one rank's inner loop must end every rank, with that error, never a hang. The
+# failing rank writes its error to the process group's store (hosted by rank 0) on its way out;
+# a rank whose all-reduce then fails (the peer's connection closes, or the group's timeout
+# expires) raises with the peer's error instead of an anonymous transport error.
+_ERROR_KEY = "higher.distributed.error.{}"
+
+
+def _store() -> Any:
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _report_error(group: Any, error: BaseException) -> None:
+    store = _store()
+    if store is None:
+        return
+    try:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        store.set(_ERROR_KEY.format(rank), f"rank {rank} raised {type(error).__name__}: {error}")
+    except Exception:  # the error being raised matters more than its report
+        pass
+
+
+def _peer_error(group: Any) -> str | None:
+    store = _store()
+    if store is None:
+        return None
+    try:
+        import torch.distributed as dist
+
+        for rank in range(dist.get_world_size()):
+            key = _ERROR_KEY.format(rank)
+            if store.check([key]):
+                return store.get(key).decode()
+    except Exception:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------ innerloop_ctx hook
+def _wrap_innerloop_ctx(innerloop_ctx: Callable[..., Any]) -> Callable[..., Any]:
+    """``innerloop_ctx`` that accepts a ``DistributedDataParallel`` model (see the module docstring)."""
+    signature = inspect.signature(innerloop_ctx)
+
+    @functools.wraps(innerloop_ctx)
+    def wrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not is_ddp(model):
+            return innerloop_ctx(model, *args, **kwargs)
+        return _ddp_innerloop_ctx(innerloop_ctx, signature, model, args, kwargs)
+
+    wrapped.__wrapped__ = innerloop_ctx  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _ddp_innerloop_ctx(
+    innerloop_ctx: Callable[..., Any], signature: inspect.Signature, ddp: Any, args: tuple, kwargs: dict
+) -> Any:
+    bound = signature.bind(ddp.module, *args, **kwargs)
+    sync = _sync_for(ddp)
+    copies = bound.arguments.get("copy_initial_weights", signature.parameters["copy_initial_weights"].default)
+    reaches_model = not copies or bound.arguments.get("initial_params") is not None
+
+    @contextlib.contextmanager
+    def context() -> Iterator[Any]:
+        try:
+            with innerloop_ctx(*bound.args, **bound.kwargs) as (fmodel, diffopt):
+                if reaches_model:
+                    _attach(fmodel, ddp, sync)
+                yield fmodel, diffopt
+        except Exception as error:
+            _report_error(sync.group, error)
+            raise
+
+    return context()

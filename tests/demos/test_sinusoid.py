@@ -1,0 +1,113 @@
+"""The sinusoid experiment: the batched path equals the per-task path, algorithms, evaluation, run."""
+
+import pytest
+import torch
+
+from higher.data import SinusoidTasks
+from higher.demos import sinusoid
+
+from .helpers import is_png
+
+
+def _grads(learner):
+    return [None if p.grad is None else p.grad.clone() for p in learner.meta_parameters()]
+
+
+@pytest.mark.parametrize("algorithm", sorted(sinusoid.ALGORITHMS))
+def test_batched_meta_step_equals_the_per_task_path(algorithm):
+    """Same meta-loss and meta-gradient (float64) from the task-batched and the per-task path."""
+    config = sinusoid.SinusoidConfig(iterations=1, inner_steps=2, algorithm=algorithm)
+    batch = SinusoidTasks(seed=3).sample(5)
+    results = []
+    for per_task in (True, False):
+        torch.manual_seed(1)
+        learner = sinusoid.ALGORITHMS[algorithm](sinusoid.sinusoid_model(), config)
+        # Move the initialisation off torch's default so that every term matters.
+        with torch.no_grad():
+            for p in learner.meta_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        loss = learner.meta_step(batch, per_task)
+        results.append((loss, _grads(learner)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    assert all(g is not None for g in grads_a) and len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().max() > 0 for g in grads_a)
+
+
+def test_first_order_gradient_differs_from_second_order():
+    batch = SinusoidTasks(seed=3).sample(4)
+    grads = {}
+    for algorithm in ("maml", "fomaml"):
+        torch.manual_seed(1)
+        learner = sinusoid.ALGORITHMS[algorithm](sinusoid.sinusoid_model(), sinusoid.SinusoidConfig(iterations=1))
+        learner.meta_step(batch, per_task=False)
+        grads[algorithm] = _grads(learner)
+    assert not all(torch.allclose(a, b) for a, b in zip(grads["maml"], grads["fomaml"]))
+
+
+def test_anil_adapts_the_head_only_and_metasgd_learns_rates():
+    config = sinusoid.SinusoidConfig(iterations=1)
+    anil = sinusoid.ANIL(sinusoid.sinusoid_model(), config)
+    model, opt, override = anil.adaptation()
+    tuned = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert tuned == {id(p) for p in model[-1].parameters()} and override is None
+    meta_sgd = sinusoid.MetaSGDLearner(sinusoid.sinusoid_model(), config)
+    names = {n for n, _ in meta_sgd.meta_sgd.named_parameters()}
+    assert any(n.startswith("lrs.") for n in names) and len(list(meta_sgd.meta_parameters())) == 12
+    meta_sgd.meta_step(SinusoidTasks(seed=0).sample(3), per_task=False)
+    assert all(lr.grad is not None and lr.grad.abs().max() > 0 for lr in meta_sgd.meta_sgd.lrs)
+
+
+def test_batched_evaluation_equals_the_per_task_evaluation():
+    torch.manual_seed(0)
+    model = sinusoid.sinusoid_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    outputs = {}
+    for per_task in (True, False):
+        config = sinusoid.SinusoidConfig(iterations=0, test_tasks=5, eval_steps=3, per_task=per_task)
+        outputs[per_task] = sinusoid.evaluate(model, opt, config, torch.device("cpu"))
+    (curves_a, shown_a), (curves_b, shown_b) = outputs[True], outputs[False]
+    assert len(curves_a) == 5 and len(curves_a[0]) == 4
+    torch.testing.assert_close(torch.tensor(curves_a), torch.tensor(curves_b), rtol=1e-10, atol=1e-12)
+    assert len(shown_a["tasks"]) == 3
+    for task_a, task_b in zip(shown_a["tasks"], shown_b["tasks"]):
+        assert sorted(task_a["predictions"]) == [0, 1, 3]
+        for step in (0, 1, 3):
+            torch.testing.assert_close(task_a["predictions"][step], task_b["predictions"][step])
+    # Fine-tuning lowers the query MSE on average, and step 0 is the unadapted model's MSE.
+    assert torch.tensor(curves_b)[:, -1].mean() < torch.tensor(curves_b)[:, 0].mean()
+    batch = SinusoidTasks(shots=10, query=100, seed=sinusoid.TEST_SEED).sample(5)
+    with torch.no_grad():
+        direct = sinusoid.task_mse(model(batch.query_x), batch.query_y)
+    torch.testing.assert_close(torch.tensor([c[0] for c in curves_b]), direct)
+
+
+def test_run_is_seeded_and_returns_the_printed_table(tmp_path, capsys):
+    def run(seed, algorithm="maml"):
+        config = sinusoid.SinusoidConfig(iterations=2, test_tasks=3, seed=seed, algorithm=algorithm)
+        return sinusoid.run(config, torch.device("cpu"), tmp_path / "x.png", progress=False)
+
+    first, again = run(4), run(4)
+    assert first["table"] == again["table"] and run(5)["table"] != first["table"]
+    assert list(run(4, "fomaml")["table"]) == ["first-order MAML", "pretrained"]
+    assert is_png(tmp_path / "x.png")
+    cell = first["table"]["MAML"]["1 step"]
+    assert f"{cell['mean']:.3f} ± {cell['ci95']:.3f}" in capsys.readouterr().out
+    assert first["mse_by_step"]["MAML"][1] == cell["mean"]
+    assert set(first["timings"]) >= {"meta_training_s", "per_iteration_ms", "total_s"}
+
+
+def test_defaults_are_the_papers_protocol():
+    config = sinusoid.SinusoidConfig(iterations=sinusoid.DEFAULTS["iterations"])
+    assert (config.iterations, config.shots, config.meta_batch, config.inner_lr, config.inner_steps) == (
+        70000,
+        10,
+        25,
+        0.01,
+        1,
+    )
+    assert (config.meta_lr, config.test_tasks, config.eval_steps, config.per_task) == (1e-3, 600, 10, False)
+    sizes = [tuple(p.shape) for p in sinusoid.sinusoid_model().parameters()]
+    assert sizes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
