@@ -185,6 +185,7 @@ def forward_hypergradient(
                 first_order=True,
             ) as (fmodel, diffopt):
                 fmodel.track_higher_grads = False  # keep only the latest fast weights
+                diffopt._steps_without_graph = True  # the updates below run under no_grad on purpose
                 flags = [p.requires_grad for p in fmodel.parameters()]
                 # Explicit zero tangents: the autograd engine cannot accumulate into the implicit
                 # (immutable) zero tangent of a tensor without one.

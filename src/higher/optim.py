@@ -192,6 +192,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._reference_shapes = [p.shape for p in reference_params]
         self._updated_indices = [i for indices in self._group_to_param_list for i in indices]
         self._shaped_hyperparameters = False
+        # Set by higher.forward_mode, whose updates run under no_grad on purpose (forward-mode
+        # tangents need no reverse graph); a user's step under no_grad is refused.
+        self._steps_without_graph = False
         if override is not None:
             self._apply_override(override)
         else:
@@ -404,7 +407,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         **kwargs: Any,
     ) -> list[Tensor]:
         """:meth:`step` without the hooks."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not self._steps_without_graph:
             mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
             raise RuntimeError(
                 f"diffopt.step() was called under {mode}: the update would not be recorded, so the unroll "
