@@ -34,6 +34,7 @@ import inspect
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
+from itertools import chain
 from types import GeneratorType
 from typing import Any, cast
 
@@ -149,15 +150,19 @@ def _fingerprint(module: nn.Module) -> tuple[Any, ...]:
     its parameters, buffers and submodules. Cheap to compute and to compare (C-level tuples)."""
     d = module.__dict__
     p, b, c = d["_parameters"], d["_buffers"], d["_modules"]
-    return (
-        tuple(d),
-        tuple(map(type, d.values())),
-        tuple(p),
-        tuple(map(id, p.values())),
-        tuple(b),
-        tuple(map(id, b.values())),
-        tuple(c),
-        tuple(map(id, c.values())),
+    # One flat tuple; the lengths separate the parts.
+    return tuple(
+        chain(
+            (len(d), len(p), len(b), len(c)),
+            d,
+            map(type, d.values()),
+            p,
+            map(id, p.values()),
+            b,
+            map(id, b.values()),
+            c,
+            map(id, c.values()),
+        )
     )
 
 
@@ -219,6 +224,8 @@ class _Tree:
             for m in modules
         ]
         self.hook_dicts = [[k for k in m.__dict__ if k in _ALL_HOOK_DICTS] for m in modules]
+        # What a replica's hook dicts start as: all empty (shared), the module's non-empty ones copied.
+        self.no_hooks = [dict.fromkeys(keys, _NO_HOOKS) for keys in self.hook_dicts]
         self.children = [
             [(key, self.module_index[id(c)]) for key, c in m.__dict__["_modules"].items() if c is not None]
             for m in modules
@@ -344,17 +351,19 @@ class _Core:
         replicas = []
         tree = self.tree
         me = weakref.ref(self)
-        for i, (m, containers, hook_dicts) in enumerate(zip(self.modules, tree.containers, tree.hook_dicts)):
+        for i, (m, containers, hook_dicts, no_hooks) in enumerate(
+            zip(self.modules, tree.containers, tree.hook_dicts, tree.no_hooks)
+        ):
             cls = type(m)
             r = cls.__new__(cls)
             d = r.__dict__
             source = m.__dict__
             d.update(source)
+            d.update(no_hooks)
+            for key in [key for key in hook_dicts if source[key]]:
+                d[key] = source[key].copy()
             for key in containers:
                 d[key] = source[key].copy()
-            for key in hook_dicts:
-                hooks = source[key]
-                d[key] = hooks.copy() if hooks else _NO_HOOKS
             d[_TAG] = _ReplicaTag(me, i)
             replicas.append(r)
         for r, children in zip(replicas, self.tree.children):
@@ -1328,8 +1337,10 @@ def monkeypatch(
         if not share_buffers:
             core.buffers = [_copy_tensor(b, True, device) for b in core.buffers]  # buffer_sync, same module
 
+    if not isinstance(track_higher_grads, bool):
+        raise ValueError(f"track_higher_grads must be a bool, got {track_higher_grads!r}")
     fmodule = make_functional(module, encapsulator=encapsulator)
-    fmodule.track_higher_grads = track_higher_grads
+    fmodule._hg_core.track_higher_grads = track_higher_grads
     return fmodule
 
 
