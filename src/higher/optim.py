@@ -174,10 +174,11 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
             state: defaultdict = defaultdict(dict)
-            for index, p in enumerate(group["params"]):
-                copied = self._copy_torch_state(other.state.get(p), device)
-                if copied:
-                    state[index] = copied
+            if other.state:  # a warm start (a fresh optimizer has no state to copy)
+                for index, p in enumerate(group["params"]):
+                    copied = self._copy_torch_state(other.state.get(p), device)
+                    if copied:
+                        state[index] = copied
             self.state.append(state)
         self._check_options(other)
         # torch.optim.Optimizer's step hooks (register_step_pre_hook / register_step_post_hook).
