@@ -151,6 +151,7 @@ def _restore(snapshot: dict[str, Any], path: str, tasks: int, randomness: str) -
 
 
 def _batch_core(core: Any, tasks: int, randomness: str) -> None:
+    core.batched = True
     core.tasks = tasks
     core.randomness = randomness
     core.param_shapes = [torch.Size((tasks, *shape)) for shape in core.param_shapes]

@@ -318,6 +318,7 @@ class _Core:
         # The replicas: the base tree (made now) and the latest copies, one per module index.
         self.replicas = self._replicate()
         self.version = 0  # bumped whenever the buffers or the history entries change in place
+        self.batched = False  # task-batched cores (higher.batched) make replicas per call instead
         self._realized: tuple[list[Tensor] | None, int] = (None, -1)
         # The views: made when first needed (the root at once), since most programs only ever
         # call the root. The core refers to them weakly (they refer to it): no reference cycle,
@@ -407,9 +408,28 @@ class _Core:
             )
         realized, version = self._realized
         if realized is not params or version != self.version:
-            self.replicas = self.copy_replicas(params, self._buffers)
+            if version < 0:
+                # The first entry: the base replicas have not run anything yet, so nothing can
+                # refer to their slots; fill them in place instead of copying.
+                self.fill_replicas(params, self._buffers)
+            else:
+                self.replicas = self.copy_replicas(params, self._buffers)
             self._realized = (params, self.version)
         return self.replicas
+
+    def fill_replicas(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        """Put ``params`` and ``buffers`` into the slots of the current replicas, in place."""
+        replicas = self.replicas
+        for i, own_params, own_buffers, _ in self.plan:
+            d = replicas[i].__dict__
+            if own_params:
+                slots = d["_parameters"]
+                for key, j in own_params:
+                    slots[key] = params[j]
+            if own_buffers:
+                slots = d["_buffers"]
+                for key, j in own_buffers:
+                    slots[key] = buffers[j]
 
     def read_back_buffers(self, replicas: Sequence[nn.Module], buffers: list[Tensor]) -> None:
         """Adopt the buffers a module replaced (``self.running_mean = ...``) instead of updating in place."""
@@ -850,7 +870,7 @@ class FunctionalModule(nn.Module):
         if core.latest is not None:
             core.history = [[p.detach().requires_grad_(p.requires_grad) for p in core.latest]]
         core.buffers = [b.detach() for b in core.buffers]
-        if core.latest is not None:
+        if core.latest is not None and not core.batched:
             core.realize()  # the replicas let go of the old fast weights (and their graph) now
         return self
 
