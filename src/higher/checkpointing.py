@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -343,7 +343,7 @@ def _externals(
             continue
         seen.add(node)
         if type(node) is leaf_type:
-            variable = node.variable
+            variable = cast(Any, node).variable
             if id(variable) not in mine:
                 found.setdefault(id(variable), variable)
             continue

@@ -16,7 +16,7 @@ import math
 import numbers
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
@@ -264,7 +264,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 value = group.get(name)
                 kind = type(value)
                 if name in PAIR_HYPERPARAMETERS:
-                    if kind is tuple and len(value) == 2 and all(type(v) in (float, int) and v == v for v in value):
+                    pair = cast(tuple, value)
+                    if kind is tuple and len(pair) == 2 and all(type(v) in (float, int) and v == v for v in pair):
                         continue  # the usual case, a plain pair (betas, etas, step_sizes)
                 elif (kind is float or kind is int) and value == value:
                     continue  # the usual case, a plain number
@@ -478,6 +479,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         else:
             params = list(params)
             given = True
+        params = cast(list[Tensor], params)
         if len(params) != self._num_reference_params:
             raise ValueError(
                 f"step() got {len(params)} parameters but the optimizer was built for "
@@ -566,7 +568,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             if not live:
                 continue  # as torch.optim: a group without gradients (frozen, unused) is skipped
             live_params = params if len(live) == len(params) else [params[k] for k in live]
-            live_grads = grads if len(live) == len(grads) else [grads[k] for k in live]
+            live_grads = cast(list[Tensor], grads if len(live) == len(grads) else [grads[k] for k in live])
             if any(g.is_sparse for g in live_grads):
                 raise NotImplementedError(
                     f"{type(self).__name__} got a sparse gradient; differentiable optimizers need "
@@ -1077,7 +1079,7 @@ def _recursive_apply(replacement: Any, target: Any) -> Any:
             )
         if isinstance(target, dict):
             return type(target)(
-                {key: _recursive_apply(r, t) for r, (key, t) in zip(replacement.values(), target.items())}
+                {key: _recursive_apply(r, t) for r, (key, t) in zip(cast(Any, replacement).values(), target.items())}
             )
         return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target))
     if _is_container(replacement):
@@ -1086,4 +1088,4 @@ def _recursive_apply(replacement: Any, target: Any) -> Any:
             f"{target!r}: give the same structure."
         )
     value = replacement.item() if isinstance(replacement, Tensor) else replacement
-    return type(target)(value) if isinstance(target, numbers.Number) else value
+    return cast(Any, type(target))(value) if isinstance(target, numbers.Number) else value

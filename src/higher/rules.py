@@ -258,7 +258,7 @@ def sgd_update_many(
         return None
     lr, momentum, dampening, weight_decay = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
     if hp["maximize"]:
-        grads = torch._foreach_neg(grads)
+        grads = list(torch._foreach_neg(grads))
     if weight_decay != 0:
         grads = _add_scaled_many(grads, params, weight_decay)
     new_states: list[State] = [{} for _ in params]
@@ -322,7 +322,7 @@ def adam_update_many(
         return None
     lr, (beta1, beta2), eps, weight_decay = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     if hp["maximize"]:
-        grads = torch._foreach_neg(grads)
+        grads = list(torch._foreach_neg(grads))
     step_ts, steps = zip(*(_next_step(state["step"]) for state in states))
     if weight_decay != 0:
         if hp["decoupled_weight_decay"]:
@@ -338,7 +338,7 @@ def adam_update_many(
     ]
     second_moments = exp_avg_sqs
     if hp["amsgrad"]:
-        second_moments = torch._foreach_maximum([state["max_exp_avg_sq"] for state in states], exp_avg_sqs)
+        second_moments = list(torch._foreach_maximum([state["max_exp_avg_sq"] for state in states], exp_avg_sqs))
         for state, second_moment in zip(new_states, second_moments):
             state["max_exp_avg_sq"] = second_moment
     bias_corrections2_sqrt = [(1 - beta2**step) ** 0.5 for step in steps]
@@ -624,7 +624,7 @@ class UpdateRule:
         return frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS)
 
 
-_ADAM_OPTIONS = dict(
+_ADAM_OPTIONS: dict[str, Any] = dict(
     hyperparameters=("lr", "betas", "eps", "weight_decay"),
     flags=("amsgrad", "maximize", "decoupled_weight_decay"),
     init=adam_init,
