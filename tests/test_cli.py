@@ -133,6 +133,28 @@ def test_out_may_not_be_a_directory(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [("/proc/higher-demo.png", "cannot be written"), ("/proc/no-such-folder/demo.png", "cannot be written")],
+)
+def test_an_unwritable_out_is_refused_before_training(out, message, capsys, monkeypatch):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the demo started although --out cannot be written")
+
+    monkeypatch.setattr("higher.demos.sinusoid.run", must_not_train)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--out", out])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_writable_out_is_left_as_it_was(tmp_path):
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep")
+    assert cli._png_path(str(existing)) == existing and existing.read_bytes() == b"keep"
+    new = tmp_path / "new.png"
+    assert cli._png_path(str(new)) == new and not new.exists()
+
+
 def test_python_dash_m_higher_runs_the_cli():
     result = subprocess.run(
         [sys.executable, "-m", "higher", "demo", "--help"], capture_output=True, text=True, timeout=120

@@ -78,6 +78,18 @@ def _png_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"--out must be a .png file, got {text!r}")
     if path.exists() and path.is_dir():
         raise argparse.ArgumentTypeError(f"--out {text!r} is a directory; give a file name ending in .png")
+    # Checked now, not after the whole run: the plot is written at the end.
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the demo would make it anyway
+        with open(path, "ab"):  # appends nothing: an existing file is left as it is
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"--out {text!r} cannot be written ({error.strerror}); give a path in a folder you can write to"
+        ) from None
+    if not existed:
+        path.unlink()
     return path
 
 
