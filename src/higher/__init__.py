@@ -13,7 +13,6 @@ whole inner loop (meta-learning, hyperparameter optimization, learned optimizers
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +56,7 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
 def innerloop_ctx(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -69,7 +69,7 @@ def innerloop_ctx(
     share_buffers: bool = False,
     initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     tasks: int | None = None,
-) -> contextlib.AbstractContextManager[tuple[FunctionalModule, DifferentiableOptimizer]]:
+) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)``: a functional view of ``model`` and a differentiable ``opt``.
 
     Args:
@@ -103,35 +103,30 @@ def innerloop_ctx(
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
-    options = {
-        "device": device,
-        "copy_initial_weights": copy_initial_weights,
-        "override": override,
-        "track_higher_grads": track_higher_grads,
-        "first_order": first_order,
-        "share_buffers": share_buffers,
-        "initial_params": initial_params,
-        "tasks": tasks,
-    }
-    if distributed.is_ddp(model):
-        return distributed._ddp_innerloop_ctx(_innerloop_ctx, _INNERLOOP_SIGNATURE, model, (opt,), options)
-    return _innerloop_ctx(model, opt, **options)
-
-
-@contextlib.contextmanager
-def _innerloop_ctx(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    device: torch.device | str | None = None,
-    copy_initial_weights: bool = True,
-    override: dict[str, Any] | None = None,
-    track_higher_grads: bool = True,
-    first_order: bool = False,
-    share_buffers: bool = False,
-    initial_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
-    tasks: int | None = None,
-) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
-    """:func:`innerloop_ctx` for a model that is not wrapped in ``DistributedDataParallel``."""
+    ddp = model if distributed.is_ddp(model) else None
+    if ddp is not None:  # the inner loops run on the wrapped model; the all-reduce is arranged below
+        sync = distributed._sync_for(ddp)
+        model = ddp.module
+        try:
+            with innerloop_ctx(
+                model,
+                opt,
+                device,
+                copy_initial_weights,
+                override,
+                track_higher_grads,
+                first_order=first_order,
+                share_buffers=share_buffers,
+                initial_params=initial_params,
+                tasks=tasks,
+            ) as (fmodel, diffopt):
+                if not copy_initial_weights or initial_params is not None:  # meta-gradients reach the model
+                    distributed._attach(fmodel, ddp, sync)
+                yield fmodel, diffopt
+        except Exception as error:
+            distributed._report_error(sync.group, error)  # the other ranks fail with it instead of hanging
+            raise
+        return
     if tasks is not None:
         if share_buffers or initial_params is not None:
             raise NotImplementedError(
@@ -168,6 +163,3 @@ def _innerloop_ctx(
         first_order=first_order,
     )
     yield fmodel, diffopt
-
-
-_INNERLOOP_SIGNATURE = inspect.signature(_innerloop_ctx)

@@ -43,8 +43,6 @@ tensor here, not a view of a bucket.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -576,38 +574,3 @@ def _peer_error(group: Any) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------ innerloop_ctx hook
-def _wrap_innerloop_ctx(innerloop_ctx: Callable[..., Any]) -> Callable[..., Any]:
-    """``innerloop_ctx`` that accepts a ``DistributedDataParallel`` model (see the module docstring)."""
-    signature = inspect.signature(innerloop_ctx)
-
-    @functools.wraps(innerloop_ctx)
-    def wrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not is_ddp(model):
-            return innerloop_ctx(model, *args, **kwargs)
-        return _ddp_innerloop_ctx(innerloop_ctx, signature, model, args, kwargs)
-
-    wrapped.__wrapped__ = innerloop_ctx  # type: ignore[attr-defined]
-    return wrapped
-
-
-def _ddp_innerloop_ctx(
-    innerloop_ctx: Callable[..., Any], signature: inspect.Signature, ddp: Any, args: tuple, kwargs: dict
-) -> Any:
-    bound = signature.bind(ddp.module, *args, **kwargs)
-    sync = _sync_for(ddp)
-    copies = bound.arguments.get("copy_initial_weights", signature.parameters["copy_initial_weights"].default)
-    reaches_model = not copies or bound.arguments.get("initial_params") is not None
-
-    @contextlib.contextmanager
-    def context() -> Iterator[Any]:
-        try:
-            with innerloop_ctx(*bound.args, **bound.kwargs) as (fmodel, diffopt):
-                if reaches_model:
-                    _attach(fmodel, ddp, sync)
-                yield fmodel, diffopt
-        except Exception as error:
-            _report_error(sync.group, error)
-            raise
-
-    return context()
