@@ -17,7 +17,7 @@ def test_logreg_problem_matches_the_published_inner_loss_curve():
     losses = []
     for _ in range(50):  # hand-written gradient descent, lr 0.1, L2 coefficients 1
         loss = F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * w.pow(2).sum()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         (g,) = torch.autograd.grad(loss, w)
         w = (w - 0.1 * g).detach().requires_grad_()
     assert abs(losses[0] - 0.69315) < 1e-5
