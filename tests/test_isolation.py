@@ -187,20 +187,26 @@ def test_attributes_a_forward_stores_stay_with_the_fmodel():
 
 
 class Checkpointed(nn.Module):
-    def __init__(self, use_checkpoint: bool) -> None:
+    def __init__(self, use_checkpoint: str) -> None:
         super().__init__()
         self.block = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
         self.head = nn.Linear(8, 1)
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x):
-        h = checkpoint(self.block, x, use_reentrant=False) if self.use_checkpoint else self.block(x)
+        if self.use_checkpoint == "module":  # checkpoint keeps the block
+            h = checkpoint(self.block, x, use_reentrant=False)
+        elif self.use_checkpoint == "closure":  # checkpoint keeps a function that reads self.block later
+            h = checkpoint(lambda inputs: self.block(inputs), x, use_reentrant=False)
+        else:
+            h = self.block(x)
         return self.head(h)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_activation_checkpointing_inside_the_model_gives_exact_meta_gradients(first_order):
-    def meta_gradients(use_checkpoint: bool) -> list[torch.Tensor]:
+@pytest.mark.parametrize("use_checkpoint", ["module", "closure"])
+def test_activation_checkpointing_inside_the_model_gives_exact_meta_gradients(use_checkpoint, first_order):
+    def meta_gradients(use_checkpoint: str) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = Checkpointed(use_checkpoint)
         x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 1)
@@ -214,7 +220,7 @@ def test_activation_checkpointing_inside_the_model_gives_exact_meta_gradients(fi
             total.backward()
         return [p.grad for p in model.parameters()]
 
-    plain, checkpointed = meta_gradients(False), meta_gradients(True)
+    plain, checkpointed = meta_gradients("none"), meta_gradients(use_checkpoint)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(plain, checkpointed))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
@@ -320,6 +321,7 @@ class _Core:
         self.version = 0  # bumped whenever the buffers or the history entries change in place
         self.batched = False  # task-batched cores (higher.batched) make replicas per call instead
         self._realized: tuple[list[Tensor] | None, int] = (None, -1)
+        self._references: list[int] = []
         # The views: made when first needed (the root at once), since most programs only ever
         # call the root. The core refers to them weakly (they refer to it): no reference cycle,
         # so an fmodel, its history and the graph it holds are freed as soon as it is dropped.
@@ -408,14 +410,26 @@ class _Core:
             )
         realized, version = self._realized
         if realized is not params or version != self.version:
-            if version < 0:
-                # The first entry: the base replicas have not run anything yet, so nothing can
-                # refer to their slots; fill them in place instead of copying.
+            if version < 0 or self._unreferenced():
+                # Nothing outside the fmodel refers to the replicas holding tensors (the first
+                # entry's have not even run yet): put the new tensors into their slots in place.
                 self.fill_replicas(params, self._buffers)
             else:
+                # Something kept a replica (torch.utils.checkpoint keeps the module it recomputes,
+                # a generator its ``self``...): leave those as they are, with the weights they used.
                 self.replicas = self.copy_replicas(params, self._buffers)
             self._realized = (params, self.version)
+            self._references = self._reference_counts()
         return self.replicas
+
+    def _reference_counts(self) -> list[int]:
+        replicas = self.replicas
+        return [sys.getrefcount(replicas[step[0]]) for step in self.plan]
+
+    def _unreferenced(self) -> bool:
+        """Whether the replicas that hold tensors have no references beyond the fmodel's own
+        (those counted when they were made): then no computation can run them again later."""
+        return all(now <= then for now, then in zip(self._reference_counts(), self._references))
 
     def fill_replicas(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
         """Put ``params`` and ``buffers`` into the slots of the current replicas, in place."""
