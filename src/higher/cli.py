@@ -7,9 +7,7 @@ This module only parses the options and dispatches to the experiments of :mod:`h
 * ``higher demo digits`` -- few-shot classification of scikit-learn's bundled digits, MAML against
   a pretrained baseline (:mod:`higher.demos.digits`).
 * ``higher demo hyper`` -- learning the inner loop's learning rate and momentum by hypergradient
-  descent (:mod:`higher.demos.hyper`), with ``--method unrolled|checkpointed|forward|implicit``
-  and ``--steps T``; ``--problem logreg`` is hypertorch's logistic regression, where all four
-  methods apply.
+  descent (:mod:`higher.demos.hyper`).
 
 ``--json`` prints the results (the table's numbers, the timings and the options used) as one JSON
 object on the last line of stdout. Plots need matplotlib and the progress bar uses tqdm when
