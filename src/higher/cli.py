@@ -179,9 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hyper_parser = experiments.add_parser("hyper", help="learn the inner learning rate and momentum by hypergradient")
     _add_common_options(hyper_parser, suppress=True)
-    hyper_parser.add_argument("--inner-steps", type=_positive_int, default=50, help="unrolled SGD steps (default 50)")
     hyper_parser.add_argument(
-        "--method", choices=sorted(hyper.METHODS), default="unrolled", help="how the hypergradient is computed"
+        "--inner-steps",
+        "--steps",
+        dest="inner_steps",
+        type=_positive_int,
+        default=None,
+        help=f"T, the inner steps the hypergradient goes through (default 50; {hyper.LOGREG_DEFAULTS['inner_steps']} "
+        "with --problem logreg)",
+    )
+    hyper_parser.add_argument(
+        "--method",
+        choices=hyper.ALL_METHODS,
+        default="unrolled",
+        help="how the hypergradient is computed: unrolled (reverse mode through the loop, the default), "
+        "checkpointed (the same numbers in O(sqrt T) memory), forward (forward mode: memory flat in T, one unroll "
+        f"per hyperparameter; default {hyper.FORWARD_ITERATIONS} outer iterations to keep it affordable), implicit "
+        "(implicit function theorem; --problem logreg only). Each run prints its first hypergradient, the time and "
+        "the peak memory",
+    )
+    hyper_parser.add_argument(
+        "--problem",
+        choices=hyper.PROBLEMS,
+        default="sinusoid",
+        help="sinusoid (SGD's lr and momentum on a sinusoid task, the default) or logreg (hypertorch's "
+        "logistic regression: 20 per-feature L2 coefficients, float64, CPU; every --method, default "
+        f"{hyper.LOGREG_DEFAULTS['iterations']} outer iterations; --shots, --test-tasks, --per-task, --seed unused)",
     )
     return parser
 
@@ -190,6 +213,18 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the experiment's defaults and check the options that depend on each other."""
     experiment = args.experiment or "sinusoid"
     args.experiment = experiment
+    if experiment == "hyper":
+        problem, method = getattr(args, "problem", "sinusoid"), getattr(args, "method", "unrolled")
+        args.problem, args.method = problem, method
+        if problem == "sinusoid" and method == "implicit":
+            raise CliError(hyper._NO_IMPLICIT)
+        if getattr(args, "iterations", None) is None:
+            if problem == "logreg":
+                args.iterations = hyper.LOGREG_DEFAULTS["iterations"]
+            elif method == "forward":
+                args.iterations = hyper.FORWARD_ITERATIONS
+        if getattr(args, "inner_steps", None) is None:
+            args.inner_steps = hyper.LOGREG_DEFAULTS["inner_steps"] if problem == "logreg" else 50
     for name, value in DEFAULTS[experiment].items():
         if getattr(args, name, None) is None:
             setattr(args, name, _png_path(value) if name == "out" else value)
@@ -215,7 +250,7 @@ def config_of(args: argparse.Namespace) -> sinusoid.SinusoidConfig | digits.Digi
         return sinusoid.SinusoidConfig(algorithm=args.algorithm, **shared)
     if args.experiment == "digits":
         return digits.DigitsConfig(ways=args.ways, val_tasks=args.val_tasks, **shared)
-    return hyper.HyperConfig(inner_steps=args.inner_steps, method=args.method, **shared)
+    return hyper.HyperConfig(inner_steps=args.inner_steps, method=args.method, problem=args.problem, **shared)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

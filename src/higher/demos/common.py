@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "steps_label",
     "to_jsonable",
     "json_line",
+    "peak_rss_mib",
 ]
 
 TEST_SEED = 2017  # the test tasks are the same whatever --seed is, so that tables compare
@@ -162,3 +164,16 @@ def to_jsonable(value: Any) -> Any:
 def json_line(record: Mapping[str, Any]) -> str:
     """One line of strict JSON (no NaN), for the last line of stdout under ``--json``."""
     return json.dumps(to_jsonable(record), allow_nan=False, separators=(",", ":"))
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far in MiB (``resource.getrusage``; NaN where unavailable).
+
+    It is the whole process's high-water mark: a method's own peak only when it runs in a fresh process.
+    """
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
