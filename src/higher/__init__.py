@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -106,7 +106,7 @@ def innerloop_ctx(
     ddp = model if distributed.is_ddp(model) else None
     if ddp is not None:  # the inner loops run on the wrapped model; the all-reduce is arranged below
         sync = distributed._sync_for(ddp)
-        model = ddp.module
+        model = cast(torch.nn.Module, ddp.module)
         try:
             with innerloop_ctx(
                 model,
