@@ -386,18 +386,15 @@ class _Core:
             r = _new_like(new[i])
             d = r.__dict__
             if own_params:
-                slots = d["_parameters"] = dict(d["_parameters"])
-                for key, j in own_params:
-                    slots[key] = params[j]
+                d["_parameters"] = dict(d["_parameters"])
             if own_buffers:
-                slots = d["_buffers"] = dict(d["_buffers"])
-                for key, j in own_buffers:
-                    slots[key] = buffers[j]
+                d["_buffers"] = dict(d["_buffers"])
             if children:
                 slots = d["_modules"] = dict(d["_modules"])
                 for key, c in children:
                     slots[key] = new[c]
             new[i] = r
+        self._fill(new, params, buffers)
         return new
 
     def realize(self) -> list[nn.Module]:
@@ -413,7 +410,7 @@ class _Core:
             if version < 0 or self._unreferenced():
                 # Nothing outside the fmodel refers to the replicas holding tensors (the first
                 # entry's have not even run yet): put the new tensors into their slots in place.
-                self.fill_replicas(params, self._buffers)
+                self._fill(self.replicas, params, self._buffers)
             else:
                 # Something kept a replica (torch.utils.checkpoint keeps the module it recomputes,
                 # a generator its ``self``...): leave those as they are, with the weights they used.
@@ -431,9 +428,8 @@ class _Core:
         (those counted when they were made): then no computation can run them again later."""
         return all(now <= then for now, then in zip(self._reference_counts(), self._references))
 
-    def fill_replicas(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
-        """Put ``params`` and ``buffers`` into the slots of the current replicas, in place."""
-        replicas = self.replicas
+    def _fill(self, replicas: Sequence[nn.Module], params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        """Put ``params`` and ``buffers`` into the slots of ``replicas``, in place."""
         for i, own_params, own_buffers, _ in self.plan:
             d = replicas[i].__dict__
             if own_params:
