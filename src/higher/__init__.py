@@ -18,7 +18,19 @@ from typing import Any, cast
 
 import torch
 
-from . import batched, checkpointing, distributed, forward_mode, hypergradients, implicit, optim, patch, rules, utils
+from . import (
+    batched,
+    checkpointing,
+    compiled,
+    distributed,
+    forward_mode,
+    hypergradients,
+    implicit,
+    optim,
+    patch,
+    rules,
+    utils,
+)
 from .checkpointing import CheckpointedUnroll, checkpointed_unroll
 from .forward_mode import ForwardHypergradient, forward_hypergradient
 from .implicit import ImplicitHypergradient, implicit_hypergradient
@@ -38,6 +50,7 @@ __all__ = [
     "batched",
     "checkpointed_unroll",
     "checkpointing",
+    "compiled",
     "create_diff_optim",
     "distributed",
     "forward_hypergradient",
@@ -103,6 +116,34 @@ def innerloop_ctx(
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
+    if compiled.tracing():  # torch.compile is tracing this inner loop: the traced fmodel (higher.compiled)
+        if distributed.is_ddp(model):
+            raise NotImplementedError(
+                "innerloop_ctx of a DistributedDataParallel model cannot be traced by torch.compile; compile "
+                "the inner loop of ddp.module (and all-reduce the meta-gradients outside), or run it eagerly."
+            )
+        traced = compiled.traced_innerloop(
+            model,
+            device=device,
+            copy_initial_weights=copy_initial_weights,
+            track_higher_grads=track_higher_grads,
+            share_buffers=share_buffers,
+            initial_params=initial_params,
+            tasks=None if tasks is None else batched._check_tasks(tasks),
+        )
+        make_optimizer = get_diff_optim if tasks is None else batched.get_diff_optim
+        diffopt = make_optimizer(
+            opt,
+            list(model.parameters()),
+            fmodel=cast(Any, traced),
+            device=device,
+            override=override,
+            track_higher_grads=track_higher_grads,
+            first_order=first_order,
+        )
+        compiled.show_params(diffopt, traced)
+        yield cast(FunctionalModule, traced), diffopt
+        return
     ddp = model if distributed.is_ddp(model) else None
     if ddp is not None:  # the inner loops run on the wrapped model; the all-reduce is arranged below
         sync = distributed._sync_for(ddp)

@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import optim as _optim
 from . import patch as _patch
+from .compiled import TracedFunctionalModule
 from .utils import _copy_tensor
 
 __all__ = ["BatchedFunctionalModule", "innerloop_ctx", "monkeypatch", "get_diff_optim"]
@@ -234,7 +235,7 @@ class _TaskBatchedOptimizer(_optim.DifferentiableOptimizer):
     def _check_shape(self, name: str, value: Any, shapes: list[torch.Size]) -> None:
         """A tensor with dimensions is one value per task here: checked by _hyperparameters_for."""
 
-    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+    def _objective(self, loss: Any) -> Tensor:
         tasks = self._tasks
         if not isinstance(loss, Tensor) or tuple(loss.shape) != (tasks,):
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -245,7 +246,7 @@ class _TaskBatchedOptimizer(_optim.DifferentiableOptimizer):
                 f"divide every task's gradient by {tasks}."
             )
         # The tasks are independent, so the gradient of the sum is every task's own gradient.
-        return super()._gradients(loss.sum(), params)
+        return super()._objective(loss.sum())
 
     def _hyperparameters_for(self, group: dict[str, Any]) -> Callable[[Tensor], Mapping[str, Any]] | None:
         per_task = False
@@ -300,22 +301,31 @@ def _batched_class(cls: type[_optim.DifferentiableOptimizer]) -> type[_optim.Dif
     return _BATCHED_CLASSES[cls]
 
 
+for _registered in set(_optim._opt_mapping.values()):
+    _batched_class(_registered)
+_optim._ON_REGISTER.append(_batched_class)
+
+
 def get_diff_optim(
     opt: torch.optim.Optimizer,
     reference_params: Sequence[Tensor],
-    fmodel: BatchedFunctionalModule,
+    fmodel: BatchedFunctionalModule | TracedFunctionalModule,
     device: torch.device | str | None = None,
     override: _optim._OverrideType | None = None,
     track_higher_grads: bool = True,
     **kwargs: Any,
 ) -> _optim.DifferentiableOptimizer:
     """The task-batched differentiable optimizer for ``opt`` (its registered class, batched)."""
-    if not isinstance(fmodel, BatchedFunctionalModule):
+    if not isinstance(fmodel, (BatchedFunctionalModule, TracedFunctionalModule)) or fmodel.tasks is None:
         raise TypeError("the task-batched optimizer needs a task-batched fmodel (higher.batched.monkeypatch).")
     reference_params = list(reference_params)
     cls = _batched_class(_optim._diff_optim_type(opt))
-    diffopt = cls(opt, reference_params, fmodel=fmodel, device=device, track_higher_grads=track_higher_grads, **kwargs)
-    cast(_TaskBatchedOptimizer, diffopt)._batch(fmodel.tasks, reference_params)
+    tasks = fmodel.tasks
+    attached = cast(_patch.FunctionalModule, fmodel)  # a traced fmodel offers what the optimizer uses
+    diffopt = cls(
+        opt, reference_params, fmodel=attached, device=device, track_higher_grads=track_higher_grads, **kwargs
+    )
+    cast(_TaskBatchedOptimizer, diffopt)._batch(tasks, reference_params)
     if override is not None:
         diffopt._apply_override(override)
     return diffopt

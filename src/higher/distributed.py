@@ -572,5 +572,3 @@ def _peer_error(group: Any) -> str | None:
     except Exception:
         return None
     return None
-
-

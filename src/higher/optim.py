@@ -22,6 +22,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
+from . import compiled
 from . import rules as _rules
 from .rules import PAIR_HYPERPARAMETERS, UpdateRule
 from .utils import _is_container
@@ -354,16 +355,22 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- the step
     def step(
         self,
-        loss: Tensor,
+        loss: Tensor | Callable[[], Tensor] | None = None,
         params: Iterable[Tensor] | None = None,
         override: _OverrideType | None = None,
         grad_callback: _GradCallbackType | None = None,
+        *,
+        closure: Callable[[], Tensor] | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
         """Take one differentiable optimizer step on ``loss`` and return the new parameters.
 
         Args:
-            loss: a scalar tensor computed from the current fast weights.
+            loss: a scalar tensor computed from the current fast weights (task-batched: the
+                per-task losses).
+            closure: instead of ``loss``, a function without arguments that computes it,
+                torch.optim's convention (``step(closure)`` works too); the same as
+                ``step(closure())``.
             params: the tensors to update (default: the attached fmodel's fast weights), in the
                 order of ``reference_params``.
             override: hyperparameters to replace from this step on (see the class docstring).
@@ -377,6 +384,15 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         global optimizer hooks) run before and after the update, as for a torch optimizer, with
         ``args == (loss,)`` and the other arguments in ``kwargs``.
         """
+        if callable(loss) and not isinstance(loss, Tensor):  # torch.optim's step(closure)
+            loss, closure = None, loss
+        if (loss is None) == (closure is None):
+            raise TypeError(
+                "step() needs either the loss (a tensor) or closure=... (a function computing it), not "
+                + ("both." if closure is not None else "neither.")
+            )
+        if closure is not None:
+            kwargs["closure"] = closure
         if not (
             _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
         ):
@@ -402,10 +418,11 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
 
     def _step(
         self,
-        loss: Tensor,
+        loss: Tensor | None,
         params: Iterable[Tensor] | None = None,
         override: _OverrideType | None = None,
         grad_callback: _GradCallbackType | None = None,
+        closure: Callable[[], Tensor] | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
         """:meth:`step` without the hooks."""
@@ -420,7 +437,10 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             self._apply_override(override)
         given = params is not None
         params = self._params_to_update(params)
-        grads = self._gradients(loss, params)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._gradients(cast(Tensor, loss), params)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
             grads = list(callback(tuple(grads)))
@@ -503,7 +523,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             )
         return params
 
-    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+    def _objective(self, loss: Any) -> Tensor:
+        """The scalar that ``step`` differentiates, from what it was given (checked)."""
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"step() needs a scalar loss, got {shape}; reduce it first (e.g. loss.mean()).")
@@ -512,6 +533,10 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 f"step() needs a real-valued loss, got a complex tensor ({loss.dtype}); minimize a real "
                 f"quantity such as loss.abs() or loss.real."
             )
+        return loss
+
+    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        loss = self._objective(loss)
         targets = [i for i, p in enumerate(params) if p.requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if not targets:
@@ -686,9 +711,17 @@ _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 
 def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequence[Tensor | None]:
     """``torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)``."""
-    if _ENGINE is not None and type(loss) is Tensor and not torch.overrides.has_torch_function((loss,)):
+    if (
+        _ENGINE is not None
+        and type(loss) is Tensor
+        and not torch.overrides.has_torch_function((loss,))
+        and not torch.compiler.is_compiling()
+    ):
         ones = torch.ones_like(loss, memory_format=torch.preserve_format)
         return _ENGINE.run_backward((loss,), (ones,), create_graph, create_graph, tuple(inputs), True, False)
+    if compiled.tracing():
+        with compiled.AUTOGRAD_IN_GRAPH:
+            return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
     return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
 
@@ -717,7 +750,9 @@ def _is_pair(value: Any) -> bool:
 
 def _is_nan(value: Any) -> bool:
     if isinstance(value, Tensor):
-        return bool(torch.isnan(value.detach()).any()) if value.is_floating_point() else False
+        if not value.is_floating_point() or compiled.tracing():
+            return False  # a tensor's values are not known while torch.compile traces
+        return bool(torch.isnan(value.detach()).any())
     return isinstance(value, float) and math.isnan(value)
 
 
@@ -866,6 +901,13 @@ def register_optim(optim_type: type[torch.optim.Optimizer], diff_optim_type: typ
     if not (isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)):
         raise TypeError(f"register_optim needs a DifferentiableOptimizer subclass, got {diff_optim_type!r}")
     _opt_mapping[optim_type] = diff_optim_type
+    for prepare in _ON_REGISTER:
+        prepare(diff_optim_type)
+
+
+#: Called with each newly registered class (higher.batched makes its task-batched class then, not
+#: while torch.compile traces an inner loop, where making a class is not possible).
+_ON_REGISTER: list[Callable[[type[DifferentiableOptimizer]], Any]] = []
 
 
 def get_diff_optim(

@@ -492,7 +492,9 @@ class _Core:
         if view is None:
             root = self.root()
             if self.paths[index] and root is not None:
-                return cast(FunctionalModule, root.get_submodule(self.paths[index]))  # made by its parent, which keeps it
+                return cast(
+                    FunctionalModule, root.get_submodule(self.paths[index])
+                )  # made by its parent, which keeps it
             view = self.make_view(index)
         return view
 
@@ -1407,9 +1409,7 @@ class _ParameterPlaceholder:
         return f'Parameter placeholder ("{self._param_name}")'
 
 
-def _patched_parameters(
-    self: FunctionalModule, recurse: bool = True, time: int | None = None
-) -> Iterator[Tensor]:
+def _patched_parameters(self: FunctionalModule, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:
     """0.2.1's ``parameters`` of a patched module, as a function: the fast weights at ``time``."""
     return self.parameters(recurse=recurse, time=time)
 

@@ -22,9 +22,8 @@ Adding an optimizer means writing one ``init`` and one ``update`` function and o
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -134,8 +133,15 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _scalar(value: float) -> Tensor:
-    """``value`` as torch.optim stores scalar state: a 0-dim CPU tensor of the scalar dtype."""
+def _scalar(value: float) -> Tensor | float:
+    """``value`` as torch.optim stores scalar state: a 0-dim CPU tensor of the scalar dtype.
+
+    While ``torch.compile`` traces, a Python number instead: the math reads the value as a number,
+    which a tensor made in the graph cannot give without splitting it (``Tensor.item``); dynamo
+    folds the number into the graph (the compiled step counts are those of the unrolled loop).
+    """
+    if torch.compiler.is_compiling():
+        return float(value)
     return torch.scalar_tensor(value, dtype=_scalar_dtype())  # twice as fast as torch.tensor
 
 
@@ -149,6 +155,13 @@ def _value(x: Any) -> Any:
 def _next_step(step: Any) -> tuple[Any, Any]:
     """The incremented step count, as stored (a tensor stays a tensor), and its value."""
     if isinstance(step, Tensor):
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "the optimizer state holds a step count tensor copied from the torch optimizer (a warm start "
+                "from an optimizer that has stepped, or Adagrad's state made at construction): torch.compile "
+                "cannot read it without splitting the inner loop, which breaks second-order meta-gradients. "
+                "Compile with a fresh torch optimizer of another type, or run this inner loop eagerly."
+            )
         value = step.item() + 1  # exact: torch's step counts are whole numbers in a float tensor
         return torch.scalar_tensor(value, dtype=step.dtype, device=step.device), value
     return step + 1, step + 1
@@ -618,10 +631,12 @@ class UpdateRule:
     flags_added_later: tuple[tuple[str, bool], ...] = ()
     init_hyperparameters: tuple[str, ...] = ()
 
-    @functools.cached_property
-    def options(self) -> frozenset[str]:
-        """Every group key this rule reads or accepts without effect (implementation flags)."""
-        return frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS)
+    #: Every group key this rule reads or accepts without effect (implementation flags); made
+    #: with the rule (not on first use, which may happen while torch.compile traces).
+    options: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", frozenset(self.hyperparameters + self.flags + _IMPLEMENTATION_FLAGS))
 
 
 _ADAM_OPTIONS: dict[str, Any] = dict(

@@ -1,0 +1,311 @@
+"""Inner loops under ``torch.compile``: what ``innerloop_ctx`` yields while dynamo traces it.
+
+A meta-iteration written with the public API compiles as it is, into one graph::
+
+    def meta_iteration():
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=T) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(task_losses(fmodel(support_x), support_y))
+            return task_losses(fmodel(query_x), query_y).mean()
+
+    torch.compile(meta_iteration, fullgraph=True)().backward()   # meta-gradients in model's .grad
+
+(per task too: a loop over tasks, each with its own ``innerloop_ctx``). While ``torch.compile``
+traces such a function, :func:`higher.innerloop_ctx` yields a :class:`TracedFunctionalModule`
+instead of the eager fmodel. The eager fmodel runs the user's module on a private replica of the
+module tree, kept up to date with Python bookkeeping (reference counts, weak references,
+per-call copies) that dynamo cannot follow; the traced one runs the user's own module through
+:func:`torch.func.functional_call` with the fast weights, which dynamo traces without ever
+writing the user's module. The differentiable optimizer is the same object in both modes (the
+same rules of :mod:`higher.rules`, options, ``override`` tensors and hypergradients), and the
+numbers are the same.
+
+Inner gradients. ``diffopt.step(loss)`` (or torch.optim's ``step(closure)`` form) takes the
+gradient with ``torch.autograd.grad``, which dynamo traces into the graph only when its option
+``trace_autograd_ops`` is on; the step turns it on for that call alone (see
+:func:`_autograd_in_graph`), leaving the user's configuration as it is. A graph break anywhere
+between the fast weights and an inner loss (a ``print(loss.item())``, an untraceable call) splits
+the loop into graphs that AOTAutograd cannot differentiate twice, and torch then fails in the
+backward pass (second-order meta-gradients; ``first_order=True`` needs no double backward):
+``fullgraph=True`` names the break.
+
+What the traced fmodel offers: calling it (``fmodel(x)``, ``fmodel(x, params=...)``),
+``parameters(time=...)``, ``named_parameters()``, ``buffers()``/``named_buffers()``,
+``fast_params``, ``init_fast_params``, ``update_params`` and, task-batched, ``tasks``. Submodule
+views, module methods other than ``forward``, hooks registered on the fmodel and ``train()``/
+``eval()`` inside the compiled function are eager-only and raise an error that says so (switch
+the model's mode outside the compiled function: the traced fmodel follows it). Scalar optimizer
+state (step counts) is a Python number inside the graph (dynamo folds it in); a warm start from
+a torch optimizer that has stepped splits the graph at its tensor ``step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["TracedFunctionalModule", "tracing"]
+
+
+def _autograd_in_graph() -> Any:
+    """A context manager under which dynamo traces ``torch.autograd.grad`` into the graph.
+
+    Dynamo breaks the graph at ``torch.autograd.grad`` unless ``trace_autograd_ops`` is set, and
+    a function split there cannot be differentiated twice (AOTAutograd's compiled backward is not
+    differentiable). ``torch._dynamo.patch_dynamo_config`` changes dynamo's configuration while
+    it traces a block (and restores it after), so the inner step's gradient stays in the graph
+    without touching the user's global configuration. It accepts a fixed list of options, which
+    ``trace_autograd_ops`` is added to: the option only changes how dynamo traces (from the
+    ``torch.autograd.grad`` call down), and dynamo still splits the graph where tracing it is
+    unsafe (a loss whose graph reaches outside the compiled region), running it eagerly then.
+    ``nullcontext`` where this torch lacks the mechanism (dynamo then splits at every step).
+    """
+    try:
+        from torch._dynamo import decorators
+
+        allowed = decorators._allowed_config_patches
+        if "trace_autograd_ops" not in allowed:
+            decorators._allowed_config_patches = (*allowed, "trace_autograd_ops")
+        return decorators.patch_dynamo_config(trace_autograd_ops=True)
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - other torch versions
+        return contextlib.nullcontext()
+
+
+#: Enter around ``torch.autograd.grad`` while tracing (see :func:`_autograd_in_graph`).
+AUTOGRAD_IN_GRAPH = _autograd_in_graph()
+
+
+def tracing() -> bool:
+    """Whether ``torch.compile`` (dynamo) is tracing the calling code right now."""
+    return torch.compiler.is_compiling()
+
+
+class TracedFunctionalModule:
+    """The fmodel of an inner loop traced by ``torch.compile`` (see the module docstring).
+
+    Args:
+        module: the user's model; only read (``torch.func.functional_call`` under dynamo never
+            writes it).
+        params: the initial fast weights, one per ``module.named_parameters()`` entry.
+        buffers: the buffers the forward uses, one per ``module.named_buffers()`` entry.
+        track_higher_grads: ``False`` keeps only the latest fast weights.
+        tasks: the number of tasks of the task-batched mode (``None``: one task).
+        randomness: ``torch.func.vmap``'s randomness for the task-batched mode.
+    """
+
+    _hg_is_root = False  # the optimizer adopts new weights through update_params
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: list[Tensor],
+        buffers: list[Tensor],
+        *,
+        track_higher_grads: bool = True,
+        tasks: int | None = None,
+        randomness: str = "different",
+    ) -> None:
+        self._hg_module = module
+        self._hg_param_names = [name for name, _ in module.named_parameters()]
+        self._hg_buffer_names = [name for name, _ in module.named_buffers()]
+        self._hg_shapes = [p.shape for p in params]
+        self._hg_history: list[list[Tensor]] = [list(params)]
+        self._hg_buffers = list(buffers)
+        self.track_higher_grads = track_higher_grads
+        self._hg_tasks = tasks
+        self._hg_randomness = randomness
+        self._hg_eager: Any = None  # an eager fmodel, made if dynamo leaves part of the loop to Python
+
+    # ------------------------------------------------------------------ running the module
+    def __call__(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
+        """Run the user's module with the latest fast weights, or with ``params`` (which become the latest)."""
+        if params is not None:
+            self.update_params(params)
+        return self._hg_run(self._hg_history[-1], args, kwargs)
+
+    forward = __call__
+
+    def _hg_run(self, params: Sequence[Tensor], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        if not tracing():
+            return self._hg_run_eagerly(params, args, kwargs)
+        module = self._hg_module
+        names = self._hg_param_names + self._hg_buffer_names
+        if self._hg_tasks is None:
+            return functional_call(module, dict(zip(names, [*params, *self._hg_buffers])), tuple(args), dict(kwargs))
+        tasks = self._hg_tasks
+        for tensor in [*args, *kwargs.values()]:
+            if isinstance(tensor, Tensor) and (tensor.dim() == 0 or tensor.shape[0] != tasks):
+                raise ValueError(
+                    f"in task-batched mode every tensor argument needs a leading task dimension of size "
+                    f"{tasks}; got a tensor of shape {tuple(tensor.shape)}."
+                )
+        args_dims = tuple(0 if isinstance(a, Tensor) else None for a in args)
+        kwargs_dims = {k: 0 if isinstance(v, Tensor) else None for k, v in kwargs.items()}
+
+        def one_task(tensors: list[Tensor], task_args: tuple[Any, ...], task_kwargs: dict[str, Any]) -> Any:
+            return functional_call(module, dict(zip(names, tensors)), task_args, task_kwargs)
+
+        return torch.func.vmap(one_task, in_dims=(0, args_dims, kwargs_dims), randomness=self._hg_randomness)(
+            [*params, *self._hg_buffers], tuple(args), dict(kwargs)
+        )
+
+    def _hg_run_eagerly(self, params: Sequence[Tensor], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """The same call where dynamo gave up on a frame and runs it as plain Python.
+
+        ``functional_call`` run eagerly puts the fast weights into the user's module for the
+        duration of the call; the eager fmodel's private replica does not.
+        """
+        from . import batched, patch
+
+        fmodel = self._hg_eager
+        if fmodel is None:
+            if self._hg_tasks is None:
+                fmodel = patch.make_functional(self._hg_module)
+            else:
+                fmodel = patch.make_functional(self._hg_module, _view_base=batched.BatchedFunctionalModule)
+                batched._batch_core(fmodel._hg_core, self._hg_tasks, self._hg_randomness)
+            fmodel.track_higher_grads = False  # keeps the latest weights only: the history is ours
+            self._hg_eager = fmodel
+        core = fmodel._hg_core
+        core.buffers = list(self._hg_buffers)
+        output = fmodel(*args, params=params, **kwargs)
+        self._hg_buffers = list(core.buffers)
+        return output
+
+    # ------------------------------------------------------------------ fast weights and history
+    @property
+    def tasks(self) -> int | None:
+        """The number of tasks in task-batched mode (``None`` otherwise)."""
+        return self._hg_tasks
+
+    def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:
+        """The fast weights at history index ``time`` (``None``: latest; ``0``: initial)."""
+        history = self._hg_history
+        if time is None:
+            return iter(history[-1])
+        if not -len(history) <= time < len(history):
+            raise IndexError(
+                f"time={time} is out of range: the history holds fast weights for time=0..{len(history) - 1}."
+            )
+        return iter(history[time])
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Tensor]]:
+        dot = f"{prefix}." if prefix else ""
+        return iter([(dot + name, p) for name, p in zip(self._hg_param_names, self._hg_history[-1])])
+
+    def buffers(self, recurse: bool = True) -> Iterator[Tensor]:
+        return iter(self._hg_buffers)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Tensor]]:
+        dot = f"{prefix}." if prefix else ""
+        return iter([(dot + name, b) for name, b in zip(self._hg_buffer_names, self._hg_buffers)])
+
+    @property
+    def fast_params(self) -> list[Tensor]:
+        """The latest fast weights; setting them records a new history entry."""
+        return list(self._hg_history[-1])
+
+    @fast_params.setter
+    def fast_params(self, value: Sequence[Tensor]) -> None:
+        self.update_params(value)
+
+    @property
+    def init_fast_params(self) -> list[Tensor]:
+        """The fast weights at time 0."""
+        return list(self._hg_history[0])
+
+    def update_params(self, params: Sequence[Tensor]) -> None:
+        """Adopt ``params`` (one tensor per parameter, ``parameters()`` order) as the latest fast weights."""
+        params = list(params)
+        if len(params) != len(self._hg_shapes):
+            raise ValueError(f"update_params got {len(params)} tensors for {len(self._hg_shapes)} parameters.")
+        for name, p, shape in zip(self._hg_param_names, params, self._hg_shapes):
+            if not isinstance(p, Tensor) or p.shape != shape:
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"update_params: '{name}' must be a tensor of shape {tuple(shape)}, got {got}.")
+        if self.track_higher_grads:
+            self._hg_history.append(params)
+        else:
+            self._hg_history = [params]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_hg_"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'{name}' of the fmodel is not available while torch.compile traces the inner loop: the traced "
+            f"fmodel runs the model's forward with the fast weights (calling it, parameters(), "
+            f"named_parameters(), buffers(), fast_params, update_params). Use '{name}' outside the compiled "
+            f"function, or run this inner loop eagerly."
+        )
+
+
+def show_params(diffopt: Any, fmodel: TracedFunctionalModule) -> None:
+    """Put the initial fast weights into ``diffopt.param_groups`` (placeholders until the first step).
+
+    Where dynamo splits the function (``step(loss)`` without ``trace_autograd_ops``), it resumes
+    with the optimizer as an input and, as for any ``torch.optim.Optimizer``, marks the tensors of
+    its ``param_groups`` as static inputs; placeholders there make it fail.
+    """
+    params = fmodel._hg_history[-1]
+    for group, indices in zip(diffopt.param_groups, diffopt._group_to_param_list):
+        group["params"] = [params[i] for i in indices]
+
+
+def traced_innerloop(
+    model: nn.Module,
+    *,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+    share_buffers: bool,
+    initial_params: Sequence[Tensor] | Mapping[str, Tensor] | None,
+    tasks: int | None,
+) -> TracedFunctionalModule:
+    """The traced fmodel of ``model``, with the initial fast weights and buffers ``innerloop_ctx`` gives."""
+    named = list(model.named_parameters())
+    params: list[Tensor] = []
+    for _, p in named:
+        q = p if device is None else p.to(device)
+        if copy_initial_weights:
+            q = q.detach()
+            q = (q.expand(tasks, *q.shape) if tasks is not None else q).clone().requires_grad_(p.requires_grad)
+        else:
+            # Contiguous per-task copies: an expanded view's strides make AOTAutograd's backward fail
+            # when dynamo splits the function (torch 2.13 restrides such tangents in place).
+            q = q.clone() if tasks is None else q.expand(tasks, *q.shape).contiguous()
+        params.append(q)
+    if initial_params is not None:
+        if tasks is not None:
+            raise NotImplementedError("initial_params is not available in task-batched mode (tasks=...).")
+        params = _given(named, params, initial_params)
+    buffers = []
+    for _, b in model.named_buffers():
+        if share_buffers:
+            if tasks is not None:
+                raise NotImplementedError("share_buffers is not available in task-batched mode (tasks=...).")
+            buffers.append(b)
+            continue
+        c = (b if device is None else b.to(device)).detach()
+        buffers.append((c.expand(tasks, *c.shape) if tasks is not None else c).clone())
+    return TracedFunctionalModule(model, params, buffers, track_higher_grads=track_higher_grads, tasks=tasks)
+
+
+def _given(
+    named: Sequence[tuple[str, Tensor]], params: list[Tensor], initial: Sequence[Tensor] | Mapping[str, Tensor]
+) -> list[Tensor]:
+    """``initial_params`` (all of them as a sequence, or some by name) in place of the copies."""
+    if isinstance(initial, Mapping):
+        names = [name for name, _ in named]
+        unknown = [name for name in initial if name not in names]
+        if unknown:
+            raise ValueError(f"initial_params names unknown parameters: {', '.join(unknown)}")
+        return [initial.get(name, p) for name, p in zip(names, params)]
+    given = list(initial)
+    if len(given) != len(params):
+        raise ValueError(f"initial_params has {len(given)} tensors for {len(params)} parameters.")
+    return given

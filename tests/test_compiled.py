@@ -1,0 +1,321 @@
+"""torch.compile of meta-iterations written with the public API (higher.compiled).
+
+Every compiled result is compared with the same function run eagerly (the eager fmodel and
+optimizer, themselves tested against torch.optim and hand-written unrolls elsewhere). Most tests
+use the ``aot_eager`` backend: dynamo and AOTAutograd trace exactly as for the default backend
+(one graph, the joint forward/backward), without the minutes of C++ compilation; one test runs
+the default backend (inductor) end to end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import higher
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled code and counters of one test are not seen by the next; float32 as users compile."""
+    torch.compiler.reset()
+    counters.clear()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)
+    torch.compiler.reset()
+
+
+def sine_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def deep_mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(1, 8), nn.Tanh()]
+    for _ in range(6):
+        layers += [nn.Linear(8, 8), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(8, 1))
+
+
+def sine_tasks(tasks: int, shots: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    amplitude = torch.rand(tasks, 1, 1, generator=g) * 4.9 + 0.1
+    phase = torch.rand(tasks, 1, 1, generator=g) * 3.14
+    x = torch.rand(tasks, 2 * shots, 1, generator=g) * 10 - 5
+    y = amplitude * torch.sin(x + phase)
+    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+
+task_losses = torch.func.vmap(F.mse_loss)
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return getattr(torch.optim, name)(model.parameters(), lr=0.01)
+
+
+def batched_meta_iteration(model, opt, data, steps=2, closure=True, lr=None, **ctx):
+    sx, sy, qx, qy = data
+    tasks = sx.shape[0]
+    override = None if lr is None else {"lr": [lr]}
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks, override=override, **ctx) as (
+        fmodel,
+        diffopt,
+    ):
+        for _ in range(steps):
+            if closure:
+                diffopt.step(closure=lambda: task_losses(fmodel(sx), sy))
+            else:
+                diffopt.step(task_losses(fmodel(sx), sy))
+        return task_losses(fmodel(qx), qy).mean()
+
+
+def per_task_meta_iteration(model, opt, data, steps=2, closure=True, lr=None, **ctx):
+    sx, sy, qx, qy = data
+    tasks = sx.shape[0]
+    override = None if lr is None else {"lr": [lr]}
+    total = 0.0
+    for t in range(tasks):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override, **ctx) as (
+            fmodel,
+            diffopt,
+        ):
+            for _ in range(steps):
+                if closure:
+                    diffopt.step(closure=lambda t=t: F.mse_loss(fmodel(sx[t]), sy[t]))
+                else:
+                    diffopt.step(F.mse_loss(fmodel(sx[t]), sy[t]))
+            total = total + F.mse_loss(fmodel(qx[t]), qy[t]) / tasks
+    return total
+
+
+def gradients(function, model, *inputs) -> list[torch.Tensor]:
+    """The meta-loss's gradients with respect to the model's parameters and the extra inputs."""
+    loss = function()
+    targets = [*model.parameters(), *inputs]
+    return list(torch.autograd.grad(loss, targets, allow_unused=True))
+
+
+def assert_close_lists(actual, expected) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a is not None and e is not None
+        torch.testing.assert_close(a, e, **TOLERANCE)
+
+
+def unique_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
+def test_compiled_meta_gradients_and_hypergradients_equal_eager(optimizer, first_order, batched):
+    model = sine_mlp()
+    opt = make_optimizer(optimizer, model)
+    data = sine_tasks(4 if batched else 2)
+    lr = torch.tensor(0.03, requires_grad=True)
+    iteration = batched_meta_iteration if batched else per_task_meta_iteration
+
+    def run():
+        return iteration(model, opt, data, lr=lr, first_order=first_order)
+
+    expected = gradients(run, model, lr)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    actual = gradients(compiled, model, lr)
+    assert_close_lists(actual, expected)
+    assert actual[-1].abs() > 0  # the learning rate's hypergradient is there (and equal to eager's)
+    assert unique_graphs() == 1
+
+
+@pytest.mark.parametrize("make_model", [sine_mlp, deep_mlp], ids=["sine", "deep"])
+def test_no_recompilation_over_meta_iterations(make_model):
+    """New data, updated weights (a meta-optimizer step) and a new lr value: the same graph."""
+    model = make_model()
+    opt = make_optimizer("adam", model)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def run(data, lr):
+        return batched_meta_iteration(model, opt, data, steps=3, lr=lr)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for iteration in range(4):
+        data = sine_tasks(5, seed=iteration)
+        lr = torch.tensor(0.01 * (iteration + 1), requires_grad=True)
+        expected = gradients(lambda data=data, lr=lr: run(data, lr), model, lr)
+        meta_opt.zero_grad()
+        loss = compiled(data, lr)
+        loss.backward()
+        actual = [p.grad for p in model.parameters()] + [lr.grad]
+        assert_close_lists(actual, expected)
+        meta_opt.step()
+    assert unique_graphs() == 1
+    assert counters["stats"]["calls_captured"] > 0
+
+
+def test_compiled_with_inductor_matches_eager():
+    """The default backend, end to end (C++ kernels), on the batched sine workload with Adam."""
+    model = sine_mlp()
+    opt = make_optimizer("adam", model)
+    data = sine_tasks(4)
+
+    def run():
+        return batched_meta_iteration(model, opt, data, steps=2)
+
+    expected = gradients(run, model)
+    compiled = torch.compile(run, fullgraph=True)
+    assert_close_lists(gradients(compiled, model), expected)
+    assert_close_lists(gradients(compiled, model), expected)
+    assert unique_graphs() == 1
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_step_with_loss_is_one_graph_too(batched, optimizer):
+    """The plain ``diffopt.step(loss)`` of 0.2.1 programs: one graph with dynamo's default settings."""
+    model = sine_mlp()
+    opt = make_optimizer(optimizer, model)
+    data = sine_tasks(3)
+    lr = torch.tensor(0.02, requires_grad=True)
+    iteration = batched_meta_iteration if batched else per_task_meta_iteration
+
+    def run():
+        return iteration(model, opt, data, closure=False, lr=lr)
+
+    expected = gradients(run, model, lr)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    assert_close_lists(gradients(compiled, model, lr), expected)
+    assert_close_lists(gradients(compiled, model, lr), expected)
+    assert unique_graphs() == 1
+    assert not torch._dynamo.config.trace_autograd_ops  # the user's configuration is left alone
+
+
+class Recording(nn.Linear):
+    """A layer that records every attribute write made to it."""
+
+    writes: list[str] = []
+
+    def __setattr__(self, name, value):
+        Recording.writes.append(name)
+        super().__setattr__(name, value)
+
+
+def test_compiled_inner_loop_never_writes_the_model():
+    model = nn.Sequential(Recording(1, 8), nn.Tanh(), Recording(8, 1))
+    params = [p for p in model.parameters()]
+    values = [p.detach().clone() for p in params]
+    opt = make_optimizer("sgd", model)
+    data = sine_tasks(2)
+    compiled = torch.compile(lambda: batched_meta_iteration(model, opt, data), fullgraph=True, backend="aot_eager")
+    Recording.writes.clear()
+    for _ in range(2):
+        compiled().backward()
+    assert Recording.writes == []
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert dict(model[0].__dict__["_parameters"]) == {"weight": params[0], "bias": params[1]}
+
+
+def test_batchnorm_buffers_and_fast_weight_history():
+    """Running statistics are the fmodel's copies, updated as eagerly; parameters(time=...) works."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    opt = make_optimizer("sgd", model)
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 6, 1)
+    running_mean = model[1].running_mean.clone()
+
+    def run():
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=4) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(closure=lambda: task_losses(fmodel(x), y))
+            stats = dict(fmodel.named_buffers())["1.running_mean"]
+            first = list(fmodel.parameters(time=0))[0]
+            return task_losses(fmodel(x), y).mean(), stats, first
+
+    loss_e, stats_e, first_e = run()
+    expected = torch.autograd.grad(loss_e, list(model.parameters()))
+    loss_c, stats_c, first_c = torch.compile(run, fullgraph=True, backend="aot_eager")()
+    assert_close_lists(torch.autograd.grad(loss_c, list(model.parameters())), expected)
+    torch.testing.assert_close(stats_c, stats_e)
+    torch.testing.assert_close(first_c, first_e)
+    assert not torch.equal(stats_c[0], running_mean)  # the statistics moved, in the fmodel's copy
+    assert torch.equal(model[1].running_mean, running_mean)  # not in the model
+
+
+def test_eager_only_fmodel_features_raise_a_clear_error_under_compile():
+    model = sine_mlp()
+    opt = make_optimizer("sgd", model)
+
+    def run(x):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            return fmodel.state_dict()
+
+    with pytest.raises(Exception, match="not available while torch.compile traces the inner loop"):
+        torch.compile(run, fullgraph=True, backend="aot_eager")(torch.randn(2, 1))
+
+
+@pytest.mark.parametrize("form", ["keyword", "positional"])
+def test_closure_eagerly_is_step_on_its_loss(form):
+    """step(closure=f) and torch.optim's step(f) are step(f()) when nothing is being compiled."""
+    torch.manual_seed(1)
+    model = sine_mlp()
+    opt = make_optimizer("adam", model)
+    sx, sy, _, _ = sine_tasks(1)
+    results = []
+    for use_closure in (False, True):
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(3):
+                if not use_closure:
+                    diffopt.step(F.mse_loss(fmodel(sx[0]), sy[0]))
+                elif form == "keyword":
+                    diffopt.step(closure=lambda: F.mse_loss(fmodel(sx[0]), sy[0]))
+                else:
+                    diffopt.step(lambda: F.mse_loss(fmodel(sx[0]), sy[0]))
+            results.append(list(fmodel.parameters()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_step_needs_exactly_one_of_loss_and_closure():
+    model = sine_mlp()
+    with higher.innerloop_ctx(model, make_optimizer("sgd", model)) as (fmodel, diffopt):
+        loss = fmodel(torch.randn(3, 1)).sum()
+        with pytest.raises(TypeError, match="either the loss"):
+            diffopt.step()
+        with pytest.raises(TypeError, match="not both"):
+            diffopt.step(loss, closure=lambda: loss)
+
+
+ALL_OPTIMIZERS = ["SGD", "Adam", "AdamW", "Adadelta", "Adamax", "ASGD", "RMSprop", "Rprop", "NAdam", "RAdam"]
+
+
+@pytest.mark.parametrize("name", ALL_OPTIMIZERS)
+def test_every_optimizer_compiles_to_one_graph_with_eager_meta_gradients(name):
+    model = sine_mlp()
+    opt = make_optimizer(name, model)
+    data = sine_tasks(3)
+
+    def run():
+        return batched_meta_iteration(model, opt, data, steps=3)
+
+    expected = gradients(run, model)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    assert_close_lists(gradients(compiled, model), expected)
+    assert unique_graphs() == 1
+
+
+def test_tensor_step_counts_of_a_warm_start_are_refused_under_compile():
+    """Adagrad makes its state (a tensor step count) at construction; reading it would split the graph."""
+    model = sine_mlp()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    data = sine_tasks(2)
+    with pytest.raises(Exception, match="step count tensor copied from the torch optimizer"):
+        torch.compile(lambda: batched_meta_iteration(model, opt, data), fullgraph=True, backend="aot_eager")()
