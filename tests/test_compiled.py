@@ -319,3 +319,49 @@ def test_tensor_step_counts_of_a_warm_start_are_refused_under_compile():
     data = sine_tasks(2)
     with pytest.raises(Exception, match="step count tensor copied from the torch optimizer"):
         torch.compile(lambda: batched_meta_iteration(model, opt, data), fullgraph=True, backend="aot_eager")()
+
+
+@pytest.mark.parametrize("copy_initial_weights", [True, False])
+@pytest.mark.parametrize("track_higher_grads", [True, False])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
+def test_initial_weights_and_tracking_options_as_eagerly(copy_initial_weights, track_higher_grads, batched):
+    """Copied initial weights (hyperparameter optimization: the hypergradient of lr, no meta-gradient
+    to the model) and track_higher_grads=False (fresh weights every step) compile and give eager's
+    values and gradients, also when the fast weights are returned from the compiled function."""
+    model = sine_mlp()
+    opt = make_optimizer("adam", model)
+    sx, sy, _, _ = sine_tasks(3)
+    lr = torch.tensor(0.02, requires_grad=True)
+
+    def run():
+        kwargs = dict(tasks=3) if batched else {}
+        x, y = (sx, sy) if batched else (sx[0], sy[0])
+        loss_fn = task_losses if batched else F.mse_loss
+        with higher.innerloop_ctx(
+            model,
+            opt,
+            copy_initial_weights=copy_initial_weights,
+            track_higher_grads=track_higher_grads,
+            override={"lr": [lr]},
+            **kwargs,
+        ) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(loss_fn(fmodel(x), y))
+            return loss_fn(fmodel(x), y).mean(), list(fmodel.parameters(time=0)), list(fmodel.parameters())
+
+    def outcome(function):
+        loss, initial, latest = function()
+        grads = torch.autograd.grad(loss, [*model.parameters(), lr], allow_unused=True)
+        return loss.detach(), [t.detach() for t in initial + latest], grads
+
+    loss_e, weights_e, grads_e = outcome(run)
+    loss_c, weights_c, grads_c = outcome(torch.compile(run, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss_c, loss_e, **TOLERANCE)
+    assert_close_lists(weights_c, weights_e)
+    for c, e in zip(grads_c, grads_e):
+        assert (c is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(c, e, **TOLERANCE)
+    # The meta-gradient reaches the model only from its own weights through a tracked unroll.
+    assert (grads_e[0] is None) == (copy_initial_weights or not track_higher_grads)
+    assert (grads_e[-1] is None) == (not track_higher_grads)  # the hypergradient needs the tracked graph

@@ -85,6 +85,34 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+class _Cut(torch.autograd.Function):
+    """A copy of a tensor through which no gradient flows back (a fresh starting point)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> None:
+        return None
+
+
+def fresh_leaf(tensor: Tensor, requires_grad: bool) -> Tensor:
+    """``tensor.detach().requires_grad_(requires_grad)``: a new starting point for gradients.
+
+    While dynamo traces, a tensor made to require grad inside the graph cannot be returned from it
+    (nor anything computed from it); there the copy is the output of an autograd node that sends
+    no gradient back instead, which differentiates the same for everything after it.
+    """
+    if not tracing():
+        return tensor.detach().requires_grad_(requires_grad)
+    if requires_grad and not tensor.requires_grad:
+        raise NotImplementedError(
+            "under torch.compile, a fast weight that requires grad must come from a tensor that requires grad."
+        )
+    return _Cut.apply(tensor) if requires_grad else tensor.detach()
+
+
 class TracedFunctionalModule:
     """The fmodel of an inner loop traced by ``torch.compile`` (see the module docstring).
 
@@ -272,8 +300,7 @@ def traced_innerloop(
     for _, p in named:
         q = p if device is None else p.to(device)
         if copy_initial_weights:
-            q = q.detach()
-            q = (q.expand(tasks, *q.shape) if tasks is not None else q).clone().requires_grad_(p.requires_grad)
+            q = fresh_leaf(q.expand(tasks, *q.shape) if tasks is not None else q, p.requires_grad)
         else:
             # Contiguous per-task copies: an expanded view's strides make AOTAutograd's backward fail
             # when dynamo splits the function (torch 2.13 restrides such tangents in place).

@@ -461,7 +461,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             and not self._shaped_hyperparameters
         )
         if not self._track_higher_grads:
-            new_params = [p.detach().requires_grad_(old.requires_grad) for p, old in zip(new_params, params)]
+            new_params = [compiled.fresh_leaf(p, old.requires_grad) for p, old in zip(new_params, params)]
             self._detach_state()
         fmodel = self._fmodel
         if fmodel is not None:
