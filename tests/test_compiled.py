@@ -365,3 +365,46 @@ def test_initial_weights_and_tracking_options_as_eagerly(copy_initial_weights, t
     # The meta-gradient reaches the model only from its own weights through a tracked unroll.
     assert (grads_e[0] is None) == (copy_initial_weights or not track_higher_grads)
     assert (grads_e[-1] is None) == (not track_higher_grads)  # the hypergradient needs the tracked graph
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
+def test_parameter_groups_frozen_and_unused_parameters_as_eagerly(batched):
+    """Two groups with their own options, a frozen layer and a trainable parameter the loss never
+    uses (skipped by the step, as torch.optim skips it)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(1, 8)
+            self.head = nn.Linear(8, 1)
+            self.unused = nn.Parameter(torch.ones(3))
+            self.body.bias.requires_grad_(False)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    model = Net()
+    opt = torch.optim.Adam(
+        [
+            {"params": [model.body.weight, model.body.bias], "lr": 0.05, "weight_decay": 0.1},
+            {"params": [*model.head.parameters(), model.unused], "lr": 0.01},
+        ]
+    )
+    iteration = batched_meta_iteration if batched else per_task_meta_iteration
+    data = sine_tasks(3)
+
+    def run():
+        return iteration(model, opt, data, steps=3)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(function):
+        return torch.autograd.grad(function(), trainable, allow_unused=True)
+
+    expected = grads(run)
+    actual = grads(torch.compile(run, fullgraph=True, backend="aot_eager"))
+    assert expected[[p is model.unused for p in trainable].index(True)] is None
+    for a, e in zip(actual, expected):
+        assert (a is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(a, e, **TOLERANCE)
