@@ -197,13 +197,14 @@ def build_ours_compiled_per_task(
     loss_fn, tasks, steps = workload.loss, workload.tasks, workload.inner_steps
 
     def meta_loss() -> Tensor:
-        total = torch.zeros(())
+        total: Tensor | float = 0.0
         for t in range(tasks):
             with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(steps):
                     # the closure runs inside the step, while t is current
                     _step(diffopt, lambda: loss_fn(fmodel(support_x[t]), support_y[t]), settings)  # noqa: B023
                 total = total + loss_fn(fmodel(query_x[t]), query_y[t]) / tasks
+        assert isinstance(total, Tensor)
         return total
 
     compiled = settings.compile(meta_loss)
@@ -503,11 +504,10 @@ def _table(records: list[dict]) -> str:
             mem = record["memory"].get(name, {})
             added = f"{(mem['peak'] - mem['before']) / 2**20:.1f}" if "peak" in mem else mem.get("error", "")
             eager = record["memory"].get(VARIANTS[name].eager, {})
-            to_eager = (
-                f"{(mem['peak'] - mem['before']) / max(eager['peak'] - eager['before'], 1):.2f}"
-                if "peak" in mem and "peak" in eager
-                else ""
-            )
+            to_eager = ""
+            if "peak" in mem and "peak" in eager:  # a ratio only where eager adds measurably (0.1 MiB)
+                eager_added = eager["peak"] - eager["before"]
+                to_eager = f"{(mem['peak'] - mem['before']) / eager_added:.2f}" if eager_added >= 2**20 / 10 else "n/a"
             process = f"{mem['process_peak'] / 2**20:.0f}" if "process_peak" in mem else ""
             lines.append(
                 f"| {record['workload']} | {record['optimizer']} | {VARIANTS[name].label} | {_cell_ms(record, name)} | "
