@@ -101,9 +101,11 @@ class Settings:
 
     def compile(self, fn: Callable) -> Callable:
         kwargs: dict = {"fullgraph": self.fullgraph}
-        if self.mode:
+        if self.mode and self.options:  # torch.compile takes one or the other: the mode as options
+            kwargs["options"] = {**torch._inductor.list_mode_options(self.mode), **self.options}
+        elif self.mode:
             kwargs["mode"] = self.mode
-        if self.options:
+        elif self.options:
             kwargs["options"] = self.options
         return torch.compile(fn, **kwargs)
 
@@ -132,11 +134,13 @@ def _tfunc_meta_loss(workload: Workload, model: nn.Module, optimizer: str) -> Ca
     return meta_loss
 
 
-def _build_tfunc(compiled: bool) -> Callable:
+def _build_tfunc(compiled: bool, own: Settings | None = None) -> Callable:
+    """``own``: compile with these settings instead of the command line's (the options sweep)."""
+
     def build(workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings) -> MetaIteration:
         step = grad_and_value(_tfunc_meta_loss(workload, model, optimizer))
         if compiled:
-            step = settings.compile(step)
+            step = (own or settings).compile(step)
         params = dict(model.named_parameters())
 
         def meta_iteration() -> None:
@@ -249,6 +253,29 @@ VARIANTS: dict[str, Variant] = {
         Variant("tfunc_eager", "hand-written torch.func vmap, eager", _build_tfunc(False)),
     )
 }
+
+
+#: Inductor settings tried on the compiled torch.func meta-iteration (``--variants`` names
+#: ``tfunc_compiled@KEY``, or ``--options-sweep`` for all): which compiles the fastest code.
+SWEEP: dict[str, Settings] = {
+    "default": Settings(),
+    "cpp_wrapper": Settings(options={"cpp_wrapper": True}),
+    "freezing": Settings(options={"freezing": True}),
+    "max_autotune": Settings(mode="max-autotune-no-cudagraphs"),
+    "max_autotune_cpp_wrapper": Settings(mode="max-autotune-no-cudagraphs", options={"cpp_wrapper": True}),
+}
+for _key, _settings in SWEEP.items():
+    VARIANTS[f"tfunc_compiled@{_key}"] = Variant(
+        f"tfunc_compiled@{_key}",
+        f"torch.compile(torch.func ...), {_key}",
+        _build_tfunc(True, _settings),
+        True,
+        "tfunc_eager",
+    )
+
+#: What runs without --variants: all but the second compiled torch.func form (its numbers are
+#: those of ``tfunc_compiled`` or worse, for another full compile per workload) and the sweep.
+DEFAULT_VARIANTS = [name for name in VARIANTS if name != "tfunc_backward_compiled" and "@" not in name]
 
 
 def _short(error: BaseException) -> str:
@@ -555,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="sine,deep", help="comma-separated: " + ", ".join(WORKLOADS))
     parser.add_argument("--optimizers", default="sgd,adam", help="comma-separated: sgd, adam")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated, default all but tfunc_backward_compiled: " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first call (default 3)")
     parser.add_argument("--tiny", action="store_true", help="2 tasks, 2 steps: a smoke test")
@@ -581,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--options-sweep", action="store_true", help="add tfunc_compiled under each inductor setting of SWEEP"
+    )
     args = parser.parse_args(argv)
     settings = Settings(args.mode, _parse_options(args.options), not args.no_fullgraph, args.step_form)
     if args.step_form == "loss":
@@ -594,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     names = args.variants.split(",")
+    if args.options_sweep:
+        names += [f"tfunc_compiled@{key}" for key in SWEEP if f"tfunc_compiled@{key}" not in names]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
