@@ -6,8 +6,9 @@
     python benchmarks/compiled.py --variants tfunc_compiled --options cpp_wrapper=True --mode max-autotune-no-cudagraphs
 
 For each workload and inner optimizer, one process builds every variant on its own copy of the
-same model and data (one thread; JAX in a child process pinned to one core, handed the very same
-weights and data), takes the first call of each (for a compiled variant: trace + compile + run;
+same model and data (one thread; JAX in a child process handed the very same weights and data;
+both pinned to the same core, ``--no-pin`` to pin JAX only: XLA's documented one-thread flags,
+``--xla-flags``, make JAX 2.4x slower on this CPU even on one core), takes the first call of each (for a compiled variant: trace + compile + run;
 its wall time is the "compile" column), checks every meta-gradient against the hand-written
 torch reference (``benchmarks/implementations.build_vmap``; a variant that disagrees is not
 timed), then times them in interleaved rounds (a new random order each round) and reports the
@@ -601,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         default="closure",
         help="ours: diffopt.step(closure=...) (default) or diffopt.step(loss) (with trace_autograd_ops)",
     )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin this process to JAX's core (the last one it may use)"
+    )
     parser.add_argument("--no-jax", action="store_true", help="leave JAX out (it is left out anyway if not installed)")
     parser.add_argument(
         "--xla-flags", default="", help=f"XLA_FLAGS of the JAX process (e.g. {competitors.ONE_THREAD_XLA_FLAGS!r})"
@@ -627,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(1)
+    if not args.no_pin and hasattr(os, "sched_setaffinity"):
+        # The same core as JAX's child: on a shared machine, both then see the same contention
+        # (unpinned, torch would move to whichever core is free while JAX waits for its own).
+        os.sched_setaffinity(0, {_jax_cpu()})
     names = args.variants.split(",")
     if args.options_sweep:
         names += [f"tfunc_compiled@{key}" for key in SWEEP if f"tfunc_compiled@{key}" not in names]
@@ -658,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             print(_table([record]), flush=True)
     load = f"{load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    print(f"\nmachine: {_machine()}; JAX pinned to core {_jax_cpu()}; 1-minute load average {load}")
+    pinned = "torch and JAX" if not args.no_pin else "JAX"
+    print(f"\nmachine: {_machine()}; {pinned} pinned to core {_jax_cpu()}; 1-minute load average {load}")
     print(f"compile settings: {settings}\n")
     print(_summary(records))
     print()
@@ -677,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "machine": _machine(),
                     "load": load,
+                    "pinned_core": _jax_cpu(),
+                    "torch_pinned": not args.no_pin,
                     "settings": {
                         "mode": args.mode,
                         "options": settings.options,
