@@ -530,12 +530,14 @@ def _table(records: list[dict]) -> str:
                 for k in ("cold", "warm")
             )
             mem = record["memory"].get(name, {})
-            added = f"{(mem['peak'] - mem['before']) / 2**20:.1f}" if "peak" in mem else mem.get("error", "")
+            # max(..., 0): the RSS read just after the reset can exceed the new high-water mark by a few pages
+            added = f"{max(mem['peak'] - mem['before'], 0) / 2**20:.1f}" if "peak" in mem else mem.get("error", "")
             eager = record["memory"].get(VARIANTS[name].eager, {})
             to_eager = ""
             if "peak" in mem and "peak" in eager:  # a ratio only where eager adds measurably (0.1 MiB)
                 eager_added = eager["peak"] - eager["before"]
-                to_eager = f"{(mem['peak'] - mem['before']) / eager_added:.2f}" if eager_added >= 2**20 / 10 else "n/a"
+                compiled_added = max(mem["peak"] - mem["before"], 0)
+                to_eager = f"{compiled_added / eager_added:.2f}" if eager_added >= 2**20 / 10 else "n/a"
             process = f"{mem['process_peak'] / 2**20:.0f}" if "process_peak" in mem else ""
             lines.append(
                 f"| {record['workload']} | {record['optimizer']} | {VARIANTS[name].label} | {_cell_ms(record, name)} | "
