@@ -29,10 +29,10 @@ median time per meta-iteration and its ratio to JAX. The variants:
 With ``--cache-times`` (default on), each compiled variant is also compiled in two fresh
 processes sharing a ``TORCHINDUCTOR_CACHE_DIR`` under ``.bench/``: the first with the cache
 cleared (cold), the second finding it populated (warm: FX graph and AOTAutograd cache hits).
-With ``--memory`` (default on), fresh processes measure what four meta-iterations add to the
-resident set after the warm-up (the high-water mark is reset after compiling, through
-``/proc/self/clear_refs``), and the peak of the whole process including the compile; the
-compiled/eager ratio compares the former.
+Unless ``--no-memory``, fresh processes measure what four meta-iterations add to the
+resident set after the warm-up (the free heap handed back with ``malloc_trim`` and the
+high-water mark reset after compiling, through ``/proc/self/clear_refs``), and the peak of the
+whole process including the compile; the compiled/eager ratio compares the former.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -480,15 +481,33 @@ def compile_child(spec: str, settings: Settings) -> None:
     print(json.dumps({"first_call_s": time.perf_counter() - start}))
 
 
+def _malloc_trim() -> None:
+    """Hand glibc's free heap memory back to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_child(spec: str, settings: Settings) -> None:
-    """Peak RSS: of the whole process (compile included), and what four meta-iterations add after warm-up."""
+    """Peak RSS of the whole process (compile included), and what a meta-iteration needs after warm-up.
+
+    After two warm-up meta-iterations (the compile, the code paged in), the gradients are freed,
+    the free heap is handed back to the system (``malloc_trim``: otherwise the memory freed by the
+    warm-up is reused without showing in the RSS) and the high-water mark is reset to the current
+    RSS (``/proc/self/clear_refs``); ``peak - before`` is then the most that four more
+    meta-iterations hold at once.
+    """
     model, meta_iteration = _child_build(spec, settings)
     for _ in range(2):
         for p in model.parameters():
             p.grad = None
         meta_iteration()
+    for p in model.parameters():
+        p.grad = None
     gc.collect()
     process_peak = _status_bytes("VmHWM")
+    _malloc_trim()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_bytes("VmRSS")
     for _ in range(4):
