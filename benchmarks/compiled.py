@@ -26,7 +26,7 @@ median time per meta-iteration and its ratio to JAX. The variants:
   raises shows ``failed: <reason>`` in the table;
 - ``ours_batched`` / ``ours``: the eager ones of ``benchmarks/run.py`` (``tasks=T`` / per task).
 
-With ``--cache-times`` (default on), each compiled variant is also compiled in two fresh
+Unless ``--no-cache-times``, each compiled variant is also compiled in two fresh
 processes sharing a ``TORCHINDUCTOR_CACHE_DIR`` under ``.bench/``: the first with the cache
 cleared (cold), the second finding it populated (warm: FX graph and AOTAutograd cache hits).
 Unless ``--no-memory``, fresh processes measure what four meta-iterations add to the
