@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-repeats", type=int, default=3, help="processes per implementation (median)")
     parser.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
-    parser.add_argument("--setup", action="store_true", help="only install the competitors into .bench/")
+    parser.add_argument("--setup", action="store_true", help="only install the competitors (and JAX) into .bench/")
     parser.add_argument("--output", type=Path, default=ROOT / ".bench", help="folder for results (default .bench/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default OUTPUT/benchmark.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.implementations.split(",")
     impls = [IMPLEMENTATIONS[name] for name in wanted if not (args.no_competitors and IMPLEMENTATIONS[name].competitor)]
     if any(impl.competitor for impl in impls) or args.setup:
-        competitors.setup()
+        competitors.setup(jax=args.setup)  # JAX (for benchmarks/compiled.py) only with --setup
         if args.setup:
             return 0
         competitors.load_original()

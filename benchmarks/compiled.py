@@ -1,0 +1,731 @@
+"""Compiled meta-iterations side by side with JAX (issue 9): time, compile time, memory.
+
+    python benchmarks/run.py --setup          # once: installs JAX (and the other competitors) into .bench/
+    python benchmarks/compiled.py             # sine and deep, SGD and Adam
+    python benchmarks/compiled.py --workloads sine --optimizers sgd --rounds 20 --json out.json
+    python benchmarks/compiled.py --variants tfunc_compiled --options cpp_wrapper=True --mode max-autotune-no-cudagraphs
+
+For each workload and inner optimizer, one process builds every variant on its own copy of the
+same model and data (one thread; JAX in a child process handed the very same weights and data;
+both pinned to the same core, ``--no-pin`` to pin JAX only: XLA's documented one-thread flags,
+``--xla-flags``, make JAX 2.4x slower on this CPU even on one core), takes the first call of each (for a compiled variant: trace + compile + run;
+its wall time is the "compile" column), checks every meta-gradient against the hand-written
+torch reference (``benchmarks/implementations.build_vmap``; a variant that disagrees is not
+timed), then times them in interleaved rounds (a new random order each round) and reports the
+median time per meta-iteration and its ratio to JAX. The variants:
+
+- ``jax``: ``jax.jit(jax.value_and_grad(meta_loss))``, ``jax.vmap`` over tasks
+  (``benchmarks/jax_workloads.py``; sine and deep only; skipped when ``.bench/jax`` is missing);
+- ``tfunc_compiled``: ``torch.compile(torch.func.grad_and_value(meta_loss), fullgraph=True)`` of
+  a hand-written torch.func meta-loss (``vmap`` over tasks of an inner loop of ``torch.func.grad``);
+  ``tfunc_backward_compiled``: the meta-loss compiled, ``.backward()`` outside;
+  ``tfunc_eager``: the same meta-loss, not compiled (``grad_and_value``);
+- ``ours_compiled_batched`` / ``ours_compiled_per_task``: a meta-iteration written with the public
+  API (``innerloop_ctx``, ``diffopt.step(closure=...)``, or ``diffopt.step(loss)`` with
+  ``--step-form loss``), wrapped in ``torch.compile(fullgraph=True)``; a variant whose compilation
+  raises shows ``failed: <reason>`` in the table;
+- ``ours_batched`` / ``ours``: the eager ones of ``benchmarks/run.py`` (``tasks=T`` / per task).
+
+Unless ``--no-cache-times``, each compiled variant is also compiled in two fresh
+processes sharing a ``TORCHINDUCTOR_CACHE_DIR`` under ``.bench/``: the first with the cache
+cleared (cold), the second finding it populated (warm: FX graph and AOTAutograd cache hits).
+Unless ``--no-memory``, fresh processes measure what four meta-iterations add to the
+resident set after the warm-up (the free heap handed back with ``malloc_trim`` and the
+high-water mark reset after compiling, through ``/proc/self/clear_refs``), and the peak of the
+whole process including the compile; the compiled/eager ratio compares the former.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import ctypes
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = ROOT / ".bench" / "inductor-cache"  # the cold/warm processes' cache
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # this process: a private, empty cache
+    _private_cache = tempfile.mkdtemp(prefix="inductor-cache-")
+    atexit.register(shutil.rmtree, _private_cache, True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _private_cache
+for path in (str(ROOT / "src"), str(ROOT)):  # measure this checkout's higher
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.func import functional_call, grad, grad_and_value, vmap  # noqa: E402
+
+from benchmarks import competitors  # noqa: E402
+from benchmarks.implementations import (  # noqa: E402
+    CHECKING,
+    _hand_update,
+    _torch_optimizer,
+    build_ours,
+    build_ours_batched,
+    build_vmap,
+)
+from benchmarks.jax_workloads import JAX_WORKLOADS, JaxRunner, export  # noqa: E402
+from benchmarks.run import _data, _machine, _model, _progress, _status_bytes  # noqa: E402
+from benchmarks.workloads import WORKLOADS, Workload, tiny  # noqa: E402
+
+Data = tuple[Tensor, Tensor, Tensor, Tensor]
+MetaIteration = Callable[[], None]
+#: Relative tolerance (to the largest entry) of the float32 meta-gradient check of the torch variants.
+CHECK_TOLERANCE = 1e-3
+#: And of JAX's float64 meta-gradient against the torch reference's.
+CHECK_TOLERANCE_64 = 1e-8
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to compile (from the command line)."""
+
+    mode: str | None = None
+    options: dict | None = None
+    fullgraph: bool = True
+    step_form: str = "closure"  # or "loss": diffopt.step(loss), with dynamo's trace_autograd_ops
+
+    def compile(self, fn: Callable) -> Callable:
+        kwargs: dict = {"fullgraph": self.fullgraph}
+        if self.mode and self.options:  # torch.compile takes one or the other: the mode as options
+            kwargs["options"] = {**torch._inductor.list_mode_options(self.mode), **self.options}
+        elif self.mode:
+            kwargs["mode"] = self.mode
+        elif self.options:
+            kwargs["options"] = self.options
+        return torch.compile(fn, **kwargs)
+
+
+# ------------------------------------------------------------------ hand-written torch.func
+def _tfunc_meta_loss(workload: Workload, model: nn.Module, optimizer: str) -> Callable:
+    """The mean over tasks (vmap) of the query loss after an inner loop of torch.func.grad steps."""
+    update = _hand_update(optimizer, workload.lr[optimizer])
+    loss_fn, steps = workload.loss, workload.inner_steps
+
+    def task_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    task_grad = grad(task_loss)
+
+    def query_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        names, fast, state = list(params), list(params.values()), {}
+        for _ in range(steps):
+            grads = task_grad(dict(zip(names, fast)), sx, sy)
+            fast, state = update(fast, list(grads.values()), state)
+        return task_loss(dict(zip(names, fast)), qx, qy)
+
+    def meta_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        return vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy).mean()
+
+    return meta_loss
+
+
+def _build_tfunc(compiled: bool, own: Settings | None = None) -> Callable:
+    """``own``: compile with these settings instead of the command line's (the options sweep)."""
+
+    def build(workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings) -> MetaIteration:
+        step = grad_and_value(_tfunc_meta_loss(workload, model, optimizer))
+        if compiled:
+            step = (own or settings).compile(step)
+        params = dict(model.named_parameters())
+
+        def meta_iteration() -> None:
+            grads, _ = step({name: p.detach() for name, p in params.items()}, *data)
+            for name, p in params.items():
+                p.grad = grads[name] if p.grad is None else p.grad + grads[name]
+
+        return meta_iteration
+
+    return build
+
+
+def build_tfunc_backward_compiled(
+    workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
+) -> MetaIteration:
+    meta_loss = settings.compile(_tfunc_meta_loss(workload, model, optimizer))
+    params = dict(model.named_parameters())
+    return lambda: meta_loss(params, *data).backward()
+
+
+# ------------------------------------------------------------------ ours, compiled (public API)
+def _step(diffopt, closure: Callable[[], Tensor], settings: Settings) -> None:
+    if settings.step_form == "closure":
+        diffopt.step(closure=closure)
+    else:
+        diffopt.step(closure())
+
+
+def build_ours_compiled_batched(
+    workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
+) -> MetaIteration:
+    """``innerloop_ctx(..., tasks=T)`` in a function wrapped in ``torch.compile``, as a user writes it."""
+    import higher
+
+    support_x, support_y, query_x, query_y = data
+    inner_opt = _torch_optimizer(model, workload, optimizer)
+    task_losses = vmap(workload.loss)  # per-task losses, shape [T]
+    tasks, steps = workload.tasks, workload.inner_steps
+
+    def meta_loss() -> Tensor:
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False, tasks=tasks) as (fmodel, diffopt):
+            for _ in range(steps):
+                _step(diffopt, lambda: task_losses(fmodel(support_x), support_y), settings)
+            return task_losses(fmodel(query_x), query_y).mean()
+
+    compiled = settings.compile(meta_loss)
+    return lambda: compiled().backward()
+
+
+def build_ours_compiled_per_task(
+    workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
+) -> MetaIteration:
+    """A Python loop over tasks, one ``innerloop_ctx`` each, in a function wrapped in ``torch.compile``."""
+    import higher
+
+    support_x, support_y, query_x, query_y = data
+    inner_opt = _torch_optimizer(model, workload, optimizer)
+    loss_fn, tasks, steps = workload.loss, workload.tasks, workload.inner_steps
+
+    def meta_loss() -> Tensor:
+        total: Tensor | float = 0.0
+        for t in range(tasks):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    # the closure runs inside the step, while t is current
+                    _step(diffopt, lambda: loss_fn(fmodel(support_x[t]), support_y[t]), settings)  # noqa: B023
+                total = total + loss_fn(fmodel(query_x[t]), query_y[t]) / tasks
+        assert isinstance(total, Tensor)
+        return total
+
+    compiled = settings.compile(meta_loss)
+    return lambda: compiled().backward()
+
+
+def _eager(build: Callable) -> Callable:
+    return lambda workload, model, data, optimizer, settings: build(workload, model, data, optimizer)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    build: Callable | None  # None: JAX (a child process)
+    compiled: bool = False
+    eager: str = ""  # the eager counterpart, for the memory ratio
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("jax", "JAX jit + vmap", None, compiled=True),
+        Variant(
+            "tfunc_compiled",
+            "torch.compile(torch.func.grad_and_value(vmap meta-loss))",
+            _build_tfunc(True),
+            True,
+            "tfunc_eager",
+        ),
+        Variant(
+            "tfunc_backward_compiled",
+            "torch.compile(vmap meta-loss) + .backward()",
+            build_tfunc_backward_compiled,
+            True,
+            "tfunc_eager",
+        ),
+        Variant("ours_compiled_batched", "ours compiled, batched", build_ours_compiled_batched, True, "ours_batched"),
+        Variant("ours_compiled_per_task", "ours compiled, per task", build_ours_compiled_per_task, True, "ours"),
+        Variant("ours_batched", "ours eager, batched", _eager(build_ours_batched)),
+        Variant("ours", "ours eager, per task", _eager(build_ours)),
+        Variant("tfunc_eager", "hand-written torch.func vmap, eager", _build_tfunc(False)),
+    )
+}
+
+
+#: Inductor settings tried on the compiled torch.func meta-iteration (``--variants`` names
+#: ``tfunc_compiled@KEY``, or ``--options-sweep`` for all): which compiles the fastest code.
+SWEEP: dict[str, Settings] = {
+    "default": Settings(),
+    "cpp_wrapper": Settings(options={"cpp_wrapper": True}),
+    "freezing": Settings(options={"freezing": True}),
+    "max_autotune": Settings(mode="max-autotune-no-cudagraphs"),
+    "max_autotune_cpp_wrapper": Settings(mode="max-autotune-no-cudagraphs", options={"cpp_wrapper": True}),
+}
+for _key, _settings in SWEEP.items():
+    VARIANTS[f"tfunc_compiled@{_key}"] = Variant(
+        f"tfunc_compiled@{_key}",
+        f"torch.compile(torch.func ...), {_key}",
+        _build_tfunc(True, _settings),
+        True,
+        "tfunc_eager",
+    )
+
+#: What runs without --variants: all but the second compiled torch.func form (its numbers are
+#: those of ``tfunc_compiled`` or worse, for another full compile per workload) and the sweep.
+DEFAULT_VARIANTS = [name for name in VARIANTS if name != "tfunc_backward_compiled" and "@" not in name]
+
+
+def _short(error: BaseException) -> str:
+    """The first line of the error, with dynamo's explanation when it has one; at most 200 characters."""
+    lines = f"{type(error).__name__}: {error}".strip().splitlines()
+    text = lines[0]
+    explanation = [line.strip() for line in lines if line.strip().startswith("Explanation:")]
+    if explanation:
+        text += f" ({explanation[0].removeprefix('Explanation:').strip()})"
+    text = text.replace("|", "/")  # a markdown table cell
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _flat_grad(model: nn.Module) -> Tensor:
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.full_like(p, float("nan"))).reshape(-1) for p in model.parameters()]
+    )
+
+
+def _compare(ours: Tensor, reference: Tensor) -> tuple[float, int]:
+    """Largest difference on the entries finite in both, relative to the reference's largest entry; NaN count."""
+    finite = torch.isfinite(ours) & torch.isfinite(reference)
+    bad = int((~torch.isfinite(ours)).sum())
+    if not finite.any():
+        return float("nan"), bad
+    return ((ours - reference)[finite].abs().max() / reference.abs().max()).item(), bad
+
+
+def _reference(workload: Workload, optimizer: str, dtype: torch.dtype) -> Tensor:
+    """The hand-written vmap meta-gradient (Adam with a sqrt of slope 0 at 0, as in benchmarks/run.py)."""
+    CHECKING["safe_sqrt"] = True
+    try:
+        model = _model(workload, dtype)
+        build_vmap(workload, model, _data(workload, dtype), optimizer)()
+    finally:
+        CHECKING["safe_sqrt"] = False
+    return _flat_grad(model)
+
+
+def _jax_cpu() -> int:
+    return max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+
+
+def _start_jax(workload: Workload, optimizer: str, dtype: torch.dtype, folder: Path, xla_flags: str) -> JaxRunner:
+    npz = folder / f"{workload.name}-{optimizer}-{str(dtype).split('.')[-1]}.npz"
+    export(
+        _model(workload, dtype),
+        _data(workload, dtype),
+        npz,
+        workload=workload.name,
+        optimizer=optimizer,
+        lr=workload.lr[optimizer],
+        steps=workload.inner_steps,
+    )
+    return JaxRunner(npz, cpu=_jax_cpu(), xla_flags=xla_flags)
+
+
+def measure(workload: Workload, optimizer: str, names: list[str], settings: Settings, args: argparse.Namespace) -> dict:
+    """Build, check and time the variants; returns the result record of this workload and optimizer."""
+    reference = _reference(workload, optimizer, torch.float32)
+    base = _model(workload, torch.float32)
+    data = _data(workload, torch.float32)
+    built: dict[str, Callable[[], float]] = {}
+    record: dict = {"workload": workload.name, "description": workload.description, "optimizer": optimizer}
+    compile_s, failed, details, check, notes = {}, {}, {}, {}, []
+    folder = Path(tempfile.mkdtemp(prefix="compiled-bench-"))
+    runner = None
+    try:
+        for name in _progress(names, len(names), f"{workload.name}/{optimizer} build", not args.quiet):
+            variant = VARIANTS[name]
+            if variant.build is None:
+                try:
+                    if not args.no_check:
+                        checker = _start_jax(workload, optimizer, torch.float64, folder, args.xla_flags)
+                        checker.close()
+                        error, bad = _compare(
+                            torch.tensor(checker.grads, dtype=torch.float64),
+                            _reference(workload, optimizer, torch.float64),
+                        )
+                        check[name] = {"float64_error": error, "nonfinite": bad}
+                        if not error <= CHECK_TOLERANCE_64:
+                            failed[name] = f"wrong meta-gradient (float64 relative difference {error:.2g})"
+                            continue
+                    runner = _start_jax(workload, optimizer, torch.float32, folder, args.xla_flags)
+                except Exception as error:  # a broken JAX install must not stop the torch measurements
+                    failed[name] = "failed: " + _short(error)
+                    continue
+                compile_s[name] = runner.compile_s
+                error, bad = _compare(torch.tensor(runner.grads), reference)
+                check[name] = {**check.get(name, {}), "float32_error": error, "nonfinite": bad}
+                built[name] = runner.time_one
+                continue
+            model = copy.deepcopy(base)
+            try:
+                meta_iteration = variant.build(workload, model, data, optimizer, settings)
+                start = time.perf_counter()
+                meta_iteration()
+                compile_s[name] = time.perf_counter() - start
+            except Exception as error:
+                failed[name] = "failed: " + _short(error)
+                details[name] = f"{type(error).__name__}: {error}"[:4000]
+                torch._dynamo.reset()
+                continue
+            error, bad = _compare(_flat_grad(model), reference)
+            check[name] = {"float32_error": error, "nonfinite": bad}
+            if bad:
+                notes.append(f"{name}: {bad} of {reference.numel()} meta-gradient entries are NaN/inf")
+            if error > CHECK_TOLERANCE and not args.no_check:
+                failed[name] = f"wrong meta-gradient (relative difference {error:.2g})"
+                continue
+
+            def timed(model=model, meta_iteration=meta_iteration) -> float:
+                for p in model.parameters():
+                    p.grad = None
+                gc.collect()
+                start = time.perf_counter()
+                meta_iteration()
+                return time.perf_counter() - start
+
+            built[name] = timed
+        times: dict[str, list[float]] = {name: [] for name in built}
+        order = list(built)
+        shuffle = random.Random(0).shuffle
+        total = args.warmup + args.rounds
+        for r in _progress(range(total), total, f"{workload.name}/{optimizer} time", not args.quiet):
+            shuffle(order)
+            for name in order:
+                elapsed = built[name]()
+                if r >= args.warmup:
+                    times[name].append(elapsed)
+    finally:
+        if runner is not None:
+            runner.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    record.update(
+        median_ms={name: 1000 * statistics.median(ts) for name, ts in times.items() if ts},
+        times_ms={name: [1000 * t for t in ts] for name, ts in times.items()},
+        compile_s=compile_s,
+        failed=failed,
+        failure_details=details,
+        check=check,
+        notes=notes,
+        cache={},
+        memory={},
+    )
+    return record
+
+
+# ------------------------------------------------------------------ fresh processes
+def _child_settings(args: argparse.Namespace) -> list[str]:
+    command = ["--step-form", args.step_form]
+    if args.mode:
+        command += ["--mode", args.mode]
+    for option in args.options:
+        command += ["--options", option]
+    if args.no_fullgraph:
+        command.append("--no-fullgraph")
+    return command
+
+
+def _run_child(kind: str, spec: str, args: argparse.Namespace, env: dict) -> dict:
+    command = [sys.executable, __file__, kind, spec, *_child_settings(args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compile_times(spec: str, args: argparse.Namespace) -> dict:
+    """First-call time of a fresh process with the cache cleared (cold), then of another (warm)."""
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
+    CACHE_DIR.mkdir(parents=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(CACHE_DIR)}
+    return {
+        "cold": _run_child("--compile-child", spec, args, env),
+        "warm": _run_child("--compile-child", spec, args, env),
+    }
+
+
+def memory(spec: str, args: argparse.Namespace) -> dict:
+    """See :func:`memory_child`; glibc's mmap threshold fixed as in benchmarks/run.py."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TORCHINDUCTOR_CACHE_DIR": str(CACHE_DIR)}
+    return _run_child("--memory-child", spec, args, env)
+
+
+def _child_build(spec: str, settings: Settings) -> tuple[nn.Module, MetaIteration]:
+    workload_name, optimizer, name, small = spec.split(":")
+    workload = tiny(WORKLOADS[workload_name]) if small == "tiny" else WORKLOADS[workload_name]
+    torch.set_num_threads(1)
+    model = _model(workload, torch.float32)
+    build = VARIANTS[name].build
+    assert build is not None
+    return model, build(workload, model, _data(workload, torch.float32), optimizer, settings)
+
+
+def compile_child(spec: str, settings: Settings) -> None:
+    """Prints the wall time of the first meta-iteration (trace, compile or load from the cache, run)."""
+    model, meta_iteration = _child_build(spec, settings)
+    start = time.perf_counter()
+    meta_iteration()
+    print(json.dumps({"first_call_s": time.perf_counter() - start}))
+
+
+def _malloc_trim() -> None:
+    """Hand glibc's free heap memory back to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_child(spec: str, settings: Settings) -> None:
+    """Peak RSS of the whole process (compile included), and what a meta-iteration needs after warm-up.
+
+    After two warm-up meta-iterations (the compile, the code paged in), the gradients are freed,
+    the free heap is handed back to the system (``malloc_trim``: otherwise the memory freed by the
+    warm-up is reused without showing in the RSS) and the high-water mark is reset to the current
+    RSS (``/proc/self/clear_refs``); ``peak - before`` is then the most that four more
+    meta-iterations hold at once.
+    """
+    model, meta_iteration = _child_build(spec, settings)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = None
+        meta_iteration()
+    for p in model.parameters():
+        p.grad = None
+    gc.collect()
+    process_peak = _status_bytes("VmHWM")
+    _malloc_trim()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status_bytes("VmRSS")
+    for _ in range(4):
+        for p in model.parameters():
+            p.grad = None
+        meta_iteration()
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"process_peak": process_peak, "before": before, "peak": peak}))
+
+
+# ------------------------------------------------------------------ tables
+def _cell_ms(record: dict, name: str) -> str:
+    if name in record["failed"]:
+        return record["failed"][name]
+    ms = record["median_ms"].get(name)
+    return "" if ms is None else f"{ms:.2f}"
+
+
+def _table(records: list[dict]) -> str:
+    lines = [
+        "| workload | optimizer | variant | median ms | ratio to JAX | first call s (compile) | fresh process cold s "
+        "| fresh process warm s | added by 4 meta-iterations MiB | compiled / eager memory | process peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        jax = record["median_ms"].get("jax")
+        for name in record["names"]:
+            ms = record["median_ms"].get(name)
+            ratio = f"{ms / jax:.2f}x" if ms is not None and jax else ""
+            first = record["compile_s"].get(name)
+            first_cell = f"{first:.1f}" if first is not None and VARIANTS[name].compiled else ""
+            cache = record["cache"].get(name, {})
+            cold, warm = (
+                (
+                    f"{cache[k]['first_call_s']:.1f}"
+                    if "first_call_s" in cache.get(k, {})
+                    else cache.get(k, {}).get("error", "")
+                )
+                for k in ("cold", "warm")
+            )
+            mem = record["memory"].get(name, {})
+            # max(..., 0): the RSS read just after the reset can exceed the new high-water mark by a few pages
+            added = f"{max(mem['peak'] - mem['before'], 0) / 2**20:.1f}" if "peak" in mem else mem.get("error", "")
+            eager = record["memory"].get(VARIANTS[name].eager, {})
+            to_eager = ""
+            if "peak" in mem and "peak" in eager:  # a ratio only where eager adds measurably (0.1 MiB)
+                eager_added = eager["peak"] - eager["before"]
+                compiled_added = max(mem["peak"] - mem["before"], 0)
+                to_eager = f"{compiled_added / eager_added:.2f}" if eager_added >= 2**20 / 10 else "n/a"
+            process = f"{mem['process_peak'] / 2**20:.0f}" if "process_peak" in mem else ""
+            lines.append(
+                f"| {record['workload']} | {record['optimizer']} | {VARIANTS[name].label} | {_cell_ms(record, name)} | "
+                f"{ratio} | {first_cell} | {cold} | {warm} | {added} | {to_eager} | {process} |"
+            )
+    return "\n".join(lines)
+
+
+def _summary(records: list[dict]) -> str:
+    names = [name for name in VARIANTS if any(name in r["names"] for r in records)]
+    lines = [
+        "| workload | optimizer | " + " | ".join(VARIANTS[n].label for n in names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    for record in records:
+        jax = record["median_ms"].get("jax")
+        cells = []
+        for name in names:
+            ms = record["median_ms"].get(name)
+            cell = _cell_ms(record, name)
+            if ms is not None:
+                cell = f"{ms:.2f} ms" + (f" ({ms / jax:.2f}x)" if jax and name != "jax" else "")
+            cells.append(cell)
+        lines.append(f"| {record['workload']} | {record['optimizer']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parse_options(items: list[str]) -> dict | None:
+    options = {}
+    for item in items:
+        for pair in item.split(","):
+            key, _, value = pair.partition("=")
+            options[key.strip()] = {
+                "True": True,
+                "true": True,
+                "1": True,
+                "False": False,
+                "false": False,
+                "0": False,
+            }.get(value.strip(), value.strip())
+    return options or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="sine,deep", help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--optimizers", default="sgd,adam", help="comma-separated: sgd, adam")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated, default all but tfunc_backward_compiled: " + ", ".join(VARIANTS),
+    )
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first call (default 3)")
+    parser.add_argument("--tiny", action="store_true", help="2 tasks, 2 steps: a smoke test")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument(
+        "--options", action="append", default=[], help="inductor options, e.g. cpp_wrapper=True,freezing=True"
+    )
+    parser.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks")
+    parser.add_argument(
+        "--step-form",
+        choices=("closure", "loss"),
+        default="closure",
+        help="ours: diffopt.step(closure=...) (default) or diffopt.step(loss) (with trace_autograd_ops)",
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin this process to JAX's core (the last one it may use)"
+    )
+    parser.add_argument("--no-jax", action="store_true", help="leave JAX out (it is left out anyway if not installed)")
+    parser.add_argument(
+        "--xla-flags", default="", help=f"XLA_FLAGS of the JAX process (e.g. {competitors.ONE_THREAD_XLA_FLAGS!r})"
+    )
+    parser.add_argument("--no-check", action="store_true", help="time even variants whose meta-gradient disagrees")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-cache-times", action="store_true", help="skip the cold/warm compile processes")
+    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--compile-child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--options-sweep", action="store_true", help="add tfunc_compiled under each inductor setting of SWEEP"
+    )
+    args = parser.parse_args(argv)
+    settings = Settings(args.mode, _parse_options(args.options), not args.no_fullgraph, args.step_form)
+    if args.step_form == "loss":
+        torch._dynamo.config.trace_autograd_ops = True  # diffopt.step(loss) takes torch.autograd.grad in the graph
+    if args.compile_child:
+        compile_child(args.compile_child, settings)
+        return 0
+    if args.memory_child:
+        memory_child(args.memory_child, settings)
+        return 0
+
+    torch.set_num_threads(1)
+    if not args.no_pin and hasattr(os, "sched_setaffinity"):
+        # The same core as JAX's child: on a shared machine, both then see the same contention
+        # (unpinned, torch would move to whichever core is free while JAX waits for its own).
+        os.sched_setaffinity(0, {_jax_cpu()})
+    names = args.variants.split(",")
+    if args.options_sweep:
+        names += [f"tfunc_compiled@{key}" for key in SWEEP if f"tfunc_compiled@{key}" not in names]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    skipped = []
+    if "jax" in names and (args.no_jax or not competitors.jax_installed()):
+        names.remove("jax")
+        skipped.append("JAX: " + ("--no-jax" if args.no_jax else "not installed (python benchmarks/run.py --setup)"))
+    load_at_start = os.getloadavg()[0]
+    print(f"machine: {_machine()}")
+    print(f"compile settings: {settings}")
+    records = []
+    for workload_name in args.workloads.split(","):
+        workload = tiny(WORKLOADS[workload_name]) if args.tiny else WORKLOADS[workload_name]
+        for optimizer in args.optimizers.split(","):
+            here = [n for n in names if n != "jax" or workload_name in JAX_WORKLOADS]
+            record = measure(workload, optimizer, here, settings, args)
+            record["names"] = here
+            small = "tiny" if args.tiny else "full"
+            measured = [n for n in here if n not in record["failed"] and n != "jax"]
+            if not args.no_cache_times:
+                for name in [n for n in measured if VARIANTS[n].compiled]:
+                    record["cache"][name] = compile_times(f"{workload_name}:{optimizer}:{name}:{small}", args)
+            if not args.no_memory:
+                for name in measured:
+                    record["memory"][name] = memory(f"{workload_name}:{optimizer}:{name}:{small}", args)
+            records.append(record)
+            print(_table([record]), flush=True)
+    load = f"{load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    pinned = "torch and JAX" if not args.no_pin else "JAX"
+    print(f"\nmachine: {_machine()}; {pinned} pinned to core {_jax_cpu()}; 1-minute load average {load}")
+    print(f"compile settings: {settings}\n")
+    print(_summary(records))
+    print()
+    print(_table(records))
+    for record in records:
+        for note in record["notes"]:
+            print(f"note: {record['workload']}/{record['optimizer']}: {note}")
+        for name, check in record["check"].items():
+            print(f"check: {record['workload']}/{record['optimizer']}: {name}: {check}")
+    for skip in skipped:
+        print("skipped:", skip)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": _machine(),
+                    "load": load,
+                    "pinned_core": _jax_cpu(),
+                    "torch_pinned": not args.no_pin,
+                    "settings": {
+                        "mode": args.mode,
+                        "options": settings.options,
+                        "fullgraph": settings.fullgraph,
+                        "step_form": args.step_form,
+                        "xla_flags": args.xla_flags,
+                    },
+                    "rounds": args.rounds,
+                    "skipped": skipped,
+                    "results": records,
+                },
+                indent=1,
+            )
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The ``sine`` and ``deep`` workloads in JAX, written as a performance-minded JAX user writes MAML.
+
+``jax.jit(jax.value_and_grad(meta_loss))`` where ``meta_loss`` is the mean over tasks
+(``jax.vmap``) of the query loss after ``inner_steps`` differentiable inner steps taken with
+``jax.grad`` (second order): plain SGD (``optax.sgd``), or Adam written by hand with
+torch.optim.Adam's math, exactly as ``benchmarks/implementations.adam_update`` (bias-corrected
+moments, eps added after the bias correction, the same betas and eps; optax's ``adam`` is the same
+math with other roundings). As there, the meta-gradient check uses a ``sqrt`` whose derivative at
+0 is 0 (with the plain one, a dead ReLU unit makes the whole meta-gradient NaN: sine with Adam).
+
+JAX runs in a child process (``python benchmarks/jax_workloads.py --serve FILE``, started by
+:class:`JaxRunner` with :func:`competitors.jax_environment`: CPU, one thread), so that the XLA flags
+are set before JAX is imported and JAX never shares a process with torch. The parent hands it
+the very weights and data of the torch benchmark (an ``.npz`` file: torch's ``nn.Linear``
+initialisation, the same synthetic tasks), so that its meta-gradient can be compared with the
+torch reference's to float32 precision. The child then answers one line per request on stdin:
+
+- at start: ``{"compile_s", "loss", "grads"}``: the first call (trace + XLA compile + run) and
+  its result, the meta-gradient flattened in the torch parameters' order;
+- ``time``: runs one meta-iteration (jitted call + ``block_until_ready``) and answers its seconds;
+- ``quit``: exits.
+
+This lets the parent interleave JAX's timed rounds with torch's, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import competitors  # noqa: E402  (imports no torch)
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # as benchmarks/implementations.py
+#: The workloads written here (their torch models are Sequentials of Linear, ReLU and Tanh).
+JAX_WORKLOADS = ("sine", "deep")
+
+
+# ------------------------------------------------------------------ parent side (torch)
+def export(model, data, path: Path, *, workload: str, optimizer: str, lr: float, steps: int) -> None:
+    """Write ``model``'s layers and weights and the data to ``path`` (.npz) for the JAX child."""
+    import numpy as np
+    import torch
+
+    layers, arrays = [], {}
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            i = len(arrays) // 2
+            arrays[f"w{i}"] = module.weight.detach().cpu().numpy()
+            arrays[f"b{i}"] = module.bias.detach().cpu().numpy()
+            layers.append("linear")
+        elif isinstance(module, (torch.nn.ReLU, torch.nn.Tanh)):
+            layers.append(type(module).__name__.lower())
+        else:
+            raise ValueError(f"the JAX workloads have Linear, ReLU and Tanh layers only, not {type(module).__name__}")
+    for name, tensor in zip(("support_x", "support_y", "query_x", "query_y"), data):
+        arrays[name] = tensor.detach().cpu().numpy()
+    config = {"workload": workload, "optimizer": optimizer, "lr": lr, "steps": steps, "layers": layers}
+    config["x64"] = model[0].weight.dtype == torch.float64  # the float64 meta-gradient check
+    config["safe_sqrt"] = config["x64"]
+    np.savez(path, config=np.array(json.dumps(config)), **arrays)
+
+
+class JaxRunner:
+    """The JAX child process of one workload: compiles at start, then times one call per request."""
+
+    def __init__(self, npz: Path, cpu: int | None = None, xla_flags: str = ""):
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(npz)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=competitors.jax_environment(cpu, xla_flags),
+        )
+        first = self._read()
+        self.compile_s: float = first["compile_s"]
+        self.loss: float = first["loss"]
+        self.grads: list[float] = first["grads"]
+
+    def _read(self) -> dict:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            error = self.process.stderr.read() if self.process.stderr else ""
+            raise RuntimeError("the JAX child process failed:\n" + error[-3000:])
+        return json.loads(line)
+
+    def time_one(self) -> float:
+        """Seconds of one meta-iteration in the child."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("time\n")
+        self.process.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=60)
+
+
+# ------------------------------------------------------------------ child side (JAX)
+def build(config: dict, arrays: dict):
+    """The jitted ``value_and_grad`` of the meta-loss, its parameters and data (JAX arrays)."""
+    jax = competitors.load_jax()
+    if config["x64"]:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import optax
+
+    activations = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+    layers, steps, lr = config["layers"], config["steps"], config["lr"]
+    n_linear = layers.count("linear")
+    params = [(jnp.asarray(arrays[f"w{i}"]), jnp.asarray(arrays[f"b{i}"])) for i in range(n_linear)]
+    data = tuple(jnp.asarray(arrays[name]) for name in ("support_x", "support_y", "query_x", "query_y"))
+
+    def forward(params, x):
+        i = 0
+        for layer in layers:
+            if layer == "linear":
+                w, b = params[i]
+                x = x @ w.T + b  # torch's nn.Linear layout: weight [out, in]
+                i += 1
+            else:
+                x = activations[layer](x)
+        return x
+
+    def loss(params, x, y):
+        return jnp.mean((forward(params, x) - y) ** 2)
+
+    def safe_sqrt(x):  # derivative 0 at 0 (see the module docstring)
+        positive = x > 0
+        return jnp.sqrt(jnp.where(positive, x, 1.0)) * positive
+
+    sqrt = safe_sqrt if config["safe_sqrt"] else jnp.sqrt
+    beta1, beta2 = BETAS
+
+    def adam(fast, grads, state, step):  # torch.optim.Adam's math, as implementations.adam_update
+        m, v = state
+        m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
+        v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
+        bias_correction1, bias_correction2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        fast = jax.tree.map(
+            lambda p, m, v: p - (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + EPS), fast, m, v
+        )
+        return fast, (m, v)
+
+    sgd = optax.sgd(lr)
+
+    def task_query_loss(params, sx, sy, qx, qy):
+        fast = params
+        state = sgd.init(params) if config["optimizer"] == "sgd" else jax.tree.map(jnp.zeros_like, (params, params))
+        for step in range(1, steps + 1):
+            grads = jax.grad(loss)(fast, sx, sy)
+            if config["optimizer"] == "sgd":
+                updates, state = sgd.update(grads, state, fast)
+                fast = optax.apply_updates(fast, updates)
+            else:
+                fast, state = adam(fast, grads, state, step)
+        return loss(fast, qx, qy)
+
+    def meta_loss(params, sx, sy, qx, qy):
+        return jnp.mean(jax.vmap(task_query_loss, in_axes=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy))
+
+    return jax.jit(jax.value_and_grad(meta_loss)), params, data
+
+
+def serve(npz: str) -> None:
+    import numpy as np
+
+    arrays = dict(np.load(npz))
+    config = json.loads(str(arrays.pop("config")))
+    meta_step, params, data = build(config, arrays)
+    start = time.perf_counter()
+    loss, grads = meta_step(params, *data)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - start
+    flat = [float(v) for w, b in grads for v in (*np.asarray(w).ravel(), *np.asarray(b).ravel())]
+    print(json.dumps({"compile_s": compile_s, "loss": float(loss), "grads": flat}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        start = time.perf_counter()
+        loss, grads = meta_step(params, *data)
+        loss.block_until_ready()
+        for w, b in grads:
+            w.block_until_ready()
+            b.block_until_ready()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(sys.argv[2])
+    else:
+        sys.exit("usage: benchmarks/jax_workloads.py --serve FILE.npz (started by benchmarks/compiled.py)")
