@@ -21,8 +21,8 @@ median time per meta-iteration and its ratio to JAX. The variants:
   ``tfunc_backward_compiled``: the meta-loss compiled, ``.backward()`` outside;
   ``tfunc_eager``: the same meta-loss, not compiled (``grad_and_value``);
 - ``ours_compiled_batched`` / ``ours_compiled_per_task``: a meta-iteration written with the public
-  API (``innerloop_ctx``, ``diffopt.step(closure=...)``, or ``diffopt.step(loss)`` with
-  ``--step-form loss``), wrapped in ``torch.compile(fullgraph=True)``; a variant whose compilation
+  API (``innerloop_ctx``, ``diffopt.step(loss)``, or ``diffopt.step(closure=...)`` with
+  ``--step-form closure``), wrapped in ``torch.compile(fullgraph=True)``; a variant whose compilation
   raises shows ``failed: <reason>`` in the table;
 - ``ours_batched`` / ``ours``: the eager ones of ``benchmarks/run.py`` (``tasks=T`` / per task).
 
@@ -99,7 +99,7 @@ class Settings:
     mode: str | None = None
     options: dict | None = None
     fullgraph: bool = True
-    step_form: str = "closure"  # or "loss": diffopt.step(loss), with dynamo's trace_autograd_ops
+    step_form: str = "loss"  # or "closure": diffopt.step(closure=...)
 
     def compile(self, fn: Callable) -> Callable:
         kwargs: dict = {"fullgraph": self.fullgraph}
@@ -620,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--step-form",
         choices=("closure", "loss"),
-        default="closure",
-        help="ours: diffopt.step(closure=...) (default) or diffopt.step(loss) (with trace_autograd_ops)",
+        default="loss",
+        help="ours: diffopt.step(loss) (default, as 0.2.1 programs write it) or diffopt.step(closure=...)",
     )
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin this process to JAX's core (the last one it may use)"
@@ -642,8 +642,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = Settings(args.mode, _parse_options(args.options), not args.no_fullgraph, args.step_form)
-    if args.step_form == "loss":
-        torch._dynamo.config.trace_autograd_ops = True  # diffopt.step(loss) takes torch.autograd.grad in the graph
     if args.compile_child:
         compile_child(args.compile_child, settings)
         return 0
