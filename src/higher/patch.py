@@ -31,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
-from itertools import chain
 from types import GeneratorType
 from typing import Any, cast
 
@@ -96,8 +96,10 @@ class _NoHooks(OrderedDict):
 
 _NO_HOOKS = _NoHooks()
 
-# A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode.
-_MODULE_STATE = [(key, value) for key, value in nn.Module().__dict__.items() if key != "training"]
+# A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode; and the
+# keys of its containers (hook dicts, slot dicts...), of which every view needs its own.
+_MODULE_STATE = {key: value for key, value in nn.Module().__dict__.items() if key != "training"}
+_MODULE_CONTAINERS = [key for key, value in _MODULE_STATE.items() if type(value) in _OWN_CONTAINERS]
 
 # The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
 _TAG = "_higher_replica"
@@ -146,25 +148,26 @@ def _new_like(module: nn.Module) -> nn.Module:
     return copy
 
 
-def _fingerprint(module: nn.Module) -> tuple[Any, ...]:
+def _fingerprint(module: nn.Module) -> list[Any]:
     """What a module's structure depends on: its attributes' names and types, and the identity of
-    its parameters, buffers and submodules. Cheap to compute and to compare (C-level tuples)."""
+    its parameters, buffers and submodules. Cheap to compute and to compare (one C-level list)."""
     d = module.__dict__
     p, b, c = d["_parameters"], d["_buffers"], d["_modules"]
-    # One flat tuple; the lengths separate the parts.
-    return tuple(
-        chain(
-            (len(d), len(p), len(b), len(c)),
-            d,
-            map(type, d.values()),
-            p,
-            map(id, p.values()),
-            b,
-            map(id, b.values()),
-            c,
-            map(id, c.values()),
-        )
-    )
+    # One flat list; the lengths separate the parts (a type is never a name, so the attribute
+    # names end where their types begin).
+    return [
+        *d,
+        *map(type, d.values()),
+        len(p),
+        *p,
+        *map(id, p.values()),
+        len(b),
+        *b,
+        *map(id, b.values()),
+        len(c),
+        *c,
+        *map(id, c.values()),
+    ]
 
 
 class _Tree:
@@ -225,6 +228,9 @@ class _Tree:
             for m in modules
         ]
         self.hook_dicts = [[k for k in m.__dict__ if k in _ALL_HOOK_DICTS] for m in modules]
+        # Per module: its hook dicts, fetched in one C call (a tuple, the first key twice so that
+        # a single key gives a tuple too); every patch checks whether any is non-empty.
+        self.hooks_of = [operator.itemgetter(*keys, *keys[:1]) if keys else None for keys in self.hook_dicts]
         # What a replica's hook dicts start as: all empty (shared), the module's non-empty ones copied.
         self.no_hooks = [dict.fromkeys(keys, _NO_HOOKS) for keys in self.hook_dicts]
         self.children = [
@@ -243,11 +249,13 @@ class _Tree:
 
     def live_modules(self) -> list[nn.Module] | None:
         """The modules, if the tree is still as analysed (else ``None``)."""
-        modules = [ref() for ref in self.module_refs]
-        for m, fingerprint in zip(modules, self.fingerprints):
+        modules = []
+        for ref, fingerprint in zip(self.module_refs, self.fingerprints):
+            m = ref()
             if m is None or _fingerprint(m) != fingerprint:
                 return None
-        return modules  # type: ignore[return-value]
+            modules.append(m)
+        return modules
 
     def _copy_plan(self) -> list[tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]]:
         """Which modules a new history entry copies, children first: those holding parameters or
@@ -354,22 +362,25 @@ class _Core:
         replicas = []
         tree = self.tree
         me = weakref.ref(self)
-        for i, (m, containers, hook_dicts, no_hooks) in enumerate(
-            zip(self.modules, tree.containers, tree.hook_dicts, tree.no_hooks)
+        set_dict = object.__setattr__
+        for i, (m, containers, hook_dicts, hooks_of, no_hooks) in enumerate(
+            zip(self.modules, tree.containers, tree.hook_dicts, tree.hooks_of, tree.no_hooks)
         ):
             cls = type(m)
             r = cls.__new__(cls)
-            d = r.__dict__
             source = m.__dict__
-            d.update(source)
+            d = source.copy()  # one C-level copy (much cheaper than filling the replica's own dict)
             d.update(no_hooks)
-            for key in [key for key in hook_dicts if source[key]]:
-                d[key] = source[key].copy()
+            if hooks_of is not None and any(hooks_of(source)):  # hooks registered on the module: copy those
+                for key in hook_dicts:
+                    if source[key]:
+                        d[key] = source[key].copy()
             for key in containers:
                 d[key] = source[key].copy()
             d[_TAG] = _ReplicaTag(me, i)
+            set_dict(r, "__dict__", d)  # not nn.Module.__setattr__, which would treat it as an attribute
             replicas.append(r)
-        for r, children in zip(replicas, self.tree.children):
+        for r, children in zip(replicas, tree.children):
             if children:
                 slots = r.__dict__["_modules"]
                 for key, c in children:
@@ -569,8 +580,9 @@ class FunctionalModule(nn.Module):
         d["_hg_module"] = module
         # nn.Module.__init__'s state, made directly (it is a dozen empty dicts; views are made per
         # inner loop). ``training`` is a property here: the mode lives on the replica.
-        for key, value in _MODULE_STATE:
-            d[key] = value.copy() if type(value) in _OWN_CONTAINERS else value
+        d.update(_MODULE_STATE)
+        for key in _MODULE_CONTAINERS:
+            d[key] = _MODULE_STATE[key].copy()
         if index is None:
             object.__setattr__(self, "training", module.training)
         d["_hg_path"] = path
