@@ -99,7 +99,7 @@ _NO_HOOKS = _NoHooks()
 # A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode; and the
 # keys of its containers (hook dicts, slot dicts...), of which every view needs its own.
 _MODULE_STATE = {key: value for key, value in nn.Module().__dict__.items() if key != "training"}
-_MODULE_CONTAINERS = [key for key, value in _MODULE_STATE.items() if type(value) in _OWN_CONTAINERS]
+_MODULE_CONTAINERS = [(key, type(value)) for key, value in _MODULE_STATE.items() if type(value) in _OWN_CONTAINERS]
 
 # The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
 _TAG = "_higher_replica"
@@ -148,26 +148,43 @@ def _new_like(module: nn.Module) -> nn.Module:
     return copy
 
 
-def _fingerprint(module: nn.Module) -> list[Any]:
-    """What a module's structure depends on: its attributes' names and types, and the identity of
-    its parameters, buffers and submodules. Cheap to compute and to compare (one C-level list)."""
+# The attributes every nn.Module has (nn.Module.__init__'s): a patch copies the containers among
+# them by name, so only the types of the *other* attributes (the module's own) matter to it.
+_STANDARD_ATTRIBUTES = frozenset(nn.Module().__dict__)
+
+
+def _own_attributes(module: nn.Module) -> Callable[[dict[str, Any]], tuple[Any, ...]] | None:
+    """A C-level getter of the module's own (non-standard) attributes from its ``__dict__``, as a
+    tuple (the first key twice, so that a single key gives a tuple too); ``None`` if it has none."""
+    keys = [key for key in module.__dict__ if key not in _STANDARD_ATTRIBUTES]
+    return operator.itemgetter(*keys, *keys[:1]) if keys else None
+
+
+def _fingerprint(module: nn.Module, own: Callable[[dict[str, Any]], tuple[Any, ...]] | None) -> list[Any] | None:
+    """What a module's structure depends on: its attributes' names, the types of its own
+    attributes (``own``, from :func:`_own_attributes`: which of them are containers), and the
+    identity of its parameters, buffers and submodules. One C-level list, cheap to compare;
+    ``None`` if an attribute ``own`` reads is gone."""
     d = module.__dict__
     p, b, c = d["_parameters"], d["_buffers"], d["_modules"]
-    # One flat list; the lengths separate the parts (a type is never a name, so the attribute
-    # names end where their types begin).
-    return [
-        *d,
-        *map(type, d.values()),
-        len(p),
-        *p,
-        *map(id, p.values()),
-        len(b),
-        *b,
-        *map(id, b.values()),
-        len(c),
-        *c,
-        *map(id, c.values()),
-    ]
+    try:
+        # One flat list; the lengths separate the parts (a type is never a name, so the attribute
+        # names end where their types begin).
+        return [
+            *d,
+            *(() if own is None else map(type, own(d))),
+            len(p),
+            *p,
+            *map(id, p.values()),
+            len(b),
+            *b,
+            *map(id, b.values()),
+            len(c),
+            *c,
+            *map(id, c.values()),
+        ]
+    except KeyError:
+        return None
 
 
 class _Tree:
@@ -183,7 +200,8 @@ class _Tree:
         named = list(module.named_modules())
         modules = [m for _, m in named]
         self.module_refs = [weakref.ref(m) for m in modules]
-        self.fingerprints = [_fingerprint(m) for m in modules]
+        self.own_attributes = [_own_attributes(m) for m in modules]
+        self.fingerprints = [_fingerprint(m, own) for m, own in zip(modules, self.own_attributes)]
         self.paths = [path for path, _ in named]
         self.module_index = {id(m): i for i, m in enumerate(modules)}
         # One pass over the tree as named_parameters(remove_duplicate=False) walks it finds every
@@ -250,9 +268,9 @@ class _Tree:
     def live_modules(self) -> list[nn.Module] | None:
         """The modules, if the tree is still as analysed (else ``None``)."""
         modules = []
-        for ref, fingerprint in zip(self.module_refs, self.fingerprints):
+        for ref, own, fingerprint in zip(self.module_refs, self.own_attributes, self.fingerprints):
             m = ref()
-            if m is None or _fingerprint(m) != fingerprint:
+            if m is None or _fingerprint(m, own) != fingerprint:
                 return None
             modules.append(m)
         return modules
@@ -333,7 +351,9 @@ class _Core:
         # The views: made when first needed (the root at once), since most programs only ever
         # call the root. The core refers to them weakly (they refer to it): no reference cycle,
         # so an fmodel, its history and the graph it holds are freed as soon as it is dropped.
-        self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
+        # (A dict of weak references rather than a WeakValueDictionary, which costs more to make
+        # and fill than the rest of the core: a dead entry is simply made again.)
+        self.views: dict[int, weakref.ref[FunctionalModule]] = {}
         self.root: Callable[[], FunctionalModule | None] = lambda: None
         self.view_base: type[FunctionalModule] = FunctionalModule
         # Set once a hook is registered on a view: from then on calls lend the views' hooks to the replicas.
@@ -499,7 +519,7 @@ class _Core:
         index = self.index_of(module)
         if index is None:
             return None
-        view = self.views.get(index)
+        view = self.live_view(index)
         if view is None:
             root = self.root()
             if self.paths[index] and root is not None:
@@ -510,10 +530,15 @@ class _Core:
     def make_view(self, index: int) -> FunctionalModule:
         module, path = self.modules[index], self.paths[index]
         view = _view_class(type(module), not path, self.view_base)(self, module, path)
-        self.views[index] = view
+        ref = self.views[index] = weakref.ref(view)
         if not path:
-            self.root = weakref.ref(view)
+            self.root = ref
         return view
+
+    def live_view(self, index: int) -> FunctionalModule | None:
+        """The view of the module at ``index``, if one was made and is still alive."""
+        ref = self.views.get(index)
+        return None if ref is None else ref()
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -581,8 +606,8 @@ class FunctionalModule(nn.Module):
         # nn.Module.__init__'s state, made directly (it is a dozen empty dicts; views are made per
         # inner loop). ``training`` is a property here: the mode lives on the replica.
         d.update(_MODULE_STATE)
-        for key in _MODULE_CONTAINERS:
-            d[key] = _MODULE_STATE[key].copy()
+        for key, empty in _MODULE_CONTAINERS:
+            d[key] = empty()
         if index is None:
             object.__setattr__(self, "training", module.training)
         d["_hg_path"] = path
@@ -652,7 +677,7 @@ class FunctionalModule(nn.Module):
                 named = core.tree.children[index]
             for name, child_index in named:
                 if child_index is not None and name not in children:
-                    children[name] = core.views.get(child_index) or core.make_view(child_index)
+                    children[name] = core.live_view(child_index) or core.make_view(child_index)
         return children
 
     @_modules.setter
@@ -718,9 +743,9 @@ class FunctionalModule(nn.Module):
         Returns ``(replica.__dict__, saved entries)`` pairs to restore.
         """
         lent = []
-        views = self._hg_core.views
+        core = self._hg_core
         for index in self._hg_subtree:
-            view = views.get(index)
+            view = core.live_view(index)
             if view is None or view is self:
                 continue
             theirs = view.__dict__
