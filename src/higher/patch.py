@@ -109,30 +109,34 @@ class TimeIndexError(IndexError, ValueError):
     """``parameters(time=T)`` asked for a step that the fast-weight history does not hold."""
 
 
-class _ReplicaTag:
+class _ReplicaTag(tuple):
     """Marks a replica module: which core made it, and the index of the module it replicates.
 
     Lets results of the user's code (a method returning ``self.layer``) be mapped back to views,
     and lets an fmodel made *inside* another fmodel's forward (nested meta-learning) find the
     user's parameters that the outer fast weights stand for. Copies and pickles of a replica
     carry a tag without its core.
+
+    ``_ReplicaTag((weak reference to the core or None, index))``: a tuple, made without a Python
+    ``__init__`` (every patch tags every replica).
     """
 
-    __slots__ = ("_core", "index")
-
-    def __init__(self, core: Callable[[], _Core | None] | None, index: int) -> None:
-        self._core = core
-        self.index = index
+    __slots__ = ()
 
     @property
     def core(self) -> _Core | None:
-        return None if self._core is None else self._core()
+        ref = self[0]
+        return None if ref is None else ref()
+
+    @property
+    def index(self) -> int:
+        return self[1]
 
     def __deepcopy__(self, memo: Any) -> _ReplicaTag:
-        return _ReplicaTag(None, self.index)
+        return _ReplicaTag((None, self[1]))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_ReplicaTag, (None, self.index))
+        return (_ReplicaTag, ((None, self[1]),))
 
 
 def _tag_of(module: Any) -> _ReplicaTag | None:
@@ -397,7 +401,7 @@ class _Core:
                         d[key] = source[key].copy()
             for key in containers:
                 d[key] = source[key].copy()
-            d[_TAG] = _ReplicaTag(me, i)
+            d[_TAG] = _ReplicaTag((me, i))
             set_dict(r, "__dict__", d)  # not nn.Module.__setattr__, which would treat it as an attribute
             replicas.append(r)
         for r, children in zip(replicas, tree.children):
