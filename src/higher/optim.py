@@ -173,14 +173,15 @@ class _Layout:
         return True
 
     @staticmethod
-    def of(cls: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> _Layout:
-        """The layout of ``other``'s groups over ``reference`` (the cached one if still valid)."""
+    def of(kind: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> _Layout:
+        """The layout of ``other``'s groups over ``reference`` for a differentiable optimizer of
+        class ``kind`` (the cached one if still valid)."""
         try:
             layout = _LAYOUTS.get(other)
         except TypeError:  # an optimizer that cannot be weakly referenced or hashed: no cache
-            return _Layout(cls, other, reference)
-        if layout is None or not layout.matches(cls, other, reference):
-            layout = _LAYOUTS[other] = _Layout(cls, other, reference)
+            return _Layout(kind, other, reference)
+        if layout is None or not layout.matches(kind, other, reference):
+            layout = _LAYOUTS[other] = _Layout(kind, other, reference)
         return layout
 
 
