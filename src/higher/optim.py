@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union, cast
@@ -102,6 +104,91 @@ class PerStep:
         return f"PerStep({self.values!r})"
 
 
+_shape = operator.attrgetter("shape")
+
+
+class _Layout:
+    """What building a differentiable optimizer derives from the torch optimizer's parameter
+    groups alone (which reference parameter each group's tensors are, and that its option names
+    are supported), kept per torch optimizer: MAML opens one inner loop per task with the same
+    optimizer, and redoing this every time weighs on the one-step case.
+
+    It is reused only while the torch optimizer's groups hold the very same tensors, with the
+    same option names, as when it was made, and for the same reference parameters and class;
+    anything else makes a new one. Hyperparameter values and state are never cached: they are
+    read anew for every differentiable optimizer (schedulers change ``lr`` between tasks).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "cls",
+        "reference",
+        "group_params",
+        "group_keys",
+        "default_keys",
+        "group_to_param_list",
+        "updated_indices",
+        "flags_added_later",
+        "options_checked",
+    )
+
+    def __init__(self, cls: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> None:
+        position = {id(p): i for i, p in enumerate(reference)}
+        self.group_to_param_list: list[list[int]] = []
+        for group in other.param_groups:
+            indices = []
+            for p in group["params"]:
+                if id(p) not in position:
+                    raise ValueError(
+                        f"Could not find parameter {_describe(p)} of the optimizer among the reference "
+                        f"parameters: the optimizer tracks a tensor that is not in the model. Build "
+                        f"the optimizer over the model's parameters (all or some of them)."
+                    )
+                indices.append(position[id(p)])
+            self.group_to_param_list.append(indices)
+        self.cls = cls
+        # Held (not just their ids) so that an id cannot be reused by another tensor meanwhile.
+        self.reference = tuple(reference)
+        self.group_params = [tuple(group["params"]) for group in other.param_groups]
+        self.group_keys = [list(group) for group in other.param_groups]
+        self.default_keys = list(other.defaults)
+        self.updated_indices = [i for indices in self.group_to_param_list for i in indices]
+        rule = getattr(cls, "rule", None)
+        self.flags_added_later = rule.flags_added_later if rule is not None else ()
+        self.options_checked = False  # set once a differentiable optimizer passed _check_options with it
+
+    def matches(self, cls: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> bool:
+        groups = other.param_groups
+        if not (
+            cls is self.cls
+            and len(reference) == len(self.reference)
+            and all(map(operator.is_, reference, self.reference))
+            and len(groups) == len(self.group_params)
+            and list(other.defaults) == self.default_keys
+        ):
+            return False
+        for group, params, keys in zip(groups, self.group_params, self.group_keys):
+            held = group["params"]
+            if len(held) != len(params) or not all(map(operator.is_, held, params)) or list(group) != keys:
+                return False
+        return True
+
+    @staticmethod
+    def of(kind: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> _Layout:
+        """The layout of ``other``'s groups over ``reference`` for a differentiable optimizer of
+        class ``kind`` (the cached one if still valid)."""
+        try:
+            layout = _LAYOUTS.get(other)
+        except TypeError:  # an optimizer that cannot be weakly referenced or hashed: no cache
+            return _Layout(kind, other, reference)
+        if layout is None or not layout.matches(kind, other, reference):
+            layout = _LAYOUTS[other] = _Layout(kind, other, reference)
+        return layout
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Layout] = weakref.WeakKeyDictionary()
+
+
 class DifferentiableOptimizer(torch.optim.Optimizer):
     """Base class of the differentiable optimizers.
 
@@ -153,35 +240,32 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "first_order=True needs track_higher_grads=True (first-order mode keeps the update graph)."
             )
         reference_params = list(reference_params)
-        position = {id(p): i for i, p in enumerate(reference_params)}
+        layout = _Layout.of(type(self), other, reference_params)
         self.defaults = dict(other.defaults)
         self.param_groups: list[dict[str, Any]] = []
         self.state: _StateType = []  # type: ignore[assignment]
-        self._group_to_param_list: list[list[int]] = []
+        self._group_to_param_list: list[list[int]] = layout.group_to_param_list
         self._group_shapes: list[list[torch.Size]] = []
-        for group in other.param_groups:
-            indices = []
-            for p in group["params"]:
-                if id(p) not in position:
-                    raise ValueError(
-                        f"Could not find parameter {_describe(p)} of the optimizer among the reference "
-                        f"parameters: the optimizer tracks a tensor that is not in the model. Build "
-                        f"the optimizer over the model's parameters (all or some of them)."
-                    )
-                indices.append(position[id(p)])
-            self._group_to_param_list.append(indices)
-            self._group_shapes.append([p.shape for p in group["params"]])
-            hyper = {k: v for k, v in group.items() if k != "params"}
+        for group, indices in zip(other.param_groups, layout.group_to_param_list):
+            params = group["params"]
+            self._group_shapes.append(list(map(_shape, params)))
+            hyper = dict(group)  # the hyperparameters are read anew every time (schedulers change them)
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
             state: defaultdict = defaultdict(dict)
             if other.state:  # a warm start (a fresh optimizer has no state to copy)
-                for index, p in enumerate(group["params"]):
+                for index, p in enumerate(params):
                     copied = self._copy_torch_state(other.state.get(p), device)
                     if copied:
                         state[index] = copied
             self.state.append(state)
-        self._check_options(other)
+        if layout.options_checked:  # the same option names as an optimizer already checked
+            for group in self.param_groups:
+                for key, value in layout.flags_added_later:
+                    group.setdefault(key, value)
+        else:
+            self._check_options(other)
+            layout.options_checked = True
         # torch.optim.Optimizer's step hooks (register_step_pre_hook / register_step_post_hook).
         self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
@@ -191,8 +275,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._grad_callback = grad_callback
         self._steps_taken = 0
         self._num_reference_params = len(reference_params)
-        self._reference_shapes = [p.shape for p in reference_params]
-        self._updated_indices = [i for indices in self._group_to_param_list for i in indices]
+        self._reference_shapes = list(map(_shape, reference_params))
+        self._updated_indices = layout.updated_indices
         self._shaped_hyperparameters = False
         # Set by higher.forward_mode, whose updates run under no_grad on purpose (forward-mode
         # tangents need no reverse graph); a user's step under no_grad is refused.

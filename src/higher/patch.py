@@ -31,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
-from itertools import chain
 from types import GeneratorType
 from typing import Any, cast
 
@@ -96,8 +96,10 @@ class _NoHooks(OrderedDict):
 
 _NO_HOOKS = _NoHooks()
 
-# A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode.
-_MODULE_STATE = [(key, value) for key, value in nn.Module().__dict__.items() if key != "training"]
+# A fresh nn.Module's own state (what nn.Module.__init__ sets), less the training mode; and the
+# keys of its containers (hook dicts, slot dicts...), of which every view needs its own.
+_MODULE_STATE = {key: value for key, value in nn.Module().__dict__.items() if key != "training"}
+_MODULE_CONTAINERS = [(key, type(value)) for key, value in _MODULE_STATE.items() if type(value) in _OWN_CONTAINERS]
 
 # The key under which a replica records which fmodel core it belongs to (see _ReplicaTag).
 _TAG = "_higher_replica"
@@ -107,30 +109,34 @@ class TimeIndexError(IndexError, ValueError):
     """``parameters(time=T)`` asked for a step that the fast-weight history does not hold."""
 
 
-class _ReplicaTag:
+class _ReplicaTag(tuple):
     """Marks a replica module: which core made it, and the index of the module it replicates.
 
     Lets results of the user's code (a method returning ``self.layer``) be mapped back to views,
     and lets an fmodel made *inside* another fmodel's forward (nested meta-learning) find the
     user's parameters that the outer fast weights stand for. Copies and pickles of a replica
     carry a tag without its core.
+
+    ``_ReplicaTag((weak reference to the core or None, index))``: a tuple, made without a Python
+    ``__init__`` (every patch tags every replica).
     """
 
-    __slots__ = ("_core", "index")
-
-    def __init__(self, core: Callable[[], _Core | None] | None, index: int) -> None:
-        self._core = core
-        self.index = index
+    __slots__ = ()
 
     @property
     def core(self) -> _Core | None:
-        return None if self._core is None else self._core()
+        ref = self[0]
+        return None if ref is None else ref()
+
+    @property
+    def index(self) -> int:
+        return self[1]
 
     def __deepcopy__(self, memo: Any) -> _ReplicaTag:
-        return _ReplicaTag(None, self.index)
+        return _ReplicaTag((None, self[1]))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_ReplicaTag, (None, self.index))
+        return (_ReplicaTag, ((None, self[1]),))
 
 
 def _tag_of(module: Any) -> _ReplicaTag | None:
@@ -146,25 +152,43 @@ def _new_like(module: nn.Module) -> nn.Module:
     return copy
 
 
-def _fingerprint(module: nn.Module) -> tuple[Any, ...]:
-    """What a module's structure depends on: its attributes' names and types, and the identity of
-    its parameters, buffers and submodules. Cheap to compute and to compare (C-level tuples)."""
+# The attributes every nn.Module has (nn.Module.__init__'s): a patch copies the containers among
+# them by name, so only the types of the *other* attributes (the module's own) matter to it.
+_STANDARD_ATTRIBUTES = frozenset(nn.Module().__dict__)
+
+
+def _own_attributes(module: nn.Module) -> Callable[[dict[str, Any]], tuple[Any, ...]] | None:
+    """A C-level getter of the module's own (non-standard) attributes from its ``__dict__``, as a
+    tuple (the first key twice, so that a single key gives a tuple too); ``None`` if it has none."""
+    keys = [key for key in module.__dict__ if key not in _STANDARD_ATTRIBUTES]
+    return operator.itemgetter(*keys, *keys[:1]) if keys else None
+
+
+def _fingerprint(module: nn.Module, own: Callable[[dict[str, Any]], tuple[Any, ...]] | None) -> list[Any] | None:
+    """What a module's structure depends on: its attributes' names, the types of its own
+    attributes (``own``, from :func:`_own_attributes`: which of them are containers), and the
+    identity of its parameters, buffers and submodules. One C-level list, cheap to compare;
+    ``None`` if an attribute ``own`` reads is gone."""
     d = module.__dict__
     p, b, c = d["_parameters"], d["_buffers"], d["_modules"]
-    # One flat tuple; the lengths separate the parts.
-    return tuple(
-        chain(
-            (len(d), len(p), len(b), len(c)),
-            d,
-            map(type, d.values()),
-            p,
-            map(id, p.values()),
-            b,
-            map(id, b.values()),
-            c,
-            map(id, c.values()),
-        )
-    )
+    try:
+        # One flat list; the lengths separate the parts (a type is never a name, so the attribute
+        # names end where their types begin).
+        return [
+            *d,
+            *(() if own is None else map(type, own(d))),
+            len(p),
+            *p,
+            *map(id, p.values()),
+            len(b),
+            *b,
+            *map(id, b.values()),
+            len(c),
+            *c,
+            *map(id, c.values()),
+        ]
+    except KeyError:
+        return None
 
 
 class _Tree:
@@ -180,7 +204,8 @@ class _Tree:
         named = list(module.named_modules())
         modules = [m for _, m in named]
         self.module_refs = [weakref.ref(m) for m in modules]
-        self.fingerprints = [_fingerprint(m) for m in modules]
+        self.own_attributes = [_own_attributes(m) for m in modules]
+        self.fingerprints = [_fingerprint(m, own) for m, own in zip(modules, self.own_attributes)]
         self.paths = [path for path, _ in named]
         self.module_index = {id(m): i for i, m in enumerate(modules)}
         # One pass over the tree as named_parameters(remove_duplicate=False) walks it finds every
@@ -225,6 +250,9 @@ class _Tree:
             for m in modules
         ]
         self.hook_dicts = [[k for k in m.__dict__ if k in _ALL_HOOK_DICTS] for m in modules]
+        # Per module: its hook dicts, fetched in one C call (a tuple, the first key twice so that
+        # a single key gives a tuple too); every patch checks whether any is non-empty.
+        self.hooks_of = [operator.itemgetter(*keys, *keys[:1]) if keys else None for keys in self.hook_dicts]
         # What a replica's hook dicts start as: all empty (shared), the module's non-empty ones copied.
         self.no_hooks = [dict.fromkeys(keys, _NO_HOOKS) for keys in self.hook_dicts]
         self.children = [
@@ -243,11 +271,13 @@ class _Tree:
 
     def live_modules(self) -> list[nn.Module] | None:
         """The modules, if the tree is still as analysed (else ``None``)."""
-        modules = [ref() for ref in self.module_refs]
-        for m, fingerprint in zip(modules, self.fingerprints):
-            if m is None or _fingerprint(m) != fingerprint:
+        modules = []
+        for ref, own, fingerprint in zip(self.module_refs, self.own_attributes, self.fingerprints):
+            m = ref()
+            if m is None or _fingerprint(m, own) != fingerprint:
                 return None
-        return modules  # type: ignore[return-value]
+            modules.append(m)
+        return modules
 
     def _copy_plan(self) -> list[tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]]:
         """Which modules a new history entry copies, children first: those holding parameters or
@@ -325,7 +355,9 @@ class _Core:
         # The views: made when first needed (the root at once), since most programs only ever
         # call the root. The core refers to them weakly (they refer to it): no reference cycle,
         # so an fmodel, its history and the graph it holds are freed as soon as it is dropped.
-        self.views: weakref.WeakValueDictionary[int, FunctionalModule] = weakref.WeakValueDictionary()
+        # (A dict of weak references rather than a WeakValueDictionary, which costs more to make
+        # and fill than the rest of the core: a dead entry is simply made again.)
+        self.views: dict[int, weakref.ref[FunctionalModule]] = {}
         self.root: Callable[[], FunctionalModule | None] = lambda: None
         self.view_base: type[FunctionalModule] = FunctionalModule
         # Set once a hook is registered on a view: from then on calls lend the views' hooks to the replicas.
@@ -354,22 +386,25 @@ class _Core:
         replicas = []
         tree = self.tree
         me = weakref.ref(self)
-        for i, (m, containers, hook_dicts, no_hooks) in enumerate(
-            zip(self.modules, tree.containers, tree.hook_dicts, tree.no_hooks)
+        set_dict = object.__setattr__
+        for i, (m, containers, hook_dicts, hooks_of, no_hooks) in enumerate(
+            zip(self.modules, tree.containers, tree.hook_dicts, tree.hooks_of, tree.no_hooks)
         ):
             cls = type(m)
             r = cls.__new__(cls)
-            d = r.__dict__
             source = m.__dict__
-            d.update(source)
+            d = source.copy()  # one C-level copy (much cheaper than filling the replica's own dict)
             d.update(no_hooks)
-            for key in [key for key in hook_dicts if source[key]]:
-                d[key] = source[key].copy()
+            if hooks_of is not None and any(hooks_of(source)):  # hooks registered on the module: copy those
+                for key in hook_dicts:
+                    if source[key]:
+                        d[key] = source[key].copy()
             for key in containers:
                 d[key] = source[key].copy()
-            d[_TAG] = _ReplicaTag(me, i)
+            d[_TAG] = _ReplicaTag((me, i))
+            set_dict(r, "__dict__", d)  # not nn.Module.__setattr__, which would treat it as an attribute
             replicas.append(r)
-        for r, children in zip(replicas, self.tree.children):
+        for r, children in zip(replicas, tree.children):
             if children:
                 slots = r.__dict__["_modules"]
                 for key, c in children:
@@ -488,7 +523,7 @@ class _Core:
         index = self.index_of(module)
         if index is None:
             return None
-        view = self.views.get(index)
+        view = self.live_view(index)
         if view is None:
             root = self.root()
             if self.paths[index] and root is not None:
@@ -501,10 +536,15 @@ class _Core:
     def make_view(self, index: int) -> FunctionalModule:
         module, path = self.modules[index], self.paths[index]
         view = _view_class(type(module), not path, self.view_base)(self, module, path)
-        self.views[index] = view
+        ref = self.views[index] = weakref.ref(view)
         if not path:
-            self.root = weakref.ref(view)
+            self.root = ref
         return view
+
+    def live_view(self, index: int) -> FunctionalModule | None:
+        """The view of the module at ``index``, if one was made and is still alive."""
+        ref = self.views.get(index)
+        return None if ref is None else ref()
 
     @property
     def latest(self) -> list[Tensor] | None:
@@ -571,8 +611,9 @@ class FunctionalModule(nn.Module):
         d["_hg_module"] = module
         # nn.Module.__init__'s state, made directly (it is a dozen empty dicts; views are made per
         # inner loop). ``training`` is a property here: the mode lives on the replica.
-        for key, value in _MODULE_STATE:
-            d[key] = value.copy() if type(value) in _OWN_CONTAINERS else value
+        d.update(_MODULE_STATE)
+        for key, empty in _MODULE_CONTAINERS:
+            d[key] = empty()
         if index is None:
             object.__setattr__(self, "training", module.training)
         d["_hg_path"] = path
@@ -642,7 +683,7 @@ class FunctionalModule(nn.Module):
                 named = core.tree.children[index]
             for name, child_index in named:
                 if child_index is not None and name not in children:
-                    children[name] = core.views.get(child_index) or core.make_view(child_index)
+                    children[name] = core.live_view(child_index) or core.make_view(child_index)
         return children
 
     @_modules.setter
@@ -708,9 +749,9 @@ class FunctionalModule(nn.Module):
         Returns ``(replica.__dict__, saved entries)`` pairs to restore.
         """
         lent = []
-        views = self._hg_core.views
+        core = self._hg_core
         for index in self._hg_subtree:
-            view = views.get(index)
+            view = core.live_view(index)
             if view is None or view is self:
                 continue
             theirs = view.__dict__
