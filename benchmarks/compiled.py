@@ -24,6 +24,9 @@ median time per meta-iteration and its ratio to JAX. The variants:
   API (``innerloop_ctx``, ``diffopt.step(loss)``, or ``diffopt.step(closure=...)`` with
   ``--step-form closure``), wrapped in ``torch.compile(fullgraph=True)``; a variant whose compilation
   raises shows ``failed: <reason>`` in the table;
+- ``ours_compiled_whole``: batched, with the backward pass inside the compiled function
+  (``higher.compiled.backward(loss)`` instead of ``.backward()`` on its result): one graph for
+  the whole meta-iteration;
 - ``ours_batched`` / ``ours``: the eager ones of ``benchmarks/run.py`` (``tasks=T`` / per task).
 
 Unless ``--no-cache-times``, each compiled variant is also compiled in two fresh
@@ -192,6 +195,29 @@ def build_ours_compiled_batched(
     return lambda: compiled().backward()
 
 
+def build_ours_compiled_whole(
+    workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
+) -> MetaIteration:
+    """Batched, with the backward pass inside the compiled function (``higher.compiled.backward``)."""
+    import higher
+
+    support_x, support_y, query_x, query_y = data
+    inner_opt = _torch_optimizer(model, workload, optimizer)
+    task_losses = vmap(workload.loss)
+    tasks, steps = workload.tasks, workload.inner_steps
+
+    def meta_iteration() -> Tensor:
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False, tasks=tasks) as (fmodel, diffopt):
+            for _ in range(steps):
+                _step(diffopt, lambda: task_losses(fmodel(support_x), support_y), settings)
+            loss = task_losses(fmodel(query_x), query_y).mean()
+        higher.compiled.backward(loss)
+        return loss.detach()
+
+    compiled = settings.compile(meta_iteration)
+    return lambda: compiled()
+
+
 def build_ours_compiled_per_task(
     workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
 ) -> MetaIteration:
@@ -249,6 +275,13 @@ VARIANTS: dict[str, Variant] = {
             "tfunc_eager",
         ),
         Variant("ours_compiled_batched", "ours compiled, batched", build_ours_compiled_batched, True, "ours_batched"),
+        Variant(
+            "ours_compiled_whole",
+            "ours compiled, batched, backward inside",
+            build_ours_compiled_whole,
+            True,
+            "ours_batched",
+        ),
         Variant("ours_compiled_per_task", "ours compiled, per task", build_ours_compiled_per_task, True, "ours"),
         Variant("ours_batched", "ours eager, batched", _eager(build_ours_batched)),
         Variant("ours", "ours eager, per task", _eager(build_ours)),

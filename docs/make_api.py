@@ -28,6 +28,7 @@ MODULES = [
     "higher.implicit",
     "higher.hypergradients",
     "higher.distributed",
+    "higher.compiled",
     "higher.cli",
 ]
 HEADER = """# API reference

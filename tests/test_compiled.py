@@ -408,3 +408,30 @@ def test_parameter_groups_frozen_and_unused_parameters_as_eagerly(batched):
         assert (a is None) == (e is None)
         if e is not None:
             torch.testing.assert_close(a, e, **TOLERANCE)
+
+
+def test_backward_inside_the_compiled_function():
+    """higher.compiled.backward(loss) in the compiled function: eager's meta-gradients in .grad,
+    accumulated as loss.backward() accumulates them, with the hypergradient of an override tensor."""
+    model = sine_mlp()
+    opt = make_optimizer("adam", model)
+    data = sine_tasks(4)
+    lr = torch.tensor(0.03, requires_grad=True)
+
+    def meta_iteration():
+        loss = batched_meta_iteration(model, opt, data, lr=lr)
+        higher.compiled.backward(loss)
+        return loss.detach()
+
+    targets = [*model.parameters(), lr]
+    expected = torch.autograd.grad(batched_meta_iteration(model, opt, data, lr=lr), targets)
+    meta_iteration()  # eagerly it is loss.backward()
+    assert_close_lists([t.grad for t in targets], expected)
+    for t in targets:
+        t.grad = None
+    compiled = torch.compile(meta_iteration, fullgraph=True, backend="aot_eager")
+    compiled()
+    assert_close_lists([t.grad for t in targets], expected)
+    compiled()
+    assert_close_lists([t.grad for t in targets], [2 * e for e in expected])
+    assert not torch._dynamo.config.trace_autograd_ops

@@ -104,9 +104,6 @@ class PerStep:
         return f"PerStep({self.values!r})"
 
 
-_shape = operator.attrgetter("shape")
-
-
 class _Layout:
     """What building a differentiable optimizer derives from the torch optimizer's parameter
     groups alone (which reference parameter each group's tensors are, and that its option names
@@ -240,7 +237,11 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "first_order=True needs track_higher_grads=True (first-order mode keeps the update graph)."
             )
         reference_params = list(reference_params)
-        layout = _Layout.of(type(self), other, reference_params)
+        # While torch.compile traces, nothing is cached (dynamo cannot follow the weak-keyed cache).
+        if compiled.tracing():
+            layout = _Layout(type(self), other, reference_params)
+        else:
+            layout = _Layout.of(type(self), other, reference_params)
         self.defaults = dict(other.defaults)
         self.param_groups: list[dict[str, Any]] = []
         self.state: _StateType = []  # type: ignore[assignment]
@@ -248,7 +249,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._group_shapes: list[list[torch.Size]] = []
         for group, indices in zip(other.param_groups, layout.group_to_param_list):
             params = group["params"]
-            self._group_shapes.append(list(map(_shape, params)))
+            self._group_shapes.append([p.shape for p in params])
             hyper = dict(group)  # the hyperparameters are read anew every time (schedulers change them)
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
@@ -275,7 +276,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._grad_callback = grad_callback
         self._steps_taken = 0
         self._num_reference_params = len(reference_params)
-        self._reference_shapes = list(map(_shape, reference_params))
+        self._reference_shapes = [p.shape for p in reference_params]
         self._updated_indices = layout.updated_indices
         self._shaped_hyperparameters = False
         # Set by higher.forward_mode, whose updates run under no_grad on purpose (forward-mode
