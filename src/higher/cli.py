@@ -3,7 +3,9 @@
 This module only parses the options and dispatches to the experiments of :mod:`higher.demos`:
 
 * ``higher demo`` (or ``higher demo sinusoid``) -- MAML on sinusoid regression with the protocol
-  of Finn et al. (2017), 70,000 iterations, task-batched (:mod:`higher.demos.sinusoid`).
+  of Finn et al. (2017), 70,000 iterations, task-batched (:mod:`higher.demos.sinusoid`); its
+  meta-iteration is compiled with ``torch.compile`` from 20,000 iterations on, where that makes the
+  run faster (``--compile`` / ``--no-compile`` decide instead).
 * ``higher demo digits`` -- few-shot classification of scikit-learn's bundled digits, MAML against
   a pretrained baseline (:mod:`higher.demos.digits`).
 * ``higher demo hyper`` -- learning the inner loop's learning rate and momentum by hypergradient
@@ -147,16 +149,17 @@ def _add_compile_options(parser: argparse.ArgumentParser, suppress: bool) -> Non
         help=f"sinusoid: compile the meta-iteration with torch.compile even for fewer than "
         f"{sinusoid.COMPILE_FROM} iterations. By default it is compiled (task-batched MAML, first-order MAML, "
         f"Meta-SGD, ANIL; on CPU) from {sinusoid.COMPILE_FROM} iterations on, where the faster iterations "
-        "(about 1.5-1.9x) repay the compilation (about 10-40 s in a fresh process)",
+        "(1.5-1.9x faster, measured) repay the compilation (about 30-40 s in a fresh process)",
     )
     choice.add_argument(
         "--no-compile",
         dest="compile",
         action="store_false",
         default=default,
-        help="sinusoid: run the meta-iteration eagerly. A compiled run's table can differ from the eager one's "
-        "in the last printed digits: compiled kernels round differently and the training trajectories drift apart "
-        "(see higher.demos.sinusoid)",
+        help="sinusoid: run the meta-iteration eagerly. Compiled kernels round differently: a 300-iteration run "
+        "prints the same table, but Adam amplifies the rounding over many iterations, so a 70,000-iteration run ends "
+        "on a different, equally valid training trajectory (seed 0: MSE after 10 steps 0.142 compiled, 0.112 eager; "
+        "see higher.demos.sinusoid)",
     )
 
 

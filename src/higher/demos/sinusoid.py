@@ -17,36 +17,44 @@ first-order MAML, Meta-SGD and ANIL -- from ``innerloop_ctx`` to the mean query 
 (:meth:`Learner.batched_loss`; the backward pass and Adam's step stay eager) -- compiles with
 ``torch.compile(fullgraph=True)`` into one graph, once per run: every iteration has the same
 shapes, so it is never recompiled. Measured on the 2-core development machine (one thread,
-torch 2.13.0 CPU, the default run: 25 tasks, 1 inner step, K=10; other jobs kept the load
-average at 3-4, which slows both sides), with :data:`COMPILE_BACKEND` inductor:
+torch 2.13.0 CPU, inductor; other jobs kept the load average at about 3, which slows both sides),
+the default run (MAML, 70,000 iterations, 25 tasks, 1 inner step) in a fresh process with an
+empty inductor cache: 4.44 ms per iteration eager, 2.47 ms compiled after 31 s of compilation;
+meta-training 311 s eager, 204 s compiled; the whole run 399 s and 293 s. Side by side in one
+process (load average 3-4):
 
-=================  ============  ===============  =====================  ==========
-algorithm          eager ms/it   compiled ms/it   compile s (fresh       break-even
-                                                  process, cold cache)   iterations
-=================  ============  ===============  =====================  ==========
-MAML               6.1           3.6              36                     14,500
-first-order MAML   4.1           2.4              14 (after MAML's)      8,900
-Meta-SGD           6.0           3.1              20 (after MAML's)      6,900
-ANIL               2.9           1.9              9 (after MAML's)       9,900
-=================  ============  ===============  =====================  ==========
+=================  ============  ===============  ==================  ==========
+algorithm          eager ms/it   compiled ms/it   compile s           break-even
+                                                  (cold cache)        iterations
+=================  ============  ===============  ==================  ==========
+MAML               6.1           3.6              36 (fresh process)  14,500
+first-order MAML   4.1           2.4              14 (after MAML)     8,900
+Meta-SGD           6.0           3.1              20 (after MAML)     6,900
+ANIL               2.9           1.9              9 (after MAML)      9,900
+=================  ============  ===============  ==================  ==========
 
-(break-even: compile seconds / seconds saved per iteration). The first compilation in a process
-also pays dynamo's and inductor's own start-up, so a fresh run of any of them costs about as much
-as MAML's (measured under heavier load, load average 5-6: first-order MAML 78 s, Meta-SGD 109 s,
-ANIL 35 s, with break-evens 8,900, 29,000 and 23,000 iterations); with inductor's cache warm
-(a second run) compilation takes 1-5 s. Hence the rule: meta-training compiles by default from
-:data:`COMPILE_FROM` = 20,000 iterations on, above the break-even measured under the load the
-iterations were timed under, so that the paper's 70,000-iteration run (3.5x and more the break-even)
-is clearly faster compiled, and the short runs of the tests and of quick tries never wait for a
-compiler. ``--compile`` compiles shorter runs too; ``--no-compile`` runs eagerly. The rule was
-measured on CPU: on other devices the demo compiles only with ``--compile``. The per-task path,
-iMAML and ``torchrun`` runs are eager (``--compile`` there is an error).
+(break-even: compile seconds / seconds saved per iteration; the first compilation in a process
+also pays dynamo's and inductor's start-up, about 20 s: the MAML row, and the 31 s above,
+15,600 iterations). With inductor's cache warm (a second run) compilation takes 1-5 s. Hence
+the rule: meta-training compiles by default from :data:`COMPILE_FROM` = 20,000 iterations on,
+above the cold break-even of a fresh run with a margin for compile times that vary with the
+load, so that the paper's 70,000-iteration run (4.5x the break-even) is clearly faster
+compiled and the short runs of the tests and of quick tries never wait for a compiler.
+``--compile`` compiles shorter runs too; ``--no-compile`` runs eagerly. The rule was measured
+on CPU: on other devices the demo compiles only with ``--compile``. The per-task path, iMAML
+and ``torchrun`` runs stay eager (``--compile`` there is an error).
 
 Compiled results are not bit-identical: inductor's kernels sum in other orders than eager
-PyTorch, so a meta-gradient agrees to about 2e-7 (relative, float32) and the training
-trajectories drift apart over the iterations. With seed 0 and 2,000 iterations the MAML row of
-the table moved by at most 0.003 (3.160/0.912/0.409 eager, 3.157/0.910/0.412 compiled; the 95%
-intervals are 0.04-0.23 wide), the pretrained row (never compiled) not at all.
+PyTorch, exactly as the per-task path does. Measured with seed 0 against the eager task-batched
+run, the weights differ by at most 7e-9 after one iteration and 6e-7 after 300 (the per-task
+path: 7e-9 and 3e-7), and the 300-iteration table is the same to every printed digit; then Adam
+amplifies the rounding into a different trajectory (weights 0.05 apart after 1,000 iterations,
+as for the per-task path), and the 2,000-iteration MAML row moved by at most 0.003 (3.160 /
+0.912 / 0.409 eager, 3.157 / 0.910 / 0.412 compiled). After the full 70,000 iterations the MSE
+after 1 and 10 steps is 0.361 ± 0.030 and 0.142 ± 0.028 compiled, against 0.336 ± 0.028 and
+0.112 ± 0.015 eager (and 0.351 ± 0.030 and 0.105 ± 0.012 on the per-task path): a different,
+equally valid training run, as another seed would be; the pretrained baseline (never
+compiled) is identical.
 
 Algorithms (``--algorithm``): each is a :class:`Learner` in :data:`ALGORITHMS` (MAML, first-order
 MAML, Meta-SGD, ANIL, iMAML). A new one is a subclass with ``meta_step`` (and ``adaptation`` if its fine-tuning differs)
@@ -98,8 +106,9 @@ __all__ = [
 ]
 
 # The defaults of the options shared by all demos. 70,000 iterations: the paper's protocol, which
-# the task-batched path meta-trains in about 3.2 minutes (2.7 ms per iteration) on one thread of
-# the 2-core development machine when it is quiet (see docs/reference-run.md).
+# the task-batched path meta-trains in about 3.2 minutes (2.7 ms per iteration) eagerly on one thread
+# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled, as it is
+# by default for this many iterations, in about 0.55x the time plus 30-40 s of compilation.
 DEFAULTS: dict[str, Any] = {"iterations": 70000, "shots": 10, "out": "higher-demo.png"}
 
 #: From this many iterations on, meta-training compiles its meta-iteration by default (module docstring).
