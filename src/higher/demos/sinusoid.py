@@ -58,7 +58,8 @@ compiled) is identical.
 
 Algorithms (``--algorithm``): each is a :class:`Learner` in :data:`ALGORITHMS` (MAML, first-order
 MAML, Meta-SGD, ANIL, iMAML). A new one is a subclass with ``meta_step`` (and ``adaptation`` if its fine-tuning differs)
-registered there under its option name; the command line offers whatever the registry holds.
+registered there under its option name; the command line offers whatever the registry holds. To
+be compiled, it also defines ``batched_loss`` and sets ``compiles = True`` (see :class:`Learner`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ class Learner:
     ``model`` is the network whose initialisation is meta-learned. Subclasses define
     :meth:`meta_step`, which accumulates the meta-gradient of one meta-batch into ``.grad`` of
     :meth:`meta_parameters` and returns the mean query loss. :meth:`adaptation` says how a test
-    task is fine-tuned (used by :func:`evaluate` for the meta-learned model).
+    task is fine-tuned (used by :func:`evaluate` for the meta-learned model). Learners whose
+    task-batched meta-step compiles (``compiles = True``) define :meth:`batched_loss`, and their
+    ``meta_step`` goes through :meth:`compiled_step` once :meth:`compile` was called.
     """
 
     label = "?"
