@@ -179,9 +179,13 @@ def test_compiled_meta_step_gives_the_eager_meta_gradient_without_recompiling(al
     assert fresh_dynamo["stats"]["unique_graphs"] == 1
 
 
-def test_compile_choice():
+def test_compile_choice(monkeypatch):
     """Long task-batched CPU runs compile; short runs, --no-compile and eager-only paths do not."""
     cpu = torch.device("cpu")
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", False)
+    assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000), cpu)[0] is False
+    assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000, compile=True), cpu)[0] is True
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", True)
 
     def choice(**options):
         return sinusoid.compile_choice(sinusoid.SinusoidConfig(**options), cpu)
@@ -221,6 +225,7 @@ def test_run_compiles_from_compile_from_iterations_unless_told_not_to(compile_op
     small = sinusoid.run(config, torch.device("cpu"), tmp_path / "x.png", progress=False)
     assert compiled_calls == [] and small["compile"]["used"] is False and small["compile"]["compile_s"] is None
     monkeypatch.setattr(sinusoid, "COMPILE_FROM", 2)
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", True)
     torch.compiler.reset()
     record = sinusoid.run(config, torch.device("cpu"), tmp_path / "x.png", progress=False)
     used = record["compile"]
