@@ -36,11 +36,13 @@ ANIL               2.9           1.9              9 (after MAML)      9,900
 (break-even: compile seconds / seconds saved per iteration; the first compilation in a process
 also pays dynamo's and inductor's start-up, about 20 s: the MAML row, and the 31 s above,
 15,600 iterations). With inductor's cache warm (a second run) compilation takes 1-5 s. Hence
-the rule: meta-training compiles by default from :data:`COMPILE_FROM` = 20,000 iterations on,
-above the cold break-even of a fresh run with a margin for compile times that vary with the
-load, so that the paper's 70,000-iteration run (4.5x the break-even) is clearly faster
-compiled and the short runs of the tests and of quick tries never wait for a compiler.
-``--compile`` compiles shorter runs too; ``--no-compile`` runs eagerly. The rule was measured
+the rule: compile from :data:`COMPILE_FROM` = 20,000 iterations on, above the cold break-even
+of a fresh run with a margin for compile times that vary with the load, so that the paper's
+70,000-iteration run (4.5x the break-even) is clearly faster compiled and the short runs of the
+tests and of quick tries never wait for a compiler. The rule is switched OFF for now
+(:data:`COMPILE_BY_DEFAULT` is ``False``, because of the unexplained difference in the results
+below): runs are eager unless ``--compile`` is given; with ``COMPILE_BY_DEFAULT = True`` runs of
+20,000 iterations and more compile without it, and ``--no-compile`` keeps them eager. The rule was measured
 on CPU: on other devices the demo compiles only with ``--compile``. The per-task path, iMAML
 and ``torchrun`` runs stay eager (``--compile`` there is an error).
 
@@ -60,7 +62,10 @@ trajectory). Seed 0: the compiled MSE rises from step 2 to 4 (0.225, 0.233, 0.28
 falls to 0.142; seed 1: the compiled run's MSE after 10 steps is 2.5e12 (fine-tuning diverges on
 some test task from step 5 on) where the eager run's falls steadily to 0.106 ± 0.012 (1 step:
 0.332 compiled, 0.346 eager). The meta-gradients themselves agree with eager at every point
-checked (above, and in the tests after several meta-steps).
+checked (above, and in the tests after several meta-steps). The eager runs of seeds 2 and 3 fall
+steadily too (10 steps: 0.115 ± 0.013 and 0.107 ± 0.014): of seven 70,000-iteration runs (five
+eager, including the per-task one, two compiled), the two compiled ones are the only unstable
+ones. Until that is understood, compilation is opt-in (``--compile``).
 
 Algorithms (``--algorithm``): each is a :class:`Learner` in :data:`ALGORITHMS` (MAML, first-order
 MAML, Meta-SGD, ANIL, iMAML). A new one is a subclass with ``meta_step`` (and ``adaptation`` if its fine-tuning differs)
@@ -115,14 +120,14 @@ __all__ = [
 
 # The defaults of the options shared by all demos. 70,000 iterations: the paper's protocol, which
 # the task-batched path meta-trains in about 3.2 minutes (2.7 ms per iteration) eagerly on one thread
-# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled, as it is
-# by default for this many iterations, in about 0.55x the time plus 30-40 s of compilation.
+# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled
+# with --compile, in about 0.55x the time plus 30-40 s of compilation.
 DEFAULTS: dict[str, Any] = {"iterations": 70000, "shots": 10, "out": "higher-demo.png"}
 
-#: From this many iterations on, meta-training compiles its meta-iteration by default (module docstring).
+#: From this many iterations on compiling pays; the default when :data:`COMPILE_BY_DEFAULT` (module docstring).
 COMPILE_FROM = 20000
 #: Whether the :data:`COMPILE_FROM` rule applies without ``--compile`` (module docstring).
-COMPILE_BY_DEFAULT = True
+COMPILE_BY_DEFAULT = False
 #: torch.compile's backend for the meta-iteration (the tests use ``"aot_eager"``: the same graph, no C++ compilation).
 COMPILE_BACKEND = "inductor"
 
