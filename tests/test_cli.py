@@ -93,6 +93,13 @@ def test_algorithm_and_first_order_options():
     assert resolve().algorithm == "maml" and resolve().first_order is False
 
 
+def test_compile_options_reach_the_sinusoid_config():
+    assert cli.config_of(resolve()).compile is None  # type: ignore[union-attr]
+    assert cli.config_of(resolve("--no-compile")).compile is False  # type: ignore[union-attr]
+    assert cli.config_of(resolve("sinusoid", "--no-compile")).compile is False  # type: ignore[union-attr]
+    assert cli.config_of(resolve("--compile", "sinusoid")).compile is True  # type: ignore[union-attr]
+
+
 def test_options_work_before_and_after_the_experiment_name():
     before, after = resolve("--iterations", "7", "digits"), resolve("digits", "--iterations", "7")
     assert before.iterations == after.iterations == 7
@@ -116,6 +123,10 @@ BAD_OPTIONS = [
     (["demo", "hyper", "--method", "implicit"], "does not apply to the sinusoid problem"),
     (["demo", "hyper", "--problem", "mnist"], "invalid choice"),
     (["demo", "sideways"], "invalid choice"),
+    (["demo", "--compile", "--no-compile"], "not allowed with argument"),
+    (["demo", "--no-compile", "digits", "--iterations", "0"], "--no-compile is an option of the sinusoid demo"),
+    (["demo", "sinusoid", "--compile", "--algorithm", "imaml"], "--compile: iMAML is not compiled"),
+    (["demo", "sinusoid", "--compile", "--per-task"], "--compile: the per-task path (--per-task) is not compiled"),
     ([], "required"),
 ]
 if not torch.cuda.is_available():
@@ -164,7 +175,7 @@ def test_python_dash_m_higher_runs_the_cli():
         [sys.executable, "-m", "higher", "demo", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    for option in ("--iterations", "digits", "hyper", "--json", "--per-task", "70000"):
+    for option in ("--iterations", "digits", "hyper", "--json", "--per-task", "70000", "--no-compile", "20000"):
         assert option in result.stdout
     sub = subprocess.run(
         [sys.executable, "-m", "higher", "demo", "sinusoid", "--help"], capture_output=True, text=True, timeout=120

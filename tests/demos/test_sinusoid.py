@@ -135,3 +135,105 @@ def test_imaml_meta_gradient_is_imaml_step_and_the_run_improves_over_no_adaptati
     assert "iMAML on sinusoid regression" in capsys.readouterr().out
     mse = record["mse_by_step"]["iMAML"]
     assert mse[-1] < mse[1] < mse[0] and is_png(tmp_path / "imaml.png")  # measured 3.73 -> 3.55 (10 steps)
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code and dynamo's counters of one test are not seen by the next."""
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+    yield counters
+    torch.compiler.reset()
+
+
+@pytest.mark.parametrize("algorithm", sorted(a for a, learner in sinusoid.ALGORITHMS.items() if learner.compiles))
+def test_compiled_meta_step_gives_the_eager_meta_gradient_without_recompiling(algorithm, fresh_dynamo):
+    """Three meta-iterations (new tasks, Adam-updated weights): the eager meta-gradients, one graph."""
+    config = sinusoid.SinusoidConfig(iterations=3, inner_steps=2, algorithm=algorithm)
+    learners, meta_opts = [], []
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        learner = sinusoid.ALGORITHMS[algorithm](sinusoid.sinusoid_model(), config)
+        if compiled:
+            learner.compile("aot_eager")
+        learners.append(learner)
+        meta_opts.append(torch.optim.Adam(learner.meta_parameters(), lr=1e-2))
+    sampler = SinusoidTasks(seed=3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(config.iterations):
+            batch = sampler.sample(5)
+            losses = []
+            for learner, meta_opt in zip(learners, meta_opts):
+                meta_opt.zero_grad()
+                losses.append(learner.meta_step(batch, per_task=False))
+            assert losses[1] == pytest.approx(losses[0], rel=1e-10)
+            eager, compiled = _grads(learners[0]), _grads(learners[1])
+            assert all(g is not None for g in compiled) and len(compiled) == len(eager)
+            for a, b in zip(compiled, eager):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            for meta_opt in meta_opts:
+                meta_opt.step()
+    assert fresh_dynamo["stats"]["unique_graphs"] == 1
+
+
+def test_compile_choice(monkeypatch):
+    """Long task-batched CPU runs compile; short runs, --no-compile and eager-only paths do not."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", False)
+    assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000), cpu)[0] is False
+    assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000, compile=True), cpu)[0] is True
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", True)
+
+    def choice(**options):
+        return sinusoid.compile_choice(sinusoid.SinusoidConfig(**options), cpu)
+
+    assert choice(iterations=sinusoid.DEFAULTS["iterations"])[0] is True
+    assert choice(iterations=sinusoid.COMPILE_FROM)[0] is True
+    assert choice(iterations=sinusoid.COMPILE_FROM - 1)[0] is False
+    assert choice(iterations=2) == (
+        False,
+        f"2 < {sinusoid.COMPILE_FROM} iterations: compiling would not pay; --compile compiles",
+    )
+    assert choice(iterations=70000, compile=False) == (False, "--no-compile")
+    assert choice(iterations=2, compile=True) == (True, "--compile")
+    for algorithm in ("maml", "fomaml", "metasgd", "anil"):
+        assert choice(iterations=70000, algorithm=algorithm)[0] is True
+    assert choice(iterations=70000, algorithm="imaml") == (False, "iMAML is not compiled")
+    assert choice(iterations=70000, per_task=True)[0] is False
+    assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000), torch.device("meta"))[0] is False
+    for options in ({"algorithm": "imaml"}, {"per_task": True}):
+        with pytest.raises(sinusoid.DemoError, match="leave out --compile"):
+            choice(iterations=5, compile=True, **options)
+
+
+@pytest.mark.parametrize("compile_option", [None, False])
+def test_run_compiles_from_compile_from_iterations_unless_told_not_to(compile_option, tmp_path, monkeypatch):
+    """With the threshold lowered to 2, a 2-iteration run compiles (and says so in the record) unless --no-compile."""
+    compiled_calls = []
+    original = sinusoid.Learner.compile
+
+    def compile_(self, backend="inductor"):
+        compiled_calls.append(backend)
+        original(self, backend)
+
+    monkeypatch.setattr(sinusoid.Learner, "compile", compile_)
+    monkeypatch.setattr(sinusoid, "COMPILE_BACKEND", "aot_eager")
+    config = sinusoid.SinusoidConfig(iterations=2, test_tasks=3, compile=compile_option)
+    small = sinusoid.run(config, torch.device("cpu"), tmp_path / "x.png", progress=False)
+    assert compiled_calls == [] and small["compile"]["used"] is False and small["compile"]["compile_s"] is None
+    monkeypatch.setattr(sinusoid, "COMPILE_FROM", 2)
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", True)
+    torch.compiler.reset()
+    record = sinusoid.run(config, torch.device("cpu"), tmp_path / "x.png", progress=False)
+    used = record["compile"]
+    if compile_option is False:
+        assert compiled_calls == [] and used == {"used": False, "reason": "--no-compile", "compile_s": None}
+    else:
+        assert compiled_calls == ["aot_eager"] and used["used"] is True and used["reason"].startswith("2 >= 2")
+        assert used["compile_s"] > 0 and record["timings"]["compile_s"] == used["compile_s"]
+    # aot_eager runs eager's kernels (no reordered sums): the same table to the last digit either way.
+    assert record["table"] == small["table"]
+    torch.compiler.reset()
