@@ -72,16 +72,16 @@ for path in (str(ROOT / "src"), str(ROOT)):  # measure this checkout's higher
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torch.func import functional_call, grad, grad_and_value, vmap  # noqa: E402
+from torch.func import grad_and_value, vmap  # noqa: E402
 
 from benchmarks import competitors  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
     CHECKING,
-    _hand_update,
     _torch_optimizer,
     build_ours,
     build_ours_batched,
     build_vmap,
+    vmap_grad_meta_loss,
 )
 from benchmarks.jax_workloads import JAX_WORKLOADS, JaxRunner, export  # noqa: E402
 from benchmarks.run import _data, _machine, _model, _progress, _status_bytes  # noqa: E402
@@ -116,34 +116,11 @@ class Settings:
 
 
 # ------------------------------------------------------------------ hand-written torch.func
-def _tfunc_meta_loss(workload: Workload, model: nn.Module, optimizer: str) -> Callable:
-    """The mean over tasks (vmap) of the query loss after an inner loop of torch.func.grad steps."""
-    update = _hand_update(optimizer, workload.lr[optimizer])
-    loss_fn, steps = workload.loss, workload.inner_steps
-
-    def task_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, params, (x,)), y)
-
-    task_grad = grad(task_loss)
-
-    def query_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-        names, fast, state = list(params), list(params.values()), {}
-        for _ in range(steps):
-            grads = task_grad(dict(zip(names, fast)), sx, sy)
-            fast, state = update(fast, list(grads.values()), state)
-        return task_loss(dict(zip(names, fast)), qx, qy)
-
-    def meta_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-        return vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy).mean()
-
-    return meta_loss
-
-
 def _build_tfunc(compiled: bool, own: Settings | None = None) -> Callable:
     """``own``: compile with these settings instead of the command line's (the options sweep)."""
 
     def build(workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings) -> MetaIteration:
-        step = grad_and_value(_tfunc_meta_loss(workload, model, optimizer))
+        step = grad_and_value(vmap_grad_meta_loss(workload, model, optimizer))
         if compiled:
             step = (own or settings).compile(step)
         params = dict(model.named_parameters())
@@ -161,7 +138,7 @@ def _build_tfunc(compiled: bool, own: Settings | None = None) -> Callable:
 def build_tfunc_backward_compiled(
     workload: Workload, model: nn.Module, data: Data, optimizer: str, settings: Settings
 ) -> MetaIteration:
-    meta_loss = settings.compile(_tfunc_meta_loss(workload, model, optimizer))
+    meta_loss = settings.compile(vmap_grad_meta_loss(workload, model, optimizer))
     params = dict(model.named_parameters())
     return lambda: meta_loss(params, *data).backward()
 

@@ -193,8 +193,9 @@ def build_vmap(workload: Workload, model: nn.Module, data: Data, optimizer: str)
     return meta_iteration
 
 
-def build_vmap_grad(workload: Workload, model: nn.Module, data: Data, optimizer: str) -> MetaIteration:
-    """Hand-written, torch.func style: vmap over tasks of an inner loop built with torch.func.grad."""
+def vmap_grad_meta_loss(workload: Workload, model: nn.Module, optimizer: str) -> Callable[..., Tensor]:
+    """torch.func style: ``meta_loss(params, sx, sy, qx, qy)``, the mean over tasks (``vmap``) of the
+    query loss after an inner loop written with ``torch.func.grad``."""
     update = _hand_update(optimizer, workload.lr[optimizer])
     loss_fn, steps = workload.loss, workload.inner_steps
 
@@ -210,10 +211,18 @@ def build_vmap_grad(workload: Workload, model: nn.Module, data: Data, optimizer:
             fast, state = update(fast, list(grads.values()), state)
         return task_loss(dict(zip(names, fast)), qx, qy)
 
-    meta_losses = vmap(query_loss, in_dims=(None, 0, 0, 0, 0))
+    def meta_loss(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        return vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy).mean()
+
+    return meta_loss
+
+
+def build_vmap_grad(workload: Workload, model: nn.Module, data: Data, optimizer: str) -> MetaIteration:
+    """Hand-written, torch.func style: vmap over tasks of an inner loop built with torch.func.grad."""
+    meta_loss = vmap_grad_meta_loss(workload, model, optimizer)
 
     def meta_iteration() -> None:
-        meta_losses(dict(model.named_parameters()), *data).mean().backward()
+        meta_loss(dict(model.named_parameters()), *data).backward()
 
     return meta_iteration
 
