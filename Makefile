@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test typecheck dist check-wheel bench lint install install-demo install-dev install-bench clean
+.PHONY: demo example test typecheck dist check-wheel bench bench-compiled lint install install-demo install-dev install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ check-wheel: dist
 # times every workload (about 20 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.
 bench: install-bench
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# Compiled meta-iterations (torch.compile through the public API) against JAX; see README.
+bench-compiled: install-bench
+	$(PY) benchmarks/run.py --setup
+	$(PY) benchmarks/compiled.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(WHEEL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .bench
