@@ -435,3 +435,12 @@ def test_backward_inside_the_compiled_function():
     compiled()
     assert_close_lists([t.grad for t in targets], [2 * e for e in expected])
     assert not torch._dynamo.config.trace_autograd_ops
+
+
+def test_importing_higher_does_not_import_dynamo():
+    """Compile support costs nothing at import (torch._dynamo takes as long to import as torch)."""
+    import subprocess
+    import sys
+
+    code = "import sys, higher; assert 'torch._dynamo' not in sys.modules, 'higher imported torch._dynamo'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -41,7 +41,6 @@ a torch optimizer that has stepped splits the graph at its tensor ``step``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,7 +51,25 @@ from torch.func import functional_call
 __all__ = ["TracedFunctionalModule", "backward", "tracing"]
 
 
-def _autograd_in_graph() -> Any:
+def _allow_patching_trace_autograd_ops() -> bool:
+    """Let ``torch._dynamo.patch_dynamo_config`` accept ``trace_autograd_ops`` (see :func:`autograd_in_graph`).
+
+    Marked as a constant result (what ``torch.compiler.assume_constant_result`` marks, set here
+    without importing dynamo, which would double ``import higher``'s time): dynamo runs it for
+    real when it meets it while tracing, before the patch below is checked.
+    """
+    from torch._dynamo import decorators
+
+    allowed = decorators._allowed_config_patches
+    if "trace_autograd_ops" not in allowed:
+        decorators._allowed_config_patches = (*allowed, "trace_autograd_ops")
+    return True
+
+
+_allow_patching_trace_autograd_ops._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def autograd_in_graph() -> Any:
     """A context manager under which dynamo traces ``torch.autograd.grad`` into the graph.
 
     Dynamo breaks the graph at ``torch.autograd.grad`` unless ``trace_autograd_ops`` is set, and
@@ -63,21 +80,10 @@ def _autograd_in_graph() -> Any:
     ``trace_autograd_ops`` is added to: the option only changes how dynamo traces (from the
     ``torch.autograd.grad`` call down), and dynamo still splits the graph where tracing it is
     unsafe (a loss whose graph reaches outside the compiled region), running it eagerly then.
-    ``nullcontext`` where this torch lacks the mechanism (dynamo then splits at every step).
+    Called while tracing only (dynamo is imported then).
     """
-    try:
-        from torch._dynamo import decorators
-
-        allowed = decorators._allowed_config_patches
-        if "trace_autograd_ops" not in allowed:
-            decorators._allowed_config_patches = (*allowed, "trace_autograd_ops")
-        return decorators.patch_dynamo_config(trace_autograd_ops=True)
-    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - other torch versions
-        return contextlib.nullcontext()
-
-
-#: Enter around ``torch.autograd.grad`` while tracing (see :func:`_autograd_in_graph`).
-AUTOGRAD_IN_GRAPH = _autograd_in_graph()
+    _allow_patching_trace_autograd_ops()
+    return torch._dynamo.patch_dynamo_config(trace_autograd_ops=True)
 
 
 def tracing() -> bool:
@@ -104,7 +110,7 @@ def backward(loss: Tensor, gradient: Tensor | None = None, inputs: Sequence[Tens
     """
     options: dict[str, Any] = {} if inputs is None else {"inputs": inputs}  # dynamo refuses inputs=None
     if tracing():
-        with AUTOGRAD_IN_GRAPH:
+        with autograd_in_graph():
             loss.backward(gradient, **options)
     else:
         loss.backward(gradient, **options)

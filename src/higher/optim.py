@@ -805,7 +805,7 @@ def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequenc
         ones = torch.ones_like(loss, memory_format=torch.preserve_format)
         return _ENGINE.run_backward((loss,), (ones,), create_graph, create_graph, tuple(inputs), True, False)
     if compiled.tracing():
-        with compiled.AUTOGRAD_IN_GRAPH:
+        with compiled.autograd_in_graph():
             return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
     return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
