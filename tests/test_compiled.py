@@ -444,3 +444,31 @@ def test_importing_higher_does_not_import_dynamo():
 
     code = "import sys, higher; assert 'torch._dynamo' not in sys.modules, 'higher imported torch._dynamo'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_initial_params_and_refused_batched_options_as_eagerly():
+    """initial_params by name (a hypernetwork's output: its hypergradient flows back) compiles as
+    eagerly; in task-batched mode it is refused with the eager error."""
+    model = sine_mlp()
+    opt = make_optimizer("sgd", model)
+    sx, sy, _, _ = sine_tasks(1)
+    scale = torch.tensor(1.5, requires_grad=True)
+
+    def run():
+        start = {"0.weight": model[0].weight * scale}
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, initial_params=start) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(F.mse_loss(fmodel(sx[0]), sy[0]))
+            return F.mse_loss(fmodel(sx[0]), sy[0])
+
+    expected = gradients(run, model, scale)
+    assert_close_lists(gradients(torch.compile(run, fullgraph=True, backend="aot_eager"), model, scale), expected)
+
+    def batched_with_initial_params():
+        with higher.innerloop_ctx(model, opt, tasks=2, initial_params=list(model.parameters())) as (fmodel, _):
+            return fmodel(sx.expand(2, -1, -1)).sum()
+
+    with pytest.raises(NotImplementedError, match="not available in task-batched mode"):
+        batched_with_initial_params()
+    with pytest.raises(Exception, match="not available in task-batched mode"):
+        torch.compile(batched_with_initial_params, fullgraph=True, backend="aot_eager")()

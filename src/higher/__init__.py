@@ -122,6 +122,8 @@ def innerloop_ctx(
                 "innerloop_ctx of a DistributedDataParallel model cannot be traced by torch.compile; compile "
                 "the inner loop of ddp.module (and all-reduce the meta-gradients outside), or run it eagerly."
             )
+        if tasks is not None:
+            batched._refuse_unbatched_options(share_buffers, initial_params)
         traced = compiled.traced_innerloop(
             model,
             device=device,
@@ -169,11 +171,7 @@ def innerloop_ctx(
             raise
         return
     if tasks is not None:
-        if share_buffers or initial_params is not None:
-            raise NotImplementedError(
-                "share_buffers and initial_params are not available in task-batched mode (tasks=...): "
-                "the batched fmodel keeps one copy of the buffers and of the initial weights per task."
-            )
+        batched._refuse_unbatched_options(share_buffers, initial_params)
         with batched.innerloop_ctx(
             model,
             opt,

@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import optim as _optim
 from . import patch as _patch
 from .compiled import TracedFunctionalModule
-from .utils import _copy_tensor
+from .utils import _check_task_dimension, _copy_tensor
 
 __all__ = ["BatchedFunctionalModule", "innerloop_ctx", "monkeypatch", "get_diff_optim"]
 
@@ -96,14 +96,7 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
 
             rebuild = rebuild_call
 
-        tasks = core.tasks
-        for tensor in tensors:
-            if tensor.dim() == 0 or tensor.shape[0] != tasks:
-                raise ValueError(
-                    f"in task-batched mode every tensor argument needs a leading task dimension of size "
-                    f"{tasks}; got a tensor of shape {tuple(tensor.shape)}. Stack the tasks' inputs "
-                    f"(torch.stack), or expand an input shared by all tasks (x.expand({tasks}, *x.shape))."
-                )
+        _check_task_dimension(tensors, core.tasks)
         call_on = self._hg_call_on
         # vmap returns tensors only: other outputs (the same for every task, since the function
         # runs once for all tasks) are kept aside and put back.
@@ -156,6 +149,15 @@ def _batch_core(core: Any, tasks: int, randomness: str) -> None:
     core.tasks = tasks
     core.randomness = randomness
     core.param_shapes = [torch.Size((tasks, *shape)) for shape in core.param_shapes]
+
+
+def _refuse_unbatched_options(share_buffers: bool, initial_params: Any) -> None:
+    """``innerloop_ctx``'s options that the task-batched mode does not offer."""
+    if share_buffers or initial_params is not None:
+        raise NotImplementedError(
+            "share_buffers and initial_params are not available in task-batched mode (tasks=...): "
+            "the batched fmodel keeps one copy of the buffers and of the initial weights per task."
+        )
 
 
 def _check_tasks(tasks: Any) -> int:

@@ -48,6 +48,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .patch import _check_tensors, _given_initial_params
+from .utils import _check_task_dimension
+
 __all__ = ["TracedFunctionalModule", "backward", "tracing"]
 
 
@@ -196,13 +199,7 @@ class TracedFunctionalModule:
         names = self._hg_param_names + self._hg_buffer_names
         if self._hg_tasks is None:
             return functional_call(module, dict(zip(names, [*params, *self._hg_buffers])), tuple(args), dict(kwargs))
-        tasks = self._hg_tasks
-        for tensor in [*args, *kwargs.values()]:
-            if isinstance(tensor, Tensor) and (tensor.dim() == 0 or tensor.shape[0] != tasks):
-                raise ValueError(
-                    f"in task-batched mode every tensor argument needs a leading task dimension of size "
-                    f"{tasks}; got a tensor of shape {tuple(tensor.shape)}."
-                )
+        _check_task_dimension([*args, *kwargs.values()], self._hg_tasks)
         args_dims = tuple(0 if isinstance(a, Tensor) else None for a in args)
         kwargs_dims = {k: 0 if isinstance(v, Tensor) else None for k, v in kwargs.items()}
 
@@ -281,12 +278,7 @@ class TracedFunctionalModule:
     def update_params(self, params: Sequence[Tensor]) -> None:
         """Adopt ``params`` (one tensor per parameter, ``parameters()`` order) as the latest fast weights."""
         params = list(params)
-        if len(params) != len(self._hg_shapes):
-            raise ValueError(f"update_params got {len(params)} tensors for {len(self._hg_shapes)} parameters.")
-        for name, p, shape in zip(self._hg_param_names, params, self._hg_shapes):
-            if not isinstance(p, Tensor) or p.shape != shape:
-                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                raise ValueError(f"update_params: '{name}' must be a tensor of shape {tuple(shape)}, got {got}.")
+        _check_tensors("params", params, self._hg_shapes, self._hg_param_names)
         if self.track_higher_grads:
             self._hg_history.append(params)
         else:
@@ -337,33 +329,14 @@ def traced_innerloop(
             # when dynamo splits the function (torch 2.13 restrides such tangents in place).
             q = q.clone() if tasks is None else q.expand(tasks, *q.shape).contiguous()
         params.append(q)
-    if initial_params is not None:
-        if tasks is not None:
-            raise NotImplementedError("initial_params is not available in task-batched mode (tasks=...).")
-        params = _given(named, params, initial_params)
+    if initial_params is not None:  # (refused in task-batched mode by innerloop_ctx)
+        params = _given_initial_params([name for name, _ in named], params, initial_params)
+        _check_tensors("initial_params", params, [p.shape for _, p in named], [name for name, _ in named])
     buffers = []
     for _, b in model.named_buffers():
         if share_buffers:
-            if tasks is not None:
-                raise NotImplementedError("share_buffers is not available in task-batched mode (tasks=...).")
             buffers.append(b)
             continue
         c = (b if device is None else b.to(device)).detach()
         buffers.append((c.expand(tasks, *c.shape) if tasks is not None else c).clone())
     return TracedFunctionalModule(model, params, buffers, track_higher_grads=track_higher_grads, tasks=tasks)
-
-
-def _given(
-    named: Sequence[tuple[str, Tensor]], params: list[Tensor], initial: Sequence[Tensor] | Mapping[str, Tensor]
-) -> list[Tensor]:
-    """``initial_params`` (all of them as a sequence, or some by name) in place of the copies."""
-    if isinstance(initial, Mapping):
-        names = [name for name, _ in named]
-        unknown = [name for name in initial if name not in names]
-        if unknown:
-            raise ValueError(f"initial_params names unknown parameters: {', '.join(unknown)}")
-        return [initial.get(name, p) for name, p in zip(names, params)]
-    given = list(initial)
-    if len(given) != len(params):
-        raise ValueError(f"initial_params has {len(given)} tensors for {len(params)} parameters.")
-    return given

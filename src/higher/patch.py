@@ -1349,9 +1349,9 @@ def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.devi
 
 
 def _given_initial_params(
-    fmodule: FunctionalModule, defaults: list[Tensor], given: Sequence[Tensor] | Mapping[str, Tensor]
+    names: Sequence[str], defaults: list[Tensor], given: Sequence[Tensor] | Mapping[str, Tensor]
 ) -> list[Tensor]:
-    names = fmodule._hg_core.param_names
+    """``initial_params`` (all of them as a sequence, or some by name) in place of ``defaults``."""
     if isinstance(given, Mapping):
         unknown = [name for name in given if name not in names]
         if unknown:
@@ -1406,7 +1406,7 @@ def monkeypatch(
         if initial_params is None:
             core.push(params)  # copies of the module's own tensors: no need to check them
         else:
-            fmodule.update_params(_given_initial_params(fmodule, params, initial_params))
+            fmodule.update_params(_given_initial_params(core.param_names, params, initial_params))
         if not share_buffers:
             core.buffers = [_copy_tensor(b, True, device) for b in core.buffers]  # buffer_sync, same module
 

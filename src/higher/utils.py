@@ -87,3 +87,14 @@ def _get_param_mapping(module: torch.nn.Module, seen: list[Tensor], mapping: lis
         if child is not None:
             _get_param_mapping(child, seen, mapping)
     return mapping
+
+
+def _check_task_dimension(tensors: Iterable[Any], tasks: int) -> None:
+    """Every tensor among ``tensors`` has a leading task dimension of size ``tasks`` (task-batched mode)."""
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and (tensor.dim() == 0 or tensor.shape[0] != tasks):
+            raise ValueError(
+                f"in task-batched mode every tensor argument needs a leading task dimension of size "
+                f"{tasks}; got a tensor of shape {tuple(tensor.shape)}. Stack the tasks' inputs "
+                f"(torch.stack), or expand an input shared by all tasks (x.expand({tasks}, *x.shape))."
+            )
