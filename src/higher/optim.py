@@ -173,7 +173,10 @@ class _Layout:
     @staticmethod
     def of(kind: type, other: torch.optim.Optimizer, reference: list[Tensor]) -> _Layout:
         """The layout of ``other``'s groups over ``reference`` for a differentiable optimizer of
-        class ``kind`` (the cached one if still valid)."""
+        class ``kind`` (the cached one if still valid; nothing is cached while torch.compile
+        traces: dynamo cannot follow the weak-keyed cache)."""
+        if compiled.tracing():
+            return _Layout(kind, other, reference)
         try:
             layout = _LAYOUTS.get(other)
         except TypeError:  # an optimizer that cannot be weakly referenced or hashed: no cache
@@ -237,11 +240,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "first_order=True needs track_higher_grads=True (first-order mode keeps the update graph)."
             )
         reference_params = list(reference_params)
-        # While torch.compile traces, nothing is cached (dynamo cannot follow the weak-keyed cache).
-        if compiled.tracing():
-            layout = _Layout(type(self), other, reference_params)
-        else:
-            layout = _Layout.of(type(self), other, reference_params)
+        layout = _Layout.of(type(self), other, reference_params)
         self.defaults = dict(other.defaults)
         self.param_groups: list[dict[str, Any]] = []
         self.state: _StateType = []  # type: ignore[assignment]
