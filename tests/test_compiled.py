@@ -472,3 +472,18 @@ def test_initial_params_and_refused_batched_options_as_eagerly():
         batched_with_initial_params()
     with pytest.raises(Exception, match="not available in task-batched mode"):
         torch.compile(batched_with_initial_params, fullgraph=True, backend="aot_eager")()
+
+
+def test_step_under_no_grad_is_refused_under_compile_with_the_eager_message():
+    model = sine_mlp()
+    opt = make_optimizer("sgd", model)
+    sx, sy, _, _ = sine_tasks(2)
+
+    def run():
+        with higher.innerloop_ctx(model, opt, tasks=2) as (fmodel, diffopt):
+            with torch.no_grad():
+                diffopt.step(task_losses(fmodel(sx), sy))
+            return fmodel(sx).sum()
+
+    with pytest.raises(Exception, match=r"was called under torch.no_grad\(\)"):
+        torch.compile(run, fullgraph=True, backend="aot_eager")()

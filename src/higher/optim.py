@@ -511,7 +511,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
     ) -> list[Tensor]:
         """:meth:`step` without the hooks."""
         if not torch.is_grad_enabled() and not self._steps_without_graph:
-            mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+            # (dynamo cannot trace is_inference_mode_enabled; a compiled function is not run in inference mode)
+            inference = not compiled.tracing() and torch.is_inference_mode_enabled()
+            mode = "torch.inference_mode()" if inference else "torch.no_grad()"
             raise RuntimeError(
                 f"diffopt.step() was called under {mode}: the update would not be recorded, so the unroll "
                 f"would silently stop being differentiable. Call step() outside {mode} (for a cheap loop "
