@@ -6,6 +6,8 @@ torch.optim, see test_optim_parity.py), and its derivatives, first and second or
 ``update``.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -172,3 +174,26 @@ def test_multi_tensor_update_saves_no_more_for_backward_than_the_one_tensor_rule
         params, states = [p for p, _ in updated], [s for _, s in updated]
     if name == "SGD" and not options.get("weight_decay") and not options.get("momentum"):
         assert many == 0, "plain SGD's update p - lr g needs nothing saved"
+
+
+def test_sqrt0_many_mixed_dtypes_first_and_second_order():
+    """The backward pass (in place at first order, out of place when building a graph) gives
+    sqrt0's derivatives for tensors of different dtypes in one call, including float64 roots
+    below float32's smallest normal number."""
+    xs = [
+        torch.tensor([0.0, 0.25, 4.0], dtype=torch.float32),
+        torch.tensor([0.0, 1e-200, 2.0], dtype=torch.float64),
+    ]
+    xs = [x.requires_grad_() for x in xs]
+    weights = [torch.tensor([3.0, -1.0, 0.5], dtype=x.dtype) for x in xs]
+    ours = rules.sqrt0_many(xs)
+    reference = [rules.sqrt0(x) for x in xs]
+    first = [torch.autograd.grad(sum((y * w).sum() for y, w in zip(out, weights)), xs) for out in (ours, reference)]
+    assert all(torch.equal(a, b) for a, b in zip(*first))
+    assert first[0][1][1] == -1.0 / (2 * math.sqrt(1e-200))  # not clamped to float32's tiny
+    second = []
+    for out in (rules.sqrt0_many(xs), [rules.sqrt0(x) for x in xs]):
+        grads = torch.autograd.grad(sum((y * w).sum() for y, w in zip(out, weights)), xs, create_graph=True)
+        second.append(torch.autograd.grad(sum(g.sum() for g in grads), xs))
+    assert all(torch.equal(a, b) for a, b in zip(*second))
+    assert all(torch.isfinite(g).all() for g in second[0])

@@ -87,11 +87,23 @@ class _Sqrt0Many(torch.autograd.Function):
         roots = ctx.saved_tensors
         # grad / (2 root) where root > 0, and 0 where root == 0: sign(root) is 1 or 0, and a
         # positive root is never below the smallest normal number (it is the square root of at
-        # least the smallest subnormal), so the clamp only replaces exact zeros. Differentiable
-        # (through the saved roots) for higher orders, like sqrt0's backward.
-        tiny = [torch.finfo(r.dtype).tiny for r in roots]
-        denominators = torch._foreach_mul(torch._foreach_clamp_min(roots, tiny), 2)
-        return tuple(torch._foreach_div(torch._foreach_mul(grads, torch._foreach_sign(roots)), denominators))
+        # least the smallest subnormal), so the clamp only replaces exact zeros.
+        dtype = roots[0].dtype
+        tiny: float | list[float] = torch.finfo(dtype).tiny
+        if any(r.dtype != dtype for r in roots):
+            tiny = [torch.finfo(r.dtype).tiny for r in roots]
+        if torch.is_grad_enabled():
+            # Building a graph (a higher-order derivative): out of place, differentiable through
+            # the saved roots, like sqrt0's backward.
+            denominators = torch._foreach_mul(torch._foreach_clamp_min(roots, tiny), 2)
+            return tuple(torch._foreach_div(torch._foreach_mul(grads, torch._foreach_sign(roots)), denominators))
+        # First order (a meta-gradient's backward pass): the same numbers, in place on new tensors.
+        denominators = torch._foreach_clamp_min(roots, tiny)
+        torch._foreach_mul_(denominators, 2)
+        out = torch._foreach_sign(roots)
+        torch._foreach_mul_(out, grads)
+        torch._foreach_div_(out, denominators)
+        return tuple(out)
 
 
 def sqrt0_many(xs: list[Tensor]) -> list[Tensor]:
