@@ -23,45 +23,84 @@ graph (the weights, Meta-SGD's learning rates, the meta-batch, sampled outside);
 recompiles); nothing random runs inside and the network has no dropout or BatchNorm.
 
 Speed, side by side in one process (one thread, torch 2.13.0 CPU, inductor, the 2-core
-development machine shared with other jobs, load average LOADBENCH; time per iteration with
+development machine shared with other jobs, load average 3.6-5.0; time per iteration with
 Adam's step, mean over 1,500 iterations; compile seconds of a cold inductor cache, the first
 compilation in a process also paying dynamo's and inductor's start-up):
 
-BENCHTABLE
+=================  =======  ========  ===============  ==================  ==========
+algorithm          eager    compiled  compiled, with   compile s           break-even
+                   ms/it    ms/it     ``.backward()``  (cold cache)        iterations
+                                      outside, ms/it
+=================  =======  ========  ===============  ==================  ==========
+MAML               6.7      2.8       4.2              37 (fresh process)  9,500
+first-order MAML   4.9      1.9       2.9              13 (after MAML)     4,400
+Meta-SGD           10.2     3.7       5.8              22 (after MAML)     3,400
+ANIL               5.9      2.4       3.9              18 (after MAML)     5,200
+=================  =======  ========  ===============  ==================  ==========
 
 (break-even: compile seconds / seconds saved per iteration). The backward pass inside the graph
 (:func:`higher.compiled.backward`) computes bit-identical weights to the compiled forward with
-``.backward()`` outside (checked over 1,000 iterations of seed 0) and is FWDRATIO faster per
-iteration. The whole default run (MAML, 70,000 iterations, each in a fresh process with an empty
-inductor cache, two runs at a time at load average about 4): WHOLERUN. Hence the rule
-(:data:`COMPILE_BY_DEFAULT`): runs of :data:`COMPILE_FROM` = 20,000 iterations and more compile on
-CPU, above the cold break-even of a fresh process with a margin for compile times that vary with
-the load, so that the paper's 70,000-iteration run is clearly faster compiled and the short runs of
-the tests and of quick tries never wait for a compiler; ``--no-compile`` keeps them eager and
-``--compile`` compiles a shorter run. The rule was measured on CPU: on other devices the demo
-compiles only with ``--compile``. The per-task path, iMAML and ``torchrun`` runs stay eager
-(``--compile`` there is an error).
+``.backward()`` outside (checked over 1,000 iterations of seed 0, and the 70,000-iteration runs of
+seeds 0 and 1 print the same tables both ways) and is 1.5-1.7x faster per iteration. The medians,
+less disturbed by the other jobs, differ more: MAML 7.2 ms eager, 1.4 ms compiled. The whole
+default run (MAML, 70,000 iterations, each in a fresh process with an empty inductor cache, two
+runs at a time at load average about 4): compiled, 237-428 s in all, 33-58 s of compilation
+included (then 1.4-3.3 ms per iteration; meta-training 144-284 s; 8 runs); eager, 546-683 s
+(6.0-7.7 ms per iteration; meta-training 422-543 s; 6 runs), the pretrained baseline (eager in
+both) and the evaluation taking the rest. Hence the rule (:data:`COMPILE_BY_DEFAULT`): runs of
+:data:`COMPILE_FROM` = 20,000 iterations and more compile on CPU, above the cold break-even of a
+fresh process with a margin for compile times that vary with the load, so that the paper's
+70,000-iteration run is clearly faster compiled and the short runs of the tests and of quick tries
+never wait for a compiler; ``--no-compile`` keeps them eager and ``--compile`` compiles a shorter
+run. The rule was measured on CPU: on other devices the demo compiles only with ``--compile``. The
+per-task path, iMAML and ``torchrun`` runs stay eager (``--compile`` there is an error).
 
-Results. Compiled and eager compute the same meta-gradient to float32 rounding: at the same
-weights and batch the largest difference is SAMEWEIGHTS of the largest gradient entry (every
-iteration of the first 1,000 of seed 0, and every 5,000th of the full compiled runs below). They
-are not bit-identical (inductor's kernels sum in other orders than eager PyTorch, exactly as the
-per-task path does): with seed 0 the weights differ by at most 7e-9 after one iteration and 6e-7
-after 300, and the 300-iteration table is the same to every printed digit; then Adam amplifies
-the rounding into a different trajectory (weights 0.05 apart after 1,000 iterations, as for the
-per-task path), so a 70,000-iteration table differs from the eager one of the same seed as much as
-runs of different seeds differ. Over SEEDCOUNT full runs (MSE after 1 and 10 fine-tuning steps,
-mean over the 600 test tasks):
+Results. Compiled and eager compute the same meta-gradient up to float32 rounding. At the same
+weights and batch the two differ by at most 1.6e-6 of the largest gradient entry (every iteration
+of the first 1,000 of seed 0; every 5,000th of the full compiled runs below; and every one of the
+70,000 iterations of the compiled seed-1 run), except at 5 iterations of those 70,000, where a
+hidden unit's pre-activation lies within 3e-7 of ReLU's kink: the two roundings put it on different
+sides, and the meta-gradients differ by 0.4-5%. At two of the three such iterations checked against
+float64 (2,277 and 37,304: pre-activations 9e-9 and 3e-8 from the kink) the compiled meta-gradient
+is the one that agrees with float64 (to 1e-6), at the third (32,659: 2.5e-7) the eager one:
+rounding, on either path. They are not bit-identical (inductor's kernels sum in other orders than
+eager PyTorch, exactly as the per-task path does): with seed 0 the weights differ by at most 7e-9
+after one iteration and 6e-7 after 300, and the 300-iteration table is the same to every printed
+digit; then Adam amplifies the rounding into a different trajectory (weights 0.05 apart after 1,000
+iterations, as for the per-task path), so a 70,000-iteration table differs from the eager one of
+the same seed as a run of another seed does. The full default runs (MSE after 1 and 10 fine-tuning
+steps, mean over the 600 test tasks; seeds 0-1 compiled and 0-3 eager measured earlier, when only
+the forward pass was compiled, which gives bit-identical weights):
 
-SEEDTABLE
+====  ======================  ======================
+seed  eager: 1 / 10 steps     compiled: 1 / 10 steps
+====  ======================  ======================
+0     0.336 / 0.112           0.361 / 0.142
+1     0.346 / 0.106           0.332 / 2.5e12 (diverged)
+2     (not recorded) / 0.115  0.343 / 0.103
+3     (not recorded) / 0.107  0.338 / 0.107
+4     0.338 / 0.111           0.354 / 0.107
+5     0.354 / inf (diverged)  0.322 / 0.195
+6     0.330 / 0.106           0.363 / 0.108
+7     0.356 / 0.112           0.329 / 0.196
+8     0.339 / 0.106
+9     0.365 / 0.143
+====  ======================  ======================
 
-The MSE after 10 steps is not a stable statistic of a run: the meta-objective trains one inner
-step only, and on a few test tasks (large amplitudes) SGD with lr 0.01 diverges after a few steps
-from some learned initialisations, whichever way they were computed -- one such task out of 600
-moves the mean from 0.11 to 2.5e12 (compiled seed 1) or to infinity (eager seed 5, printed as
-``inf ± nan``). Fine-tuning diverged on DIVERGED. Without those runs, MSE after 10 steps:
-STABLE10; after 1 step (all runs): ALL1. Compiled and eager runs are indistinguishable to within
-the seed-to-seed spread.
+The MSE after 10 steps is not a stable statistic of a run: the meta-objective trains one inner step
+only, and from some learned initialisations SGD with lr 0.01 diverges, or climbs for a few steps,
+on a few test tasks of large amplitude, whichever way the initialisation was computed. One such
+task out of 600 moves the mean from 0.11 to 2.5e12 (compiled, seed 1) or to infinity (eager, seed
+5; printed ``inf ± nan``). Over these runs, after 1 step: 0.346 ± 0.012 eager (mean ± standard
+deviation over 8 seeds, 0.330-0.365) and 0.343 ± 0.015 compiled (8 seeds, 0.322-0.363); after 10
+steps, leaving out the one diverged run of each: 0.113 ± 0.012 eager (9 seeds, 0.106-0.143) and
+0.137 ± 0.042 compiled (7 seeds, 0.103-0.196); fine-tuning diverged in 1 of 10 eager and 1 of 8
+compiled runs. A permutation test of the means finds no significant difference (p = 0.70 after 1
+step, 0.17 after 10), nor does a rank test of the 10-step MSE over all runs (p = 0.61). The
+compiled sample holds more runs with a raised 10-step MSE (0.14 or more, diverged ones included: 4
+of 8 against 2 of 10 eager, Fisher's p = 0.32); at these sample sizes that is within chance, and
+the per-iteration checks above found no mechanism for a systematic difference. Compiled and eager
+runs are indistinguishable to within the seed-to-seed spread.
 
 Algorithms (``--algorithm``): each is a :class:`Learner` in :data:`ALGORITHMS` (MAML, first-order
 MAML, Meta-SGD, ANIL, iMAML). A new one is a subclass with ``meta_step`` (and ``adaptation`` if its fine-tuning differs)
@@ -117,8 +156,9 @@ __all__ = [
 
 # The defaults of the options shared by all demos. 70,000 iterations: the paper's protocol, which
 # the task-batched path meta-trains in about 3.2 minutes (2.7 ms per iteration) eagerly on one thread
-# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled
-# with --compile, in about 0.55x the time plus 30-40 s of compilation.
+# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled (the
+# default from COMPILE_FROM iterations on, on CPU), in about 0.45x the time per iteration plus
+# 35-60 s of compilation (module docstring).
 DEFAULTS: dict[str, Any] = {"iterations": 70000, "shots": 10, "out": "higher-demo.png"}
 
 #: From this many iterations on compiling pays; the default when :data:`COMPILE_BY_DEFAULT` (module docstring).
@@ -207,6 +247,8 @@ class Learner:
     compile_seconds: float | None = None
     #: Why compiling by default failed, after which :func:`train_meta` ran eagerly (``None``: it did not fail).
     compile_error: str | None = None
+    #: The compiled :meth:`batched_loss` of ``compile(backward_inside=False)`` (the comparison's variant).
+    _compiled_loss: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
     def batched_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """The mean query loss of a task-batched meta-batch, as a tensor: the part that is compiled."""
