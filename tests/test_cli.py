@@ -100,6 +100,25 @@ def test_compile_options_reach_the_sinusoid_config():
     assert cli.config_of(resolve("--compile", "sinusoid")).compile is True  # type: ignore[union-attr]
 
 
+def test_long_cpu_runs_compile_by_default_and_no_compile_keeps_them_eager():
+    """The default decision, as the command line resolves it (nothing is run or compiled here)."""
+    cpu = torch.device("cpu")
+
+    def compiled(*argv):
+        return sinusoid.compile_choice(cli.config_of(resolve(*argv)), cpu)[0]  # type: ignore[arg-type]
+
+    assert sinusoid.COMPILE_BY_DEFAULT is True and sinusoid.COMPILE_FROM == 20000
+    assert compiled() is True  # the default run: 70,000 iterations
+    assert compiled("--iterations", "20000") is True
+    assert compiled("sinusoid", "--iterations", "20000", "--algorithm", "metasgd") is True
+    assert compiled("--iterations", "19999") is False
+    assert compiled("--iterations", "20000", "--no-compile") is False
+    assert compiled("--no-compile", "sinusoid", "--iterations", "70000") is False
+    assert compiled("--iterations", "300", "--compile") is True
+    assert compiled("--iterations", "20000", "--per-task") is False
+    assert compiled("sinusoid", "--iterations", "20000", "--algorithm", "imaml") is False
+
+
 def test_options_work_before_and_after_the_experiment_name():
     before, after = resolve("--iterations", "7", "digits"), resolve("digits", "--iterations", "7")
     assert before.iterations == after.iterations == 7

@@ -149,16 +149,25 @@ def fresh_dynamo():
     torch.compiler.reset()
 
 
-@pytest.mark.parametrize("algorithm", sorted(a for a, learner in sinusoid.ALGORITHMS.items() if learner.compiles))
-def test_compiled_meta_step_gives_the_eager_meta_gradient_without_recompiling(algorithm, fresh_dynamo):
-    """Three meta-iterations (new tasks, Adam-updated weights): the eager meta-gradients, one graph."""
+COMPILED = sorted(a for a, learner in sinusoid.ALGORITHMS.items() if learner.compiles)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "backward_inside"), [(a, True) for a in COMPILED] + [("maml", False), ("metasgd", False)]
+)
+def test_compiled_meta_step_gives_the_eager_meta_gradient_without_recompiling(algorithm, backward_inside, fresh_dynamo):
+    """Three meta-iterations (new tasks, Adam-updated weights): the eager meta-gradients, one graph.
+
+    ``backward_inside``: the demo's compiled meta-iteration (``higher.compiled.backward`` in the graph);
+    without it, the compiled loss and ``.backward()`` outside (kept for the speed comparison).
+    """
     config = sinusoid.SinusoidConfig(iterations=3, inner_steps=2, algorithm=algorithm)
     learners, meta_opts = [], []
     for compiled in (False, True):
         torch.manual_seed(1)
         learner = sinusoid.ALGORITHMS[algorithm](sinusoid.sinusoid_model(), config)
         if compiled:
-            learner.compile("aot_eager")
+            learner.compile("aot_eager", backward_inside=backward_inside)
         learners.append(learner)
         meta_opts.append(torch.optim.Adam(learner.meta_parameters(), lr=1e-2))
     sampler = SinusoidTasks(seed=3)
@@ -236,4 +245,27 @@ def test_run_compiles_from_compile_from_iterations_unless_told_not_to(compile_op
         assert used["compile_s"] > 0 and record["timings"]["compile_s"] == used["compile_s"]
     # aot_eager runs eager's kernels (no reordered sums): the same table to the last digit either way.
     assert record["table"] == small["table"]
+    torch.compiler.reset()
+
+
+def test_a_default_compilation_that_fails_runs_eagerly_and_says_why(tmp_path, monkeypatch, capsys):
+    """No C++ compiler for inductor, say: compiling by default falls back to eager; --compile is an error."""
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(sinusoid, "COMPILE_BACKEND", failing_backend)
+    monkeypatch.setattr(sinusoid, "COMPILE_FROM", 2)
+    monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", True)
+    cpu, png = torch.device("cpu"), tmp_path / "x.png"
+    torch.compiler.reset()
+    record = sinusoid.run(sinusoid.SinusoidConfig(iterations=2, test_tasks=3), cpu, png, progress=False)
+    used = record["compile"]
+    assert used["used"] is False and used["compile_s"] is None and record["timings"]["compile_s"] is None
+    assert used["reason"].startswith("compilation failed (") and "no C++ compiler found" in used["reason"]
+    assert "meta-training eagerly instead" in capsys.readouterr().out
+    eager = sinusoid.run(sinusoid.SinusoidConfig(iterations=2, test_tasks=3, compile=False), cpu, png, progress=False)
+    assert record["table"] == eager["table"]
+    with pytest.raises(sinusoid.DemoError, match="--compile: torch.compile failed .*no C.. compiler found"):
+        sinusoid.run(sinusoid.SinusoidConfig(iterations=2, test_tasks=3, compile=True), cpu, png, progress=False)
     torch.compiler.reset()

@@ -12,60 +12,95 @@ see :mod:`higher.batched`), about 8x faster than a loop over tasks for this smal
 per-task path (``per_task=True``, ``--per-task``) runs :mod:`higher.algorithms` task by task and
 computes the same numbers up to floating-point summation order.
 
-Compilation (``--compile``, ``--no-compile``). The task-batched meta-iteration of MAML,
-first-order MAML, Meta-SGD and ANIL -- from ``innerloop_ctx`` to the mean query loss
-(:meth:`Learner.batched_loss`; the backward pass and Adam's step stay eager) -- compiles with
+Compilation (``--compile``, ``--no-compile``). The task-batched meta-iteration of MAML, first-order
+MAML, Meta-SGD and ANIL -- from ``innerloop_ctx`` through the mean query loss to its backward pass
+(:meth:`Learner.batched_iteration`: the meta-gradient is taken inside the graph by
+:func:`higher.compiled.backward`; Adam's step stays eager) -- compiles with
 ``torch.compile(fullgraph=True)`` into one graph, once per run: every iteration has the same
-shapes, so it is never recompiled. Measured on the 2-core development machine (one thread,
-torch 2.13.0 CPU, inductor; other jobs kept the load average at about 3, which slows both sides),
-the default run (MAML, 70,000 iterations, 25 tasks, 1 inner step) in a fresh process with an
-empty inductor cache: 4.44 ms per iteration eager, 2.47 ms compiled after 31 s of compilation;
-meta-training 311 s eager, 204 s compiled; the whole run 399 s and 293 s. Side by side in one
-process (load average 3-4):
+shapes, so it is never recompiled. What changes from one iteration to the next is an input of the
+graph (the weights, Meta-SGD's learning rates, the meta-batch, sampled outside); the fixed settings
+(inner learning rate, number of inner steps) are constants that dynamo guards (changing them
+recompiles); nothing random runs inside and the network has no dropout or BatchNorm.
 
-=================  ============  ===============  ==================  ==========
-algorithm          eager ms/it   compiled ms/it   compile s           break-even
-                                                  (cold cache)        iterations
-=================  ============  ===============  ==================  ==========
-MAML               6.1           3.6              36 (fresh process)  14,500
-first-order MAML   4.1           2.4              14 (after MAML)     8,900
-Meta-SGD           6.0           3.1              20 (after MAML)     6,900
-ANIL               2.9           1.9              9 (after MAML)      9,900
-=================  ============  ===============  ==================  ==========
+Speed, side by side in one process (one thread, torch 2.13.0 CPU, inductor, the 2-core
+development machine shared with other jobs, load average 3.6-5.0; time per iteration with
+Adam's step, mean over 1,500 iterations; compile seconds of a cold inductor cache, the first
+compilation in a process also paying dynamo's and inductor's start-up):
 
-(break-even: compile seconds / seconds saved per iteration; the first compilation in a process
-also pays dynamo's and inductor's start-up, about 20 s: the MAML row, and the 31 s above,
-15,600 iterations). With inductor's cache warm (a second run) compilation takes 1-5 s. Hence
-the rule: compile from :data:`COMPILE_FROM` = 20,000 iterations on, above the cold break-even
-of a fresh run with a margin for compile times that vary with the load, so that the paper's
-70,000-iteration run (4.5x the break-even) is clearly faster compiled and the short runs of the
-tests and of quick tries never wait for a compiler. The rule is switched OFF for now
-(:data:`COMPILE_BY_DEFAULT` is ``False``, because of the unexplained difference in the results
-below): runs are eager unless ``--compile`` is given; with ``COMPILE_BY_DEFAULT = True`` runs of
-20,000 iterations and more compile without it, and ``--no-compile`` keeps them eager. The rule was measured
-on CPU: on other devices the demo compiles only with ``--compile``. The per-task path, iMAML
-and ``torchrun`` runs stay eager (``--compile`` there is an error).
+=================  =======  ========  ===============  ==================  ==========
+algorithm          eager    compiled  compiled, with   compile s           break-even
+                   ms/it    ms/it     ``.backward()``  (cold cache)        iterations
+                                      outside, ms/it
+=================  =======  ========  ===============  ==================  ==========
+MAML               6.7      2.8       4.2              37 (fresh process)  9,500
+first-order MAML   4.9      1.9       2.9              13 (after MAML)     4,400
+Meta-SGD           10.2     3.7       5.8              22 (after MAML)     3,400
+ANIL               5.9      2.4       3.9              18 (after MAML)     5,200
+=================  =======  ========  ===============  ==================  ==========
 
-Compiled results are not bit-identical: inductor's kernels sum in other orders than eager
-PyTorch, exactly as the per-task path does. Measured with seed 0 against the eager task-batched
-run, the weights differ by at most 7e-9 after one iteration and 6e-7 after 300 (the per-task
-path: 7e-9 and 3e-7), and the 300-iteration table is the same to every printed digit; then Adam
-amplifies the rounding into a different trajectory (weights 0.05 apart after 1,000 iterations,
-as for the per-task path), and the 2,000-iteration MAML row moved by at most 0.003 (3.160 /
-0.912 / 0.409 eager, 3.157 / 0.910 / 0.412 compiled). After the full 70,000 iterations the MSE
-after 1 and 10 steps is 0.361 ± 0.030 and 0.142 ± 0.028 compiled, against 0.336 ± 0.028 and
-0.112 ± 0.015 eager (and 0.351 ± 0.030 and 0.105 ± 0.012 on the per-task path); the
-pretrained baseline (never compiled) is identical. Not yet explained: in both compiled 70,000-
-iteration runs measured, fine-tuning beyond one step is less stable than in the eager runs (the
-meta-objective trains one inner step only; what happens after more steps depends on the
-trajectory). Seed 0: the compiled MSE rises from step 2 to 4 (0.225, 0.233, 0.281) before it
-falls to 0.142; seed 1: the compiled run's MSE after 10 steps is 2.5e12 (fine-tuning diverges on
-some test task from step 5 on) where the eager run's falls steadily to 0.106 ± 0.012 (1 step:
-0.332 compiled, 0.346 eager). The meta-gradients themselves agree with eager at every point
-checked (above, and in the tests after several meta-steps). The eager runs of seeds 2 and 3 fall
-steadily too (10 steps: 0.115 ± 0.013 and 0.107 ± 0.014): of seven 70,000-iteration runs (five
-eager, including the per-task one, two compiled), the two compiled ones are the only unstable
-ones. Until that is understood, compilation is opt-in (``--compile``).
+(break-even: compile seconds / seconds saved per iteration). The backward pass inside the graph
+(:func:`higher.compiled.backward`) computes bit-identical weights to the compiled forward with
+``.backward()`` outside (checked over 1,000 iterations of seed 0, and the 70,000-iteration runs of
+seeds 0 and 1 print the same tables both ways) and is 1.5-1.7x faster per iteration. The medians,
+less disturbed by the other jobs, differ more: MAML 7.2 ms eager, 1.4 ms compiled. The whole
+default run (MAML, 70,000 iterations, each in a fresh process with an empty inductor cache, two
+runs at a time at load average about 4): compiled, 237-428 s in all, 33-58 s of compilation
+included (then 1.4-3.3 ms per iteration; meta-training 144-284 s; 8 runs); eager, 546-683 s
+(6.0-7.7 ms per iteration; meta-training 422-543 s; 6 runs), the pretrained baseline (eager in
+both) and the evaluation taking the rest. Hence the rule (:data:`COMPILE_BY_DEFAULT`): runs of
+:data:`COMPILE_FROM` = 20,000 iterations and more compile on CPU, above the cold break-even of a
+fresh process with a margin for compile times that vary with the load, so that the paper's
+70,000-iteration run is clearly faster compiled and the short runs of the tests and of quick tries
+never wait for a compiler; ``--no-compile`` keeps them eager and ``--compile`` compiles a shorter
+run. The rule was measured on CPU: on other devices the demo compiles only with ``--compile``. The
+per-task path, iMAML and ``torchrun`` runs stay eager (``--compile`` there is an error).
+
+Results. Compiled and eager compute the same meta-gradient up to float32 rounding. At the same
+weights and batch the two differ by at most 1.6e-6 of the largest gradient entry (every iteration
+of the first 1,000 of seed 0; every 5,000th of the full compiled runs below; and every one of the
+70,000 iterations of the compiled seed-1 run), except at 5 iterations of those 70,000, where a
+hidden unit's pre-activation lies within 3e-7 of ReLU's kink: the two roundings put it on different
+sides, and the meta-gradients differ by 0.4-5%. At two of the three such iterations checked against
+float64 (2,277 and 37,304: pre-activations 9e-9 and 3e-8 from the kink) the compiled meta-gradient
+is the one that agrees with float64 (to 1e-6), at the third (32,659: 2.5e-7) the eager one:
+rounding, on either path. They are not bit-identical (inductor's kernels sum in other orders than
+eager PyTorch, exactly as the per-task path does): with seed 0 the weights differ by at most 7e-9
+after one iteration and 6e-7 after 300, and the 300-iteration table is the same to every printed
+digit; then Adam amplifies the rounding into a different trajectory (weights 0.05 apart after 1,000
+iterations, as for the per-task path), so a 70,000-iteration table differs from the eager one of
+the same seed as a run of another seed does. The full default runs (MSE after 1 and 10 fine-tuning
+steps, mean over the 600 test tasks; seeds 0-1 compiled and 0-3 eager measured earlier, when only
+the forward pass was compiled, which gives bit-identical weights):
+
+====  ======================  ======================
+seed  eager: 1 / 10 steps     compiled: 1 / 10 steps
+====  ======================  ======================
+0     0.336 / 0.112           0.361 / 0.142
+1     0.346 / 0.106           0.332 / 2.5e12 (diverged)
+2     (not recorded) / 0.115  0.343 / 0.103
+3     (not recorded) / 0.107  0.338 / 0.107
+4     0.338 / 0.111           0.354 / 0.107
+5     0.354 / inf (diverged)  0.322 / 0.195
+6     0.330 / 0.106           0.363 / 0.108
+7     0.356 / 0.112           0.329 / 0.196
+8     0.339 / 0.106
+9     0.365 / 0.143
+====  ======================  ======================
+
+The MSE after 10 steps is not a stable statistic of a run: the meta-objective trains one inner step
+only, and from some learned initialisations SGD with lr 0.01 diverges, or climbs for a few steps,
+on a few test tasks of large amplitude, whichever way the initialisation was computed. One such
+task out of 600 moves the mean from 0.11 to 2.5e12 (compiled, seed 1) or to infinity (eager, seed
+5; printed ``inf ± nan``). Over these runs, after 1 step: 0.346 ± 0.012 eager (mean ± standard
+deviation over 8 seeds, 0.330-0.365) and 0.343 ± 0.015 compiled (8 seeds, 0.322-0.363); after 10
+steps, leaving out the one diverged run of each: 0.113 ± 0.012 eager (9 seeds, 0.106-0.143) and
+0.137 ± 0.042 compiled (7 seeds, 0.103-0.196); fine-tuning diverged in 1 of 10 eager and 1 of 8
+compiled runs. A permutation test of the means finds no significant difference (p = 0.70 after 1
+step, 0.17 after 10), nor does a rank test of the 10-step MSE over all runs (p = 0.61). The
+compiled sample holds more runs with a raised 10-step MSE (0.14 or more, diverged ones included: 4
+of 8 against 2 of 10 eager, Fisher's p = 0.32); at these sample sizes that is within chance, and
+the per-iteration checks above found no mechanism for a systematic difference. Compiled and eager
+runs are indistinguishable to within the seed-to-seed spread.
 
 Algorithms (``--algorithm``): each is a :class:`Learner` in :data:`ALGORITHMS` (MAML, first-order
 MAML, Meta-SGD, ANIL, iMAML). A new one is a subclass with ``meta_step`` (and ``adaptation`` if its fine-tuning differs)
@@ -85,6 +120,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import compiled as compiled_api
 from .. import distributed, innerloop_ctx
 from ..algorithms import MetaSGD, anil_step, imaml_step
 from ..data import SinusoidTasks, TaskBatch
@@ -120,16 +156,17 @@ __all__ = [
 
 # The defaults of the options shared by all demos. 70,000 iterations: the paper's protocol, which
 # the task-batched path meta-trains in about 3.2 minutes (2.7 ms per iteration) eagerly on one thread
-# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled
-# with --compile, in about 0.55x the time plus 30-40 s of compilation.
+# of the 2-core development machine when it is quiet (see docs/reference-run.md); compiled (the
+# default from COMPILE_FROM iterations on, on CPU), in about 0.45x the time per iteration plus
+# 35-60 s of compilation (module docstring).
 DEFAULTS: dict[str, Any] = {"iterations": 70000, "shots": 10, "out": "higher-demo.png"}
 
 #: From this many iterations on compiling pays; the default when :data:`COMPILE_BY_DEFAULT` (module docstring).
 COMPILE_FROM = 20000
 #: Whether the :data:`COMPILE_FROM` rule applies without ``--compile`` (module docstring).
-COMPILE_BY_DEFAULT = False
+COMPILE_BY_DEFAULT = True
 #: torch.compile's backend for the meta-iteration (the tests use ``"aot_eager"``: the same graph, no C++ compilation).
-COMPILE_BACKEND = "inductor"
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 
 
 def sinusoid_model() -> nn.Module:
@@ -203,34 +240,56 @@ class Learner:
     #: Whether :meth:`batched_loss` compiles into one graph and runs faster compiled (measured; see the
     #: module docstring). Only such learners are compiled, and only on the task-batched path.
     compiles = False
-    #: The compiled :meth:`batched_loss` once :meth:`compile` was called (then used by every task-batched step).
+    #: The compiled meta-iteration once :meth:`compile` was called (then used by every task-batched step):
+    #: the batch's four tensors in, the detached mean query loss out, the meta-gradient accumulated in ``.grad``.
     compiled: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
     #: Seconds of the first compiled meta-step (compilation and one iteration), set by :func:`train_meta`.
     compile_seconds: float | None = None
+    #: Why compiling by default failed, after which :func:`train_meta` ran eagerly (``None``: it did not fail).
+    compile_error: str | None = None
+    #: The compiled :meth:`batched_loss` of ``compile(backward_inside=False)`` (the comparison's variant).
+    _compiled_loss: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
     def batched_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """The mean query loss of a task-batched meta-batch, as a tensor: the part that is compiled."""
         raise NotImplementedError(f"{self.label} has no compiled task-batched meta-step")
 
-    def compile(self, backend: str = "inductor") -> None:
-        """Compile :meth:`batched_loss` (``torch.compile(..., fullgraph=True)``) once for all meta-steps.
+    def batched_iteration(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        """:meth:`batched_loss` and its backward pass (``higher.compiled.backward``): the detached loss."""
+        loss = self.batched_loss(support_x, support_y, query_x, query_y)
+        compiled_api.backward(loss)
+        return loss.detach()
 
-        The function is compiled at its first call (the first meta-step) and reused as long as the
+    def _loss_then_backward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        loss = self._compiled_loss(support_x, support_y, query_x, query_y)
+        loss.backward()
+        return loss.detach()
+
+    def compile(self, backend: str | Callable[..., Any] = "inductor", backward_inside: bool = True) -> None:
+        """Compile the task-batched meta-iteration (``torch.compile(..., fullgraph=True)``) once for all meta-steps.
+
+        With ``backward_inside`` (the default), :meth:`batched_iteration` is compiled: the inner
+        loop, the query loss and the meta-gradient in one graph (``higher.compiled.backward``).
+        Without it, only :meth:`batched_loss` is compiled and ``.backward()`` runs torch's backward
+        pass of its graph (measured slower, module docstring; kept for the comparison). The
+        function is compiled at its first call (the first meta-step) and reused as long as the
         shapes stay the same (they do: same meta-batch size, shots and steps every iteration).
-        The backward pass and ``float(loss)`` run outside the compiled function. ``backend`` is
-        torch.compile's (tests use ``"aot_eager"``: the same graph without C++ compilation).
+        Adam's step and ``float(loss)`` run outside. ``backend`` is torch.compile's (tests use
+        ``"aot_eager"``: the same graph without C++ compilation).
         """
         if not self.compiles:
             raise DemoError(f"{self.label} is not compiled (no faster one-graph meta-step); leave out --compile")
-        self.compiled = torch.compile(self.batched_loss, fullgraph=True, backend=backend)
+        if backward_inside:
+            self.compiled = torch.compile(self.batched_iteration, fullgraph=True, backend=backend)
+        else:
+            self._compiled_loss = torch.compile(self.batched_loss, fullgraph=True, backend=backend)
+            self.compiled = self._loss_then_backward
 
     def compiled_step(self, batch: TaskBatch) -> float:
-        """A task-batched meta-step through the compiled :meth:`batched_loss`: backward, then the loss."""
+        """A task-batched meta-step through the compiled meta-iteration: the meta-gradient into ``.grad``, the loss."""
         if self.compiled is None:
             raise RuntimeError("compiled_step before compile()")
-        loss = self.compiled(*_stacked(batch))
-        loss.backward()
-        return float(loss.detach())
+        return float(self.compiled(*_stacked(batch)))
 
 
 def batched_query_losses(
@@ -500,12 +559,37 @@ def train_meta(
         batch = sampler.sample(config.meta_batch).to(device)
         start = time.perf_counter()
         meta_opt.zero_grad()
-        loss = learner.meta_step(batch, config.per_task)
+        if compiled and iteration == 1:
+            loss = _first_compiled_step(learner, batch, config, quiet)
+            compiled = learner.compiled is not None
+        else:
+            loss = learner.meta_step(batch, config.per_task)
         meta_opt.step()
         if compiled and iteration == 1:
             learner.compile_seconds = time.perf_counter() - start
         bar.update(iteration, loss)
     return learner, bar.close()
+
+
+def _first_compiled_step(learner: Learner, batch: TaskBatch, config: SinusoidConfig, quiet: bool) -> float:
+    """The first compiled meta-step, where ``torch.compile`` compiles.
+
+    If compiling fails (inductor needs a C++ compiler on CPU, say) and compiling was only the
+    default, the run says why and goes on eagerly (``learner.compile_error``); with ``--compile``
+    the failure is a :class:`DemoError`.
+    """
+    try:
+        return learner.meta_step(batch, config.per_task)
+    except Exception as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        if config.compile:
+            raise DemoError(f"--compile: torch.compile failed ({reason}); --no-compile runs eagerly") from error
+        learner.compiled, learner.compile_error = None, reason
+        for parameter in learner.meta_parameters():
+            parameter.grad = None
+        if not quiet:
+            print(f"compilation failed ({reason}); meta-training eagerly instead (--no-compile skips it)", flush=True)
+        return learner.meta_step(batch, config.per_task)
 
 
 def train_pretrained(config: SinusoidConfig, device: torch.device) -> nn.Module:
@@ -686,6 +770,8 @@ def run(config: SinusoidConfig, device: torch.device, out: Path, progress: bool 
     if rank != 0:  # the other ranks of a torchrun job only share the meta-training
         return {}
     trained = time.perf_counter()
+    if learner.compile_error is not None:
+        compiled, why = False, f"compilation failed ({learner.compile_error}); ran eagerly"
     compile_seconds = learner.compile_seconds
     # With compilation: the time per iteration after the first (compiling) one.
     timed = config.iterations - (compile_seconds is not None)
