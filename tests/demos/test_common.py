@@ -30,6 +30,19 @@ def test_format_table_and_table_json_hold_the_same_numbers():
     assert numbers["pretrained"]["1 step"] == {"mean": 2.5, "ci95": 0.18}
 
 
+def test_format_table_keeps_diverged_runs_compact():
+    """A run whose fine-tuning diverged on a test task has an enormous (or infinite) mean: it prints
+    in scientific notation instead of widening every column to twenty digits."""
+    rows = {
+        "MAML": [(3.125, 0.23), (2536493152556.478, 4971526579010.1)],
+        "pretrained": [(3.119, 0.228), (math.inf, math.nan)],
+    }
+    lines = common.format_table("title", ["0 steps", "10 steps"], rows, digits=3).splitlines()
+    assert lines[2].split() == ["MAML", "3.125", "±", "0.230", "2.536e+12", "±", "4.972e+12"]
+    assert lines[3].split() == ["pretrained", "3.119", "±", "0.228", "inf", "±", "nan"]
+    assert max(len(line) for line in lines) < 60
+
+
 def test_json_line_is_strict_json_on_one_line():
     record = {
         "path": Path("a/b.png"),

@@ -101,8 +101,16 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
 def format_table(
     title: str, columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float]]], digits: int
 ) -> str:
-    """A text table of ``mean ± half-width`` cells, one row per method."""
-    cells = {name: [f"{m:.{digits}f} ± {h:.{digits}f}" for m, h in values] for name, values in rows.items()}
+    """A text table of ``mean ± half-width`` cells, one row per method.
+
+    Numbers print with ``digits`` decimals, in scientific notation from 10,000 on (a run whose
+    fine-tuning diverged on some task has an enormous mean, which would widen every column).
+    """
+
+    def number(value: float) -> str:
+        return f"{value:.{digits}e}" if math.isfinite(value) and abs(value) >= 1e4 else f"{value:.{digits}f}"
+
+    cells = {name: [f"{number(m)} ± {number(h)}" for m, h in values] for name, values in rows.items()}
     width = max(len(c) for c in [*columns, *(c for row in cells.values() for c in row)])
     name_width = max(len("method"), *(len(n) for n in rows))
     lines = [title, "  ".join(["method".ljust(name_width)] + [c.rjust(width) for c in columns])]
