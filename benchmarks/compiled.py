@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --setup          # once: installs JAX (and the other competitors) into .bench/
     python benchmarks/compiled.py             # sine and deep, SGD and Adam
+    python benchmarks/compiled.py --workloads conv --compile-timeout 600   # conv: compiles take minutes
     python benchmarks/compiled.py --workloads sine --optimizers sgd --rounds 20 --json out.json
     python benchmarks/compiled.py --variants tfunc_compiled --options cpp_wrapper=True --mode max-autotune-no-cudagraphs
 
@@ -12,10 +13,14 @@ both pinned to the same core, ``--no-pin`` to pin JAX only: XLA's documented one
 its wall time is the "compile" column), checks every meta-gradient against the hand-written
 torch reference (``benchmarks/implementations.build_vmap``; a variant that disagrees is not
 timed), then times them in interleaved rounds (a new random order each round) and reports the
-median time per meta-iteration and its ratio to JAX. The variants:
+median time per meta-iteration and its ratio to the faster JAX variant. With
+``--compile-timeout S``, a compiled variant whose first call runs past S seconds is stopped and
+shown as ``not compiled: ...`` (so is one whose compilation raises: ``failed: ...``). The variants:
 
 - ``jax``: ``jax.jit(jax.value_and_grad(meta_loss))``, ``jax.vmap`` over tasks
-  (``benchmarks/jax_workloads.py``; sine and deep only; skipped when ``.bench/jax`` is missing);
+  (``benchmarks/jax_workloads.py``: sine, deep and conv; skipped when ``.bench/jax`` is missing);
+  ``jax_map``: the same with ``jax.lax.map`` over tasks (a loop inside the compiled function: on
+  conv, vmap of per-task weights makes grouped convolutions);
 - ``tfunc_compiled``: ``torch.compile(torch.func.grad_and_value(meta_loss), fullgraph=True)`` of
   a hand-written torch.func meta-loss (``vmap`` over tasks of an inner loop of ``torch.func.grad``);
   ``tfunc_backward_compiled``: the meta-loss compiled, ``.backward()`` outside;
@@ -31,11 +36,18 @@ median time per meta-iteration and its ratio to JAX. The variants:
 
 Unless ``--no-cache-times``, each compiled variant is also compiled in two fresh
 processes sharing a ``TORCHINDUCTOR_CACHE_DIR`` under ``.bench/``: the first with the cache
-cleared (cold), the second finding it populated (warm: FX graph and AOTAutograd cache hits).
+cleared (cold), the second finding it populated (warm); each reports its inductor FX graph cache
+and AOTAutograd cache hits, so a "warm" process that missed the cache shows it.
 Unless ``--no-memory``, fresh processes measure what four meta-iterations add to the
 resident set after the warm-up (the free heap handed back with ``malloc_trim`` and the
 high-water mark reset after compiling, through ``/proc/self/clear_refs``), and the peak of the
 whole process including the compile; the compiled/eager ratio compares the former.
+
+``--backend aot_eager`` traces the compiled variants without generating kernels (the smoke test
+of ``tests/test_benchmarks_compiled.py``); its times say nothing about inductor's. An eager
+variant whose float32 meta-gradient misses the check is checked again in float64 (Adam's
+``sqrt(v) + eps`` with gradients near eps amplifies float32 rounding: conv per task), timed if that
+agrees, with a note.
 """
 
 from __future__ import annotations
