@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --setup          # once: installs JAX (and the other competitors) into .bench/
     python benchmarks/compiled.py             # sine and deep, SGD and Adam
+    python benchmarks/compiled.py --workloads conv --compile-timeout 600   # conv: compiles take minutes
     python benchmarks/compiled.py --workloads sine --optimizers sgd --rounds 20 --json out.json
     python benchmarks/compiled.py --variants tfunc_compiled --options cpp_wrapper=True --mode max-autotune-no-cudagraphs
 
@@ -12,10 +13,14 @@ both pinned to the same core, ``--no-pin`` to pin JAX only: XLA's documented one
 its wall time is the "compile" column), checks every meta-gradient against the hand-written
 torch reference (``benchmarks/implementations.build_vmap``; a variant that disagrees is not
 timed), then times them in interleaved rounds (a new random order each round) and reports the
-median time per meta-iteration and its ratio to JAX. The variants:
+median time per meta-iteration and its ratio to the faster JAX variant. With
+``--compile-timeout S``, a compiled variant whose first call runs past S seconds is stopped and
+shown as ``not compiled: ...`` (so is one whose compilation raises: ``failed: ...``). The variants:
 
 - ``jax``: ``jax.jit(jax.value_and_grad(meta_loss))``, ``jax.vmap`` over tasks
-  (``benchmarks/jax_workloads.py``; sine and deep only; skipped when ``.bench/jax`` is missing);
+  (``benchmarks/jax_workloads.py``: sine, deep and conv; skipped when ``.bench/jax`` is missing);
+  ``jax_map``: the same with ``jax.lax.map`` over tasks (a loop inside the compiled function: on
+  conv, vmap of per-task weights makes grouped convolutions);
 - ``tfunc_compiled``: ``torch.compile(torch.func.grad_and_value(meta_loss), fullgraph=True)`` of
   a hand-written torch.func meta-loss (``vmap`` over tasks of an inner loop of ``torch.func.grad``);
   ``tfunc_backward_compiled``: the meta-loss compiled, ``.backward()`` outside;
@@ -31,17 +36,25 @@ median time per meta-iteration and its ratio to JAX. The variants:
 
 Unless ``--no-cache-times``, each compiled variant is also compiled in two fresh
 processes sharing a ``TORCHINDUCTOR_CACHE_DIR`` under ``.bench/``: the first with the cache
-cleared (cold), the second finding it populated (warm: FX graph and AOTAutograd cache hits).
+cleared (cold), the second finding it populated (warm); each reports its inductor FX graph cache
+and AOTAutograd cache hits, so a "warm" process that missed the cache shows it.
 Unless ``--no-memory``, fresh processes measure what four meta-iterations add to the
 resident set after the warm-up (the free heap handed back with ``malloc_trim`` and the
 high-water mark reset after compiling, through ``/proc/self/clear_refs``), and the peak of the
 whole process including the compile; the compiled/eager ratio compares the former.
+
+``--backend aot_eager`` traces the compiled variants without generating kernels (the smoke test
+of ``tests/test_benchmarks_compiled.py``); its times say nothing about inductor's. An eager
+variant whose float32 meta-gradient misses the check is checked again in float64 (Adam's
+``sqrt(v) + eps`` with gradients near eps amplifies float32 rounding: conv per task), timed if that
+agrees, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import ctypes
 import gc
@@ -49,6 +62,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +85,7 @@ for path in (str(ROOT / "src"), str(ROOT)):  # measure this checkout's higher
         sys.path.insert(0, path)
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.func import grad_and_value, vmap  # noqa: E402
 
@@ -103,9 +118,14 @@ class Settings:
     options: dict | None = None
     fullgraph: bool = True
     step_form: str = "loss"  # or "closure": diffopt.step(closure=...)
+    backend: str = "inductor"  # "aot_eager": traced, not compiled to kernels (the fast smoke test)
 
     def compile(self, fn: Callable) -> Callable:
         kwargs: dict = {"fullgraph": self.fullgraph}
+        if self.backend != "inductor":
+            if self.mode or self.options:
+                raise ValueError("--mode and --options are inductor's: leave them out with --backend " + self.backend)
+            return torch.compile(fn, backend=self.backend, **kwargs)
         if self.mode and self.options:  # torch.compile takes one or the other: the mode as options
             kwargs["options"] = {**torch._inductor.list_mode_options(self.mode), **self.options}
         elif self.mode:
@@ -237,6 +257,7 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("jax", "JAX jit + vmap", None, compiled=True),
+        Variant("jax_map", "JAX jit + lax.map over tasks", None, compiled=True),
         Variant(
             "tfunc_compiled",
             "torch.compile(torch.func.grad_and_value(vmap meta-loss))",
@@ -266,6 +287,9 @@ VARIANTS: dict[str, Variant] = {
     )
 }
 
+
+#: The JAX variants: how each maps the meta-loss over tasks (``jax_workloads.build``).
+JAX_TASKS = {"jax": "vmap", "jax_map": "map"}
 
 #: Inductor settings tried on the compiled torch.func meta-iteration (``--variants`` names
 #: ``tfunc_compiled@KEY``, or ``--options-sweep`` for all): which compiles the fastest code.
@@ -331,8 +355,19 @@ def _jax_cpu() -> int:
     return max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
 
 
-def _start_jax(workload: Workload, optimizer: str, dtype: torch.dtype, folder: Path, xla_flags: str) -> JaxRunner:
-    npz = folder / f"{workload.name}-{optimizer}-{str(dtype).split('.')[-1]}.npz"
+def _jax_loss(workload: Workload) -> str:
+    """The JAX side's name of the workload's loss function."""
+    if workload.loss is F.mse_loss:
+        return "mse"
+    if workload.loss is F.cross_entropy:
+        return "cross_entropy"
+    raise ValueError(f"no JAX version of the loss {workload.loss} of workload {workload.name}")
+
+
+def _start_jax(
+    workload: Workload, optimizer: str, dtype: torch.dtype, folder: Path, xla_flags: str, tasks: str = "vmap"
+) -> JaxRunner:
+    npz = folder / f"{workload.name}-{optimizer}-{str(dtype).split('.')[-1]}-{tasks}.npz"
     export(
         _model(workload, dtype),
         _data(workload, dtype),
@@ -341,8 +376,38 @@ def _start_jax(workload: Workload, optimizer: str, dtype: torch.dtype, folder: P
         optimizer=optimizer,
         lr=workload.lr[optimizer],
         steps=workload.inner_steps,
+        loss=_jax_loss(workload),
+        tasks=tasks,
     )
     return JaxRunner(npz, cpu=_jax_cpu(), xla_flags=xla_flags)
+
+
+class CompileTimeout(BaseException):
+    """The first call of a compiled variant ran past ``--compile-timeout`` (a BaseException, so that
+    no ``except Exception`` in the compiler swallows it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`CompileTimeout` in this (main) thread after ``seconds`` (0: no limit).
+
+    The signal is handled between Python bytecodes: a C++ compiler subprocess that inductor is
+    waiting for finishes first, so the stop can come a few seconds late.
+    """
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise CompileTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def measure(workload: Workload, optimizer: str, names: list[str], settings: Settings, args: argparse.Namespace) -> dict:
@@ -354,14 +419,15 @@ def measure(workload: Workload, optimizer: str, names: list[str], settings: Sett
     record: dict = {"workload": workload.name, "description": workload.description, "optimizer": optimizer}
     compile_s, failed, details, check, notes = {}, {}, {}, {}, []
     folder = Path(tempfile.mkdtemp(prefix="compiled-bench-"))
-    runner = None
+    runners: list[JaxRunner] = []
     try:
         for name in _progress(names, len(names), f"{workload.name}/{optimizer} build", not args.quiet):
             variant = VARIANTS[name]
             if variant.build is None:
+                tasks = JAX_TASKS[name]
                 try:
                     if not args.no_check:
-                        checker = _start_jax(workload, optimizer, torch.float64, folder, args.xla_flags)
+                        checker = _start_jax(workload, optimizer, torch.float64, folder, args.xla_flags, tasks)
                         checker.close()
                         error, bad = _compare(
                             torch.tensor(checker.grads, dtype=torch.float64),
@@ -371,7 +437,8 @@ def measure(workload: Workload, optimizer: str, names: list[str], settings: Sett
                         if not error <= CHECK_TOLERANCE_64:
                             failed[name] = f"wrong meta-gradient (float64 relative difference {error:.2g})"
                             continue
-                    runner = _start_jax(workload, optimizer, torch.float32, folder, args.xla_flags)
+                    runner = _start_jax(workload, optimizer, torch.float32, folder, args.xla_flags, tasks)
+                    runners.append(runner)
                 except Exception as error:  # a broken JAX install must not stop the torch measurements
                     failed[name] = "failed: " + _short(error)
                     continue
@@ -381,11 +448,17 @@ def measure(workload: Workload, optimizer: str, names: list[str], settings: Sett
                 built[name] = runner.time_one
                 continue
             model = copy.deepcopy(base)
+            start = time.perf_counter()
             try:
                 meta_iteration = variant.build(workload, model, data, optimizer, settings)
-                start = time.perf_counter()
-                meta_iteration()
+                with _time_limit(args.compile_timeout if variant.compiled else 0):
+                    meta_iteration()
                 compile_s[name] = time.perf_counter() - start
+            except CompileTimeout:
+                failed[name] = f"not compiled: first call stopped after {time.perf_counter() - start:.0f} s"
+                details[name] = f"--compile-timeout {args.compile_timeout:g} s reached"
+                torch._dynamo.reset()
+                continue
             except Exception as error:
                 failed[name] = "failed: " + _short(error)
                 details[name] = f"{type(error).__name__}: {error}"[:4000]
@@ -395,9 +468,27 @@ def measure(workload: Workload, optimizer: str, names: list[str], settings: Sett
             check[name] = {"float32_error": error, "nonfinite": bad}
             if bad:
                 notes.append(f"{name}: {bad} of {reference.numel()} meta-gradient entries are NaN/inf")
-            if error > CHECK_TOLERANCE and not args.no_check:
-                failed[name] = f"wrong meta-gradient (relative difference {error:.2g})"
+            if bad == reference.numel() and not args.no_check:  # nothing left to compare
+                failed[name] = f"not checked: all {bad} meta-gradient entries NaN/inf"
                 continue
+            if error > CHECK_TOLERANCE and not args.no_check:
+                if variant.compiled:
+                    failed[name] = f"wrong meta-gradient (relative difference {error:.2g})"
+                    continue
+                # Eager: float32 rounding or a wrong result? Adam divides by sqrt(v) + eps: with
+                # gradient entries near eps, float32 rounding moves its second-order terms a lot
+                # (seen on conv per task); the float64 meta-gradient decides.
+                model64 = _model(workload, torch.float64)
+                variant.build(workload, model64, _data(workload, torch.float64), optimizer, settings)()
+                error64, _ = _compare(_flat_grad(model64), _reference(workload, optimizer, torch.float64))
+                check[name]["float64_error"] = error64
+                if not error64 <= CHECK_TOLERANCE_64:
+                    failed[name] = f"wrong meta-gradient (relative difference {error:.2g}, float64 {error64:.2g})"
+                    continue
+                notes.append(
+                    f"{name}: float32 meta-gradient {error:.2g} from the float32 reference, but the float64 one "
+                    f"agrees to {error64:.2g}: float32 rounding"
+                )
 
             def timed(model=model, meta_iteration=meta_iteration) -> float:
                 for p in model.parameters():
@@ -419,7 +510,7 @@ def measure(workload: Workload, optimizer: str, names: list[str], settings: Sett
                 if r >= args.warmup:
                     times[name].append(elapsed)
     finally:
-        if runner is not None:
+        for runner in runners:
             runner.close()
         shutil.rmtree(folder, ignore_errors=True)
     record.update(
@@ -445,7 +536,7 @@ def _child_settings(args: argparse.Namespace) -> list[str]:
         command += ["--options", option]
     if args.no_fullgraph:
         command.append("--no-fullgraph")
-    return command
+    return command + ["--backend", args.backend]
 
 
 def _run_child(kind: str, spec: str, args: argparse.Namespace, env: dict) -> dict:
@@ -483,12 +574,28 @@ def _child_build(spec: str, settings: Settings) -> tuple[nn.Module, MetaIteratio
     return model, build(workload, model, _data(workload, torch.float32), optimizer, settings)
 
 
+#: The compile caches' counters a fresh process reports: whether "warm" really found its graphs.
+CACHE_COUNTERS = {
+    "fx_hit": ("inductor", "fxgraph_cache_hit"),
+    "fx_miss": ("inductor", "fxgraph_cache_miss"),
+    "fx_bypass": ("inductor", "fxgraph_cache_bypass"),
+    "aot_hit": ("aot_autograd", "autograd_cache_hit"),
+    "aot_miss": ("aot_autograd", "autograd_cache_miss"),
+    "aot_bypass": ("aot_autograd", "autograd_cache_bypass"),
+}
+
+
 def compile_child(spec: str, settings: Settings) -> None:
-    """Prints the wall time of the first meta-iteration (trace, compile or load from the cache, run)."""
+    """Prints the wall time of the first meta-iteration (trace, compile or load from the cache, run),
+    and the hits and misses of inductor's FX graph cache and of the AOTAutograd cache."""
+    from torch._dynamo.utils import counters
+
     model, meta_iteration = _child_build(spec, settings)
     start = time.perf_counter()
     meta_iteration()
-    print(json.dumps({"first_call_s": time.perf_counter() - start}))
+    result: dict = {"first_call_s": time.perf_counter() - start}
+    result.update({key: counters[group][name] for key, (group, name) in CACHE_COUNTERS.items()})
+    print(json.dumps(result))
 
 
 def _malloc_trim() -> None:
@@ -536,28 +643,39 @@ def _cell_ms(record: dict, name: str) -> str:
     return "" if ms is None else f"{ms:.2f}"
 
 
+def _jax_ms(record: dict) -> float | None:
+    """The faster JAX variant's median time: the ratios' reference."""
+    times = [record["median_ms"][n] for n in JAX_TASKS if n in record["median_ms"]]
+    return min(times) if times else None
+
+
+def _cache_cell(result: dict) -> str:
+    """``first call s [fx hits/graphs, aot hits/graphs]`` of a fresh process (see :func:`compile_child`)."""
+    if "first_call_s" not in result:
+        return result.get("error", "")
+    cell = f"{result['first_call_s']:.1f}"
+    if "fx_hit" in result:
+        fx = result["fx_hit"] + result["fx_miss"] + result["fx_bypass"]
+        aot = result["aot_hit"] + result["aot_miss"] + result["aot_bypass"]
+        cell += f" [fx {result['fx_hit']}/{fx}, aot {result['aot_hit']}/{aot} hits]"
+    return cell
+
+
 def _table(records: list[dict]) -> str:
     lines = [
-        "| workload | optimizer | variant | median ms | ratio to JAX | first call s (compile) | fresh process cold s "
+        "| workload | optimizer | variant | median ms | ratio to the faster JAX | first call s (compile) | fresh process cold s "
         "| fresh process warm s | added by 4 meta-iterations MiB | compiled / eager memory | process peak MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for record in records:
-        jax = record["median_ms"].get("jax")
+        jax = _jax_ms(record)
         for name in record["names"]:
             ms = record["median_ms"].get(name)
             ratio = f"{ms / jax:.2f}x" if ms is not None and jax else ""
             first = record["compile_s"].get(name)
             first_cell = f"{first:.1f}" if first is not None and VARIANTS[name].compiled else ""
             cache = record["cache"].get(name, {})
-            cold, warm = (
-                (
-                    f"{cache[k]['first_call_s']:.1f}"
-                    if "first_call_s" in cache.get(k, {})
-                    else cache.get(k, {}).get("error", "")
-                )
-                for k in ("cold", "warm")
-            )
+            cold, warm = (_cache_cell(cache.get(k, {})) for k in ("cold", "warm"))
             mem = record["memory"].get(name, {})
             # max(..., 0): the RSS read just after the reset can exceed the new high-water mark by a few pages
             added = f"{max(mem['peak'] - mem['before'], 0) / 2**20:.1f}" if "peak" in mem else mem.get("error", "")
@@ -582,13 +700,13 @@ def _summary(records: list[dict]) -> str:
         "|---|---|" + "---:|" * len(names),
     ]
     for record in records:
-        jax = record["median_ms"].get("jax")
+        jax = _jax_ms(record)
         cells = []
         for name in names:
             ms = record["median_ms"].get(name)
             cell = _cell_ms(record, name)
             if ms is not None:
-                cell = f"{ms:.2f} ms" + (f" ({ms / jax:.2f}x)" if jax and name != "jax" else "")
+                cell = f"{ms:.2f} ms" + (f" ({ms / jax:.2f}x)" if jax and name not in JAX_TASKS else "")
             cells.append(cell)
         lines.append(f"| {record['workload']} | {record['optimizer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -628,6 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks")
     parser.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend (default inductor; aot_eager traces without compiling kernels: smoke tests)",
+    )
+    parser.add_argument(
         "--step-form",
         choices=("closure", "loss"),
         default="loss",
@@ -643,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="time even variants whose meta-gradient disagrees")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--no-cache-times", action="store_true", help="skip the cold/warm compile processes")
+    parser.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=0,
+        help="seconds: a compiled variant whose first call takes longer is stopped and reported as not "
+        "compiled (default 0: no limit)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile-child", help=argparse.SUPPRESS)
@@ -651,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         "--options-sweep", action="store_true", help="add tfunc_compiled under each inductor setting of SWEEP"
     )
     args = parser.parse_args(argv)
-    settings = Settings(args.mode, _parse_options(args.options), not args.no_fullgraph, args.step_form)
+    settings = Settings(args.mode, _parse_options(args.options), not args.no_fullgraph, args.step_form, args.backend)
+    if args.backend != "inductor" and (args.mode or args.options):
+        parser.error(f"--mode and --options are inductor's: leave them out with --backend {args.backend}")
     if args.compile_child:
         compile_child(args.compile_child, settings)
         return 0
@@ -671,8 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     skipped = []
-    if "jax" in names and (args.no_jax or not competitors.jax_installed()):
-        names.remove("jax")
+    if any(n in JAX_TASKS for n in names) and (args.no_jax or not competitors.jax_installed()):
+        names = [n for n in names if n not in JAX_TASKS]
         skipped.append("JAX: " + ("--no-jax" if args.no_jax else "not installed (python benchmarks/run.py --setup)"))
     load_at_start = os.getloadavg()[0]
     print(f"machine: {_machine()}")
@@ -681,11 +813,11 @@ def main(argv: list[str] | None = None) -> int:
     for workload_name in args.workloads.split(","):
         workload = tiny(WORKLOADS[workload_name]) if args.tiny else WORKLOADS[workload_name]
         for optimizer in args.optimizers.split(","):
-            here = [n for n in names if n != "jax" or workload_name in JAX_WORKLOADS]
+            here = [n for n in names if n not in JAX_TASKS or workload_name in JAX_WORKLOADS]
             record = measure(workload, optimizer, here, settings, args)
             record["names"] = here
             small = "tiny" if args.tiny else "full"
-            measured = [n for n in here if n not in record["failed"] and n != "jax"]
+            measured = [n for n in here if n not in record["failed"] and n not in JAX_TASKS]
             if not args.no_cache_times:
                 for name in [n for n in measured if VARIANTS[n].compiled]:
                     record["cache"][name] = compile_times(f"{workload_name}:{optimizer}:{name}:{small}", args)
@@ -722,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
                         "options": settings.options,
                         "fullgraph": settings.fullgraph,
                         "step_form": args.step_form,
+                        "backend": args.backend,
                         "xla_flags": args.xla_flags,
                     },
                     "rounds": args.rounds,

@@ -1,12 +1,21 @@
-"""The ``sine`` and ``deep`` workloads in JAX, written as a performance-minded JAX user writes MAML.
+"""The ``sine``, ``deep`` and ``conv`` workloads in JAX, written as a performance-minded JAX user writes MAML.
 
 ``jax.jit(jax.value_and_grad(meta_loss))`` where ``meta_loss`` is the mean over tasks
-(``jax.vmap``) of the query loss after ``inner_steps`` differentiable inner steps taken with
+(``jax.vmap``, or ``jax.lax.map``: a loop over tasks in the compiled function, which XLA's CPU
+convolutions run faster than the grouped convolutions that ``vmap`` of per-task weights gives) of the query loss after ``inner_steps`` differentiable inner steps taken with
 ``jax.grad`` (second order): plain SGD (``optax.sgd``), or Adam written by hand with
 torch.optim.Adam's math, exactly as ``benchmarks/implementations.adam_update`` (bias-corrected
 moments, eps added after the bias correction, the same betas and eps; optax's ``adam`` is the same
 math with other roundings). As there, the meta-gradient check uses a ``sqrt`` whose derivative at
 0 is 0 (with the plain one, a dead ReLU unit makes the whole meta-gradient NaN: sine with Adam).
+
+The layers are those of the torch models, with torch's layouts and conventions: ``nn.Linear``
+(weight ``[out, in]``), ``nn.Conv2d`` (``jax.lax.conv_general_dilated``, NCHW/OIHW, stride 1,
+symmetric zero padding), ``nn.BatchNorm2d`` without running statistics (the batch's mean and
+biased variance over N, H, W, eps as torch's, affine weight and bias), ``nn.MaxPool2d``
+(``jax.lax.reduce_window`` of ``max``, no padding: the floor of torch), ``nn.Flatten``, ReLU and
+Tanh; the loss is the mean squared error (sine, deep) or the cross-entropy with integer labels
+(conv: ``-log_softmax`` at the label, averaged).
 
 JAX runs in a child process (``python benchmarks/jax_workloads.py --serve FILE``, started by
 :class:`JaxRunner` with :func:`competitors.jax_environment`: CPU, one thread), so that the XLA flags
@@ -39,31 +48,84 @@ if str(ROOT) not in sys.path:
 from benchmarks import competitors  # noqa: E402  (imports no torch)
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # as benchmarks/implementations.py
-#: The workloads written here (their torch models are Sequentials of Linear, ReLU and Tanh).
-JAX_WORKLOADS = ("sine", "deep")
+#: The workloads written here (their torch models are Sequentials of the layers below).
+JAX_WORKLOADS = ("sine", "deep", "conv")
 
 
 # ------------------------------------------------------------------ parent side (torch)
-def export(model, data, path: Path, *, workload: str, optimizer: str, lr: float, steps: int) -> None:
-    """Write ``model``'s layers and weights and the data to ``path`` (.npz) for the JAX child."""
+def export(
+    model,
+    data,
+    path: Path,
+    *,
+    workload: str,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    loss: str = "mse",
+    tasks: str = "vmap",
+) -> None:
+    """Write ``model``'s layers and weights and the data to ``path`` (.npz) for the JAX child.
+
+    ``loss``: ``"mse"`` or ``"cross_entropy"`` (integer labels); ``tasks``: ``"vmap"`` (``jax.vmap``
+    over tasks) or ``"map"`` (``jax.lax.map``: one task after the other in the compiled loop). A layer the JAX side does not
+    implement, or one configured otherwise than it assumes, raises ``ValueError``.
+    """
     import numpy as np
     import torch
+    from torch import nn
 
-    layers, arrays = [], {}
+    layers: list = []
+    arrays: dict = {}
+
+    def add(*tensors) -> None:  # the parameters of one layer, in model.parameters() order
+        i = sum(1 for layer in layers if isinstance(layer, dict) and "param" in layer)
+        for k, tensor in enumerate(tensors):
+            arrays[f"p{i}_{k}"] = tensor.detach().cpu().numpy()
+
     for module in model:
-        if isinstance(module, torch.nn.Linear):
-            i = len(arrays) // 2
-            arrays[f"w{i}"] = module.weight.detach().cpu().numpy()
-            arrays[f"b{i}"] = module.bias.detach().cpu().numpy()
-            layers.append("linear")
-        elif isinstance(module, (torch.nn.ReLU, torch.nn.Tanh)):
-            layers.append(type(module).__name__.lower())
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            add(module.weight, module.bias)
+            layers.append({"kind": "linear", "param": 2})
+        elif isinstance(module, nn.Conv2d) and module.bias is not None:
+            if (
+                module.stride != (1, 1)
+                or module.dilation != (1, 1)
+                or module.groups != 1
+                or not isinstance(module.padding, tuple)
+                or module.padding_mode != "zeros"
+            ):
+                raise ValueError(f"the JAX conv layer is stride 1, zero padding, one group, not {module}")
+            add(module.weight, module.bias)
+            layers.append({"kind": "conv", "param": 2, "padding": list(module.padding)})
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            if module.track_running_stats:
+                raise ValueError("the JAX BatchNorm uses batch statistics only (track_running_stats=False)")
+            add(module.weight, module.bias)
+            layers.append({"kind": "batchnorm", "param": 2, "eps": module.eps})
+        elif isinstance(module, nn.MaxPool2d):
+            kernel, stride = module.kernel_size, module.stride
+            if module.padding != 0 or module.dilation != 1 or module.ceil_mode or not isinstance(kernel, int):
+                raise ValueError(f"the JAX max-pool has a square kernel, no padding, floor mode, not {module}")
+            layers.append({"kind": "maxpool", "kernel": kernel, "stride": stride})
+        elif isinstance(module, (nn.ReLU, nn.Tanh)):
+            layers.append({"kind": type(module).__name__.lower()})
+        elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            layers.append({"kind": "flatten"})
         else:
-            raise ValueError(f"the JAX workloads have Linear, ReLU and Tanh layers only, not {type(module).__name__}")
+            raise ValueError(
+                "the JAX workloads have Linear, Conv2d, BatchNorm2d (batch statistics), MaxPool2d, Flatten, "
+                f"ReLU and Tanh layers only, not {module}"
+            )
+    if loss not in ("mse", "cross_entropy"):
+        raise ValueError(f"loss must be 'mse' or 'cross_entropy', not {loss!r}")
     for name, tensor in zip(("support_x", "support_y", "query_x", "query_y"), data):
         arrays[name] = tensor.detach().cpu().numpy()
+    if tasks not in ("vmap", "map"):
+        raise ValueError(f"tasks must be 'vmap' or 'map', not {tasks!r}")
     config = {"workload": workload, "optimizer": optimizer, "lr": lr, "steps": steps, "layers": layers}
-    config["x64"] = model[0].weight.dtype == torch.float64  # the float64 meta-gradient check
+    config.update(loss=loss, tasks=tasks)
+    config["x64"] = next(model.parameters()).dtype == torch.float64  # the float64 meta-gradient check
     config["safe_sqrt"] = config["x64"]
     np.savez(path, config=np.array(json.dumps(config)), **arrays)
 
@@ -116,26 +178,54 @@ def build(config: dict, arrays: dict):
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import optax
+    from jax import lax
 
-    activations = {"relu": jax.nn.relu, "tanh": jnp.tanh}
     layers, steps, lr = config["layers"], config["steps"], config["lr"]
-    n_linear = layers.count("linear")
-    params = [(jnp.asarray(arrays[f"w{i}"]), jnp.asarray(arrays[f"b{i}"])) for i in range(n_linear)]
+    n_param = sum(1 for layer in layers if "param" in layer)
+    params = [tuple(jnp.asarray(arrays[f"p{i}_{k}"]) for k in range(2)) for i in range(n_param)]
     data = tuple(jnp.asarray(arrays[name]) for name in ("support_x", "support_y", "query_x", "query_y"))
 
     def forward(params, x):
         i = 0
         for layer in layers:
-            if layer == "linear":
+            kind = layer["kind"]
+            if kind == "linear":
                 w, b = params[i]
                 x = x @ w.T + b  # torch's nn.Linear layout: weight [out, in]
-                i += 1
+            elif kind == "conv":
+                w, b = params[i]
+                (ph, pw) = layer["padding"]
+                x = lax.conv_general_dilated(
+                    x, w, (1, 1), ((ph, ph), (pw, pw)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+                )
+                x = x + b[None, :, None, None]
+            elif kind == "batchnorm":  # batch statistics: mean and biased variance over N, H, W
+                w, b = params[i]
+                mean = jnp.mean(x, axis=(0, 2, 3), keepdims=True)
+                var = jnp.mean((x - mean) ** 2, axis=(0, 2, 3), keepdims=True)
+                x = (x - mean) * lax.rsqrt(var + layer["eps"]) * w[None, :, None, None] + b[None, :, None, None]
+            elif kind == "maxpool":
+                k, st = layer["kernel"], layer["stride"]
+                x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, k, k), (1, 1, st, st), "VALID")
+            elif kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            elif kind == "relu":
+                x = jax.nn.relu(x)
             else:
-                x = activations[layer](x)
+                x = jnp.tanh(x)
+            i += "param" in layer
         return x
 
-    def loss(params, x, y):
-        return jnp.mean((forward(params, x) - y) ** 2)
+    if config["loss"] == "mse":
+
+        def loss(params, x, y):
+            return jnp.mean((forward(params, x) - y) ** 2)
+
+    else:  # cross-entropy with integer labels, as F.cross_entropy
+
+        def loss(params, x, y):
+            log_p = jax.nn.log_softmax(forward(params, x), axis=-1)
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
 
     def safe_sqrt(x):  # derivative 0 at 0 (see the module docstring)
         positive = x > 0
@@ -169,7 +259,11 @@ def build(config: dict, arrays: dict):
         return loss(fast, qx, qy)
 
     def meta_loss(params, sx, sy, qx, qy):
-        return jnp.mean(jax.vmap(task_query_loss, in_axes=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy))
+        if config["tasks"] == "map":  # a loop over tasks inside the compiled function
+            losses = lax.map(lambda task: task_query_loss(params, *task), (sx, sy, qx, qy))
+        else:
+            losses = jax.vmap(task_query_loss, in_axes=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
+        return jnp.mean(losses)
 
     return jax.jit(jax.value_and_grad(meta_loss)), params, data
 
@@ -184,7 +278,7 @@ def serve(npz: str) -> None:
     loss, grads = meta_step(params, *data)
     loss.block_until_ready()
     compile_s = time.perf_counter() - start
-    flat = [float(v) for w, b in grads for v in (*np.asarray(w).ravel(), *np.asarray(b).ravel())]
+    flat = [float(v) for layer in grads for p in layer for v in np.asarray(p).ravel()]
     print(json.dumps({"compile_s": compile_s, "loss": float(loss), "grads": flat}), flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
@@ -192,9 +286,9 @@ def serve(npz: str) -> None:
         start = time.perf_counter()
         loss, grads = meta_step(params, *data)
         loss.block_until_ready()
-        for w, b in grads:
-            w.block_until_ready()
-            b.block_until_ready()
+        for layer in grads:
+            for p in layer:
+                p.block_until_ready()
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
