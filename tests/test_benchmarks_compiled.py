@@ -169,3 +169,24 @@ def test_jax_conv_meta_gradient_matches_the_torch_reference(tmp_path, optimizer,
     got = torch.tensor(runner.grads, dtype=torch.float64)
     assert got.shape == expected.shape
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-9
+
+
+def test_a_variant_whose_meta_gradient_is_all_nan_is_not_timed_as_checked(tmp_path, monkeypatch):
+    """An all-NaN meta-gradient leaves nothing to compare: the variant is reported as unchecked
+    (it once passed the check silently and was timed, torch.func with Adam on conv)."""
+    from benchmarks import compiled
+
+    def build_nan(workload, model, data, optimizer, settings):
+        def meta_iteration():
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+
+        return meta_iteration
+
+    monkeypatch.setitem(compiled.VARIANTS, "nan", compiled.Variant("nan", "all NaN", build_nan))
+    out = tmp_path / "compiled.json"
+    args = [*TINY, "--optimizers", "sgd", "--variants", "nan,tfunc_eager", "--no-jax", "--no-memory"]
+    assert compiled.main([*args, "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["failed"]["nan"].startswith("not checked: all "), record["failed"]
+    assert "nan" not in record["median_ms"] and record["median_ms"]["tfunc_eager"] > 0
