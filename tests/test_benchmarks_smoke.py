@@ -46,3 +46,30 @@ def test_peak_memory_is_measured_in_a_fresh_process():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < memory["before"] <= memory["peak"]
+
+
+def test_one_step_breakdown_checks_and_reports_every_variant(capsys):
+    from benchmarks import one_step
+
+    assert one_step.main(["--rounds", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["check"]) == set(one_step.VARIANTS)
+    assert all(difference <= 1e-10 for difference in report["check"].values())
+    for variant in one_step.VARIANTS:
+        timings = report["us"][variant]
+        assert timings["task"] > 0 and set(timings) == {"task", *one_step.PHASES}
+    assert report["us"]["ours"]["open"] > 0  # ours opens an inner loop, the hand-written loop does not
+
+
+def test_one_step_breakdown_refuses_to_time_a_wrong_meta_gradient(monkeypatch, capsys):
+    from benchmarks import one_step
+
+    right = one_step.meta_gradient
+
+    def off_for_ours(variant, workload, dtype):
+        grads = right(variant, workload, dtype)
+        return [g * 1.001 for g in grads] if variant == "ours" else grads
+
+    monkeypatch.setattr(one_step, "meta_gradient", off_for_ours)
+    assert one_step.main(["--rounds", "1", "--quiet"]) == 1
+    assert "differ" in capsys.readouterr().err
