@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 Hyper = Mapping[str, Any]
@@ -158,10 +159,20 @@ def _scalar(value: float) -> Tensor | float:
 
 
 def _value(x: Any) -> Any:
-    """A 0-dim state tensor outside any graph as a Python number (torch's ``_get_value``)."""
-    if isinstance(x, Tensor) and x.dim() == 0 and not x.requires_grad:
+    """A 0-dim state tensor outside any graph as a Python number (torch's ``_get_value``).
+
+    A tensor that carries a hypergradient stays a tensor: one that requires grad (reverse mode),
+    or one with a forward-mode tangent (``higher.forward_hypergradient``: ASGD's ``eta`` and
+    ``mu``, NAdam's ``mu_product`` depend on the hyperparameters).
+    """
+    if isinstance(x, Tensor) and x.dim() == 0 and not x.requires_grad and not _has_tangent(x):
         return x.item()
     return x
+
+
+def _has_tangent(x: Tensor) -> bool:
+    """Whether ``x`` is a forward-mode dual tensor with a tangent (cheap outside ``dual_level``)."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
 
 
 def _next_step(step: Any) -> tuple[Any, Any]:
