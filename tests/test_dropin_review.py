@@ -1,0 +1,243 @@
+"""Programs written for higher 0.2.1 that a skeptical review found to give wrong numbers or crash.
+
+Each test is a realistic pattern of published code; the reference is ``torch.optim`` itself on a
+second copy of the model (the first-order trajectory) or a hand-written
+``torch.func.functional_call`` unroll (the meta-gradient).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+import higher
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules that reach their submodules or parameters other than through their registered slots.
+# torch.optim (and torch.func.functional_call, which swaps tensors into the module itself) sees
+# the same tensors whichever way the forward reaches them; the fmodel must use the fast weights.
+
+
+class PlainListOfModules(nn.Module):
+    """Registered in a ModuleList, run in an order kept in a plain list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 1)])
+        self.order = [self.blocks[0], self.blocks[1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.order:
+            x = torch.tanh(block(x))
+        return x
+
+
+class PartlyThroughAList(nn.Module):
+    """One head reached through its slot, the other only through a plain list (used partly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 1)
+        self.extra = [self.b]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x)).sum(1, keepdim=True) + self.extra[0](x)
+
+
+class BoundMethodChosenInInit(nn.Module):
+    """``self.impl = self._forward_a``: a forward implementation chosen at construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 1)
+        self.impl = self._forward_a
+
+    def _forward_a(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.impl(x)
+
+
+class ClosureOverSelf(nn.Module):
+    """A function made in ``__init__`` that closes over ``self``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.fn = lambda x: self.a(torch.tanh(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class DictOfModules(nn.Module):
+    """Heads looked up in a plain dict (and a tuple), registered as attributes too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.b = nn.Linear(3, 1)
+        self.table = {"a": self.a}
+        self.pair = (self.a, self.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table["a"](x) + self.pair[1](x) * self.b(x)
+
+
+class ParameterInAList(nn.Module):
+    """A registered parameter also used through a plain list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.ws = [self.a.weight]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + x @ self.ws[0].t()
+
+
+class SiblingReference(nn.Module):
+    """A child holding an unregistered reference to a sibling (``object.__setattr__``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.b = nn.Linear(3, 1)
+        object.__setattr__(self.b, "sibling", self.a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x) * self.b.sibling(x)
+
+
+ALIASING = [
+    PlainListOfModules,
+    PartlyThroughAList,
+    BoundMethodChosenInInit,
+    ClosureOverSelf,
+    DictOfModules,
+    ParameterInAList,
+    SiblingReference,
+]
+
+
+def twin(cls: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """Two models of ``cls`` with equal parameters (built, not deep-copied: a deep copy shares
+    functions, so its closures would still refer to the first model)."""
+    model = cls()
+    other = cls()
+    other.load_state_dict(model.state_dict())
+    return model, other
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls", ALIASING, ids=lambda c: c.__name__)
+def test_modules_reached_through_plain_attributes_use_the_fast_weights(cls: type[nn.Module], dtype) -> None:
+    torch.set_default_dtype(dtype)
+    model, reference = twin(cls)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.05)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x), y))
+            ref_opt.zero_grad()
+            mse(reference(x), y).backward()
+            ref_opt.step()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for fast, slow in zip(fmodel.parameters(), reference.parameters()):
+            torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
+        torch.testing.assert_close(fmodel(x), reference(x), atol=tol, rtol=tol)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("cls", [BoundMethodChosenInInit, ClosureOverSelf, PlainListOfModules])
+def test_meta_gradient_through_plain_attributes_matches_functional_call(cls: type[nn.Module]) -> None:
+    model = cls()
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(mse(fmodel(x), y))
+        ours = torch.autograd.grad(mse(fmodel(x), y), list(model.parameters()))
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    for _ in range(2):
+        grads = torch.autograd.grad(
+            mse(functional_call(model, dict(zip(names, params)), (x,)), y), params, create_graph=True
+        )
+        params = [p - 0.3 * g for p, g in zip(params, grads)]
+    theirs = torch.autograd.grad(
+        mse(functional_call(model, dict(zip(names, params)), (x,)), y), list(model.parameters())
+    )
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+class CheckpointedThroughAList(nn.Module):
+    """Activation checkpointing of a block reached through a plain list (the copy-on-write path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 1)
+        self.stages = [self.a, self.b]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(lambda t: torch.tanh(self.stages[0](t)), x, use_reentrant=False)
+        return self.stages[1](h)
+
+
+def test_aliases_follow_each_history_entry_under_checkpointing() -> None:
+    """A loss summed over the steps, recomputed by checkpointing: each step's aliases keep that
+    step's weights (the replicas are copied, not refilled, once something holds them)."""
+    model = CheckpointedThroughAList()
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        total = 0.0
+        for _ in range(3):
+            loss = mse(fmodel(x), y)
+            total = total + loss
+            diffopt.step(loss)
+        ours = torch.autograd.grad(total, list(model.parameters()))
+
+    def plain(params: list[torch.Tensor]) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        return torch.tanh(x @ w1.t() + b1) @ w2.t() + b2
+
+    params = list(model.parameters())
+    total = 0.0
+    for _ in range(3):
+        loss = mse(plain(params), y)
+        total = total + loss
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        params = [p - 0.3 * g for p, g in zip(params, grads)]
+    theirs = torch.autograd.grad(total, list(model.parameters()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_aliases_leave_the_user_objects_alone() -> None:
+    model = DictOfModules()
+    table, pair = model.table, model.pair
+    fmodel = higher.monkeypatch(model)
+    fmodel(torch.randn(2, 3))
+    assert model.table is table and model.table["a"] is model.a
+    assert model.pair is pair and pair[0] is model.a
+    bound = BoundMethodChosenInInit()
+    impl = bound.impl
+    higher.monkeypatch(bound)(torch.randn(2, 3))
+    assert bound.impl is impl and impl.__self__ is bound
