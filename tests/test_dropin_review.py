@@ -241,3 +241,48 @@ def test_aliases_leave_the_user_objects_alone() -> None:
     impl = bound.impl
     higher.monkeypatch(bound)(torch.randn(2, 3))
     assert bound.impl is impl and impl.__self__ is bound
+
+
+@pytest.mark.parametrize("cls", [PlainListOfModules, BoundMethodChosenInInit, ParameterInAList])
+def test_plain_attribute_aliases_in_task_batched_mode(cls: type[nn.Module]) -> None:
+    """``tasks=T`` runs the same replicas per task: the aliases hold each task's fast weights."""
+    model = cls()
+    tasks = 3
+    xs, ys = torch.randn(tasks, 6, 3), torch.randn(tasks, 6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    losses = torch.func.vmap(mse)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(losses(fmodel(xs), ys))
+        batched = torch.autograd.grad(losses(fmodel(xs), ys).sum(), list(model.parameters()))
+    total = 0.0
+    for t in range(tasks):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(mse(fmodel(xs[t]), ys[t]))
+            total = total + mse(fmodel(xs[t]), ys[t])
+    per_task = torch.autograd.grad(total, list(model.parameters()))
+    for a, b in zip(batched, per_task):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_a_parameter_resized_in_place_between_episodes() -> None:
+    """Variable-way episodes: the head is resized with ``p.data = ...`` (same Parameter objects);
+    passing fast weights of the new shape must be accepted (the tree analysis is redone)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5))
+    x = torch.randn(6, 3)
+    for n_way in (5, 3):
+        with torch.no_grad():
+            model[2].weight.data = torch.randn(n_way, 4)
+            model[2].bias.data = torch.zeros(n_way)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            params = [p * 1 for p in fmodel.parameters()]
+            assert fmodel(x, params=params).shape == (6, n_way)
+            new = diffopt.step(fmodel(x).pow(2).mean(), params=params)
+            assert [tuple(p.shape) for p in new] == [tuple(p.shape) for p in model.parameters()]
+            ref = [
+                p - 0.1 * g for p, g in zip(params, torch.autograd.grad(fmodel(x, params=params).pow(2).mean(), params))
+            ]
+            for a, b in zip(new, ref):
+                torch.testing.assert_close(a, b)

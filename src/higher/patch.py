@@ -349,6 +349,10 @@ class _Tree:
             if m is None or _fingerprint(m, own) != fingerprint:
                 return None
             modules.append(m)
+        # The same Parameter objects may hold tensors of another shape (``p.data = new``, e.g. a
+        # classifier head resized for an episode with another number of classes).
+        if [p.shape for p in self.params] != self.param_shapes:
+            return None
         return modules
 
     def _copy_plan(self) -> list[tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]]:
