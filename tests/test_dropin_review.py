@@ -7,6 +7,8 @@ second copy of the model (the first-order trajectory) or a hand-written
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -120,7 +122,24 @@ class SiblingReference(nn.Module):
         return self.b(x) * self.b.sibling(x)
 
 
+class PartialOfASubmodule(nn.Module):
+    """``functools.partial`` of a submodule's method, made in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.scaled = functools.partial(self._scaled, self.a, scale=2.0)
+
+    @staticmethod
+    def _scaled(layer: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return layer(x) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaled(torch.tanh(x))
+
+
 ALIASING = [
+    PartialOfASubmodule,
     PlainListOfModules,
     PartlyThroughAList,
     BoundMethodChosenInInit,

@@ -199,7 +199,7 @@ _ALIAS_DEPTH = 6
 def _substitute(value: Any, lookup: Callable[[Any], Any], depth: int = 0) -> Any:
     """``value`` with every object for which ``lookup`` returns something other than ``None``
     replaced by that, looking into plain lists, tuples (named ones too), sets and dicts, the
-    ``self`` of bound methods and the closure cells of functions. Containers, methods and
+    ``self`` of bound methods, ``functools.partial`` objects and the closure cells of functions. Containers, methods and
     functions holding nothing to replace are returned as they are (the same object); the ones
     that do are new objects, so ``value`` itself is never modified.
     """
@@ -219,6 +219,13 @@ def _substitute(value: Any, lookup: Callable[[Any], Any], depth: int = 0) -> Any
         if all(new[k] is v for k, v in value.items()):
             return value
         return kind(new)
+    if kind is functools.partial:
+        func = _substitute(value.func, lookup, depth + 1)
+        args = _substitute(value.args, lookup, depth + 1)
+        keywords = _substitute(value.keywords, lookup, depth + 1)
+        if func is value.func and args is value.args and keywords is value.keywords:
+            return value
+        return functools.partial(func, *args, **keywords)
     if kind is types.MethodType:
         owner = _substitute(value.__self__, lookup, depth + 1)
         return value if owner is value.__self__ else types.MethodType(value.__func__, owner)
