@@ -305,3 +305,52 @@ def test_a_parameter_resized_in_place_between_episodes() -> None:
             ]
             for a, b in zip(new, ref):
                 torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's optimizer is never modified.
+
+
+def test_a_scheduler_on_the_diffopt_leaves_the_torch_optimizers_tensor_lr_alone() -> None:
+    """torch optimizers accept tensor hyperparameters, and torch's schedulers update a tensor
+    ``lr`` in place (``fill_``): the differentiable optimizer must hold its own copy."""
+    model = nn.Linear(3, 1)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    lr, betas = torch.tensor(0.1), (torch.tensor(0.9), torch.tensor(0.99))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=torch.tensor(0.1), betas=(0.9, 0.99))
+    ref_sched = torch.optim.lr_scheduler.ExponentialLR(ref_opt, 0.5)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        sched = torch.optim.lr_scheduler.ExponentialLR(diffopt, 0.5)
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x), y))
+            sched.step()
+            ref_opt.zero_grad()
+            mse(reference(x), y).backward()
+            ref_opt.step()
+            ref_sched.step()
+        for fast, slow in zip(fmodel.parameters(), reference.parameters()):
+            torch.testing.assert_close(fast, slow, atol=1e-15, rtol=1e-14)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.1
+    held = opt.param_groups[0]["betas"]
+    assert held[0].item() == 0.9 and held[1].item() == 0.99
+    assert "initial_lr" not in opt.param_groups[0]
+
+
+def test_a_tensor_hyperparameter_that_requires_grad_in_the_torch_optimizer_still_learns() -> None:
+    """Copying tensor hyperparameters must not cut the hypergradient of one that requires grad."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    lr = torch.tensor(0.1, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = lr  # as a hyperparameter-learning program may set it
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(mse(fmodel(x), y))
+        (grad,) = torch.autograd.grad(mse(fmodel(x), y), lr)
+    w, b = model.weight, model.bias
+    g = torch.autograd.grad(mse(x @ w.t() + b, y), [w, b])
+    lr_ = torch.tensor(0.1, requires_grad=True)
+    (expected,) = torch.autograd.grad(mse(x @ (w - lr_ * g[0]).t() + (b - lr_ * g[1]), y), lr_)
+    torch.testing.assert_close(grad, expected)

@@ -250,6 +250,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             params = group["params"]
             self._group_shapes.append([p.shape for p in params])
             hyper = dict(group)  # the hyperparameters are read anew every time (schedulers change them)
+            for key, value in hyper.items():
+                if key != "params" and not isinstance(value, (float, int, bool, str, type(None))):
+                    hyper[key] = _own_copy(value)
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
             state: defaultdict = defaultdict(dict)
@@ -793,6 +796,19 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
 # nothing accumulated into .grad); anything else (tensor subclasses, torch function modes, a
 # torch without this entry point) goes through torch.autograd.grad.
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _own_copy(value: Any) -> Any:
+    """A hyperparameter value of the torch optimizer as the differentiable optimizer keeps it:
+    tensors that do not require grad are copied (a scheduler attached to the differentiable
+    optimizer updates a tensor ``lr`` in place, which must not reach the torch optimizer), also
+    inside tuples and lists (``betas``); tensors that require grad are kept, so that their
+    hypergradients reach them; anything else is kept as it is."""
+    if isinstance(value, Tensor):
+        return value if value.requires_grad else value.detach().clone()
+    if type(value) in (tuple, list):
+        return type(value)(_own_copy(v) for v in value)
+    return value
 
 
 def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequence[Tensor | None]:
