@@ -354,3 +354,14 @@ def test_a_tensor_hyperparameter_that_requires_grad_in_the_torch_optimizer_still
     lr_ = torch.tensor(0.1, requires_grad=True)
     (expected,) = torch.autograd.grad(mse(x @ (w - lr_ * g[0]).t() + (b - lr_ * g[1]), y), lr_)
     torch.testing.assert_close(grad, expected)
+
+
+def test_a_loss_computed_before_the_previous_step_is_named_in_the_error() -> None:
+    """0.2.1 silently took a no-op step; the message must name this cause and its fix."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        loss = mse(fmodel(x), y)
+        diffopt.step(loss)
+        with pytest.raises(ValueError, match=r"before the previous step\(\)"):
+            diffopt.step(loss)

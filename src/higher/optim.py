@@ -649,7 +649,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "model(x), instead of the fmodel, fmodel(x); the module uses its parameters through a plain "
                 "Python list or dict, which nn.Module does not register (use nn.ParameterList / "
                 "nn.ParameterDict / nn.ModuleList), so the fmodel cannot substitute fast weights for them; or "
-                "the params passed to step() are not the tensors the loss was computed from."
+                "the params passed to step() are not the tensors the loss was computed from; or the loss was "
+                "computed before the previous step() (each step makes new fast weights: compute the loss again "
+                "from fmodel(x) after every step)."
             )
         return grads
 
