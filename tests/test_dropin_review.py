@@ -365,3 +365,16 @@ def test_a_loss_computed_before_the_previous_step_is_named_in_the_error() -> Non
         diffopt.step(loss)
         with pytest.raises(ValueError, match=r"before the previous step\(\)"):
             diffopt.step(loss)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("where", ["inside", "root"])
+def test_torchscript_modules_are_refused_with_a_clear_error(where: str) -> None:
+    """0.2.1 and torch.func.functional_call cannot run them either; ours failed inside torch's
+    ScriptModule internals with an unrelated TypeError."""
+    if where == "inside":
+        model = nn.Sequential(torch.jit.script(nn.Linear(3, 4)), nn.Linear(4, 1))
+    else:
+        model = torch.jit.trace(nn.Linear(3, 1), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="TorchScript"):
+        higher.monkeypatch(model)

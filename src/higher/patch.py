@@ -262,6 +262,13 @@ class _Tree:
     def __init__(self, module: nn.Module) -> None:
         # The module tree (each module once, in named_modules() order) and where its tensors are.
         named = list(module.named_modules())
+        scripted = [path or "the model itself" for path, m in named if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            raise TypeError(
+                f"cannot patch TorchScript modules ({', '.join(scripted)}: made by torch.jit.script or "
+                f"torch.jit.trace), whose parameters live in compiled code that fast weights cannot replace. "
+                f"Patch the plain Python nn.Module instead (script or compile after meta-training if needed)."
+            )
         modules = [m for _, m in named]
         self.module_refs = [weakref.ref(m) for m in modules]
         self.own_attributes = [_own_attributes(m) for m in modules]
