@@ -250,6 +250,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             params = group["params"]
             self._group_shapes.append([p.shape for p in params])
             hyper = dict(group)  # the hyperparameters are read anew every time (schedulers change them)
+            for key, value in hyper.items():
+                if key != "params" and not isinstance(value, (float, int, bool, str, type(None))):
+                    hyper[key] = _own_copy(value)
             hyper["params"] = [None] * len(indices)
             self.param_groups.append(hyper)
             state: defaultdict = defaultdict(dict)
@@ -646,7 +649,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 "model(x), instead of the fmodel, fmodel(x); the module uses its parameters through a plain "
                 "Python list or dict, which nn.Module does not register (use nn.ParameterList / "
                 "nn.ParameterDict / nn.ModuleList), so the fmodel cannot substitute fast weights for them; or "
-                "the params passed to step() are not the tensors the loss was computed from."
+                "the params passed to step() are not the tensors the loss was computed from; or the loss was "
+                "computed before the previous step() (each step makes new fast weights: compute the loss again "
+                "from fmodel(x) after every step)."
             )
         return grads
 
@@ -687,8 +692,20 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                 )
             hyper, per_parameter = self._resolve(group, shapes)
             hyper_of = self._hyperparameters_for(hyper)
+            current: Mapping[int, dict[str, Any]] = state
+            # As torch.optim: complex tensors are updated as (real, imag) pairs, except by SGD,
+            # whose update is the same either way (torch runs it on the complex tensors).
+            complex_params = rule.name != "SGD" and any(p.is_complex() for p in live_params)
+            if complex_params:
+                live_params = [_real_view(p) for p in live_params]
+                live_grads = [_real_view(g) for g in live_grads]
+                current = {k: {key: _real_view(v) for key, v in state[k].items()} for k in live}
+                per_parameter = {
+                    name: PerParameter(v.unsqueeze(-1) if isinstance(v, Tensor) and v.dim() else v for v in values)
+                    for name, values in per_parameter.items()
+                }
             if hyper_of is None and not per_parameter:
-                states = [state[k] or rule.init(p, hyper) for k, p in zip(live, live_params)]
+                states = [current[k] or rule.init(p, hyper) for k, p in zip(live, live_params)]
                 result = None
                 if rule.update_many is not None:  # one call for the group, where the rule has it
                     result = rule.update_many(live_params, live_grads, states, hyper)
@@ -701,10 +718,12 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     seen = hyper if hyper_of is None else hyper_of(p)
                     if per_parameter:
                         seen = {**seen, **{name: values[k] for name, values in per_parameter.items()}}
-                    new_param, new_state = rule.update(p, g, state[k] or rule.init(p, seen), seen)
+                    new_param, new_state = rule.update(p, g, current[k] or rule.init(p, seen), seen)
                     new_params.append(new_param)
                     new_states.append(new_state)
                 result = (new_params, new_states)
+            if complex_params:
+                result = _complex_again([params[k] for k in live], *result)
             for k, p, st in zip(live, *result):
                 params[k] = p
                 state[k] = st
@@ -793,6 +812,48 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
 # nothing accumulated into .grad); anything else (tensor subclasses, torch function modes, a
 # torch without this entry point) goes through torch.autograd.grad.
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _real_view(value: Any) -> Any:
+    """A complex tensor as a real one with a trailing (real, imag) dimension; anything else as is."""
+    return torch.view_as_real(value) if isinstance(value, Tensor) and value.is_complex() else value
+
+
+def _complex_again(
+    old_params: list[Tensor], new_params: list[Tensor], new_states: list[dict[str, Any]]
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """The results of an update on real views back in the complex form of ``old_params``: the new
+    parameters and their per-element state (torch.optim keeps a complex parameter's state complex)."""
+    params, states = [], []
+    for old, new, state in zip(old_params, new_params, new_states):
+        if not old.is_complex():
+            params.append(new)
+            states.append(state)
+            continue
+        shape = torch.view_as_real(old).shape
+        params.append(torch.view_as_complex(new.contiguous()))
+        states.append(
+            {
+                key: torch.view_as_complex(v.contiguous())
+                if isinstance(v, Tensor) and not v.is_complex() and v.shape == shape
+                else v
+                for key, v in state.items()
+            }
+        )
+    return params, states
+
+
+def _own_copy(value: Any) -> Any:
+    """A hyperparameter value of the torch optimizer as the differentiable optimizer keeps it:
+    tensors that do not require grad are copied (a scheduler attached to the differentiable
+    optimizer updates a tensor ``lr`` in place, which must not reach the torch optimizer), also
+    inside tuples and lists (``betas``); tensors that require grad are kept, so that their
+    hypergradients reach them; anything else is kept as it is."""
+    if isinstance(value, Tensor):
+        return value if value.requires_grad else value.detach().clone()
+    if type(value) in (tuple, list):
+        return type(value)(_own_copy(v) for v in value)
+    return value
 
 
 def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequence[Tensor | None]:

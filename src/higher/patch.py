@@ -33,6 +33,7 @@ import functools
 import inspect
 import operator
 import sys
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
@@ -191,6 +192,65 @@ def _fingerprint(module: nn.Module, own: Callable[[dict[str, Any]], tuple[Any, .
         return None
 
 
+# How deep _substitute looks into nested containers and closures for the model's objects.
+_ALIAS_DEPTH = 6
+
+
+def _substitute(value: Any, lookup: Callable[[Any], Any], depth: int = 0) -> Any:
+    """``value`` with every object for which ``lookup`` returns something other than ``None``
+    replaced by that, looking into plain lists, tuples (named ones too), sets and dicts, the
+    ``self`` of bound methods, ``functools.partial`` objects and the closure cells of functions. Containers, methods and
+    functions holding nothing to replace are returned as they are (the same object); the ones
+    that do are new objects, so ``value`` itself is never modified.
+    """
+    found = lookup(value)
+    if found is not None:
+        return found
+    if depth > _ALIAS_DEPTH or isinstance(value, (Tensor, nn.Module)):
+        return value
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset) or (isinstance(value, tuple) and hasattr(value, "_fields")):
+        items = [_substitute(v, lookup, depth + 1) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return kind(*items) if kind not in (list, tuple, set, frozenset) else kind(items)
+    if kind in (dict, OrderedDict):
+        new = {k: _substitute(v, lookup, depth + 1) for k, v in value.items()}
+        if all(new[k] is v for k, v in value.items()):
+            return value
+        return kind(new)
+    if kind is functools.partial:
+        func = _substitute(value.func, lookup, depth + 1)
+        args = _substitute(value.args, lookup, depth + 1)
+        keywords = _substitute(value.keywords, lookup, depth + 1)
+        if func is value.func and args is value.args and keywords is value.keywords:
+            return value
+        return functools.partial(func, *args, **keywords)
+    if kind is types.MethodType:
+        owner = _substitute(value.__self__, lookup, depth + 1)
+        return value if owner is value.__self__ else types.MethodType(value.__func__, owner)
+    if kind is types.FunctionType and value.__closure__:
+        cells = []
+        for cell in value.__closure__:
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                cells.append(cell)
+                continue
+            new = _substitute(contents, lookup, depth + 1)
+            cells.append(cell if new is contents else types.CellType(new))
+        if all(a is b for a, b in zip(cells, value.__closure__)):
+            return value
+        function = types.FunctionType(
+            value.__code__, value.__globals__, value.__name__, value.__defaults__, tuple(cells)
+        )
+        function.__kwdefaults__ = value.__kwdefaults__
+        function.__qualname__ = value.__qualname__
+        function.__dict__.update(value.__dict__)
+        return function
+    return value
+
+
 class _Tree:
     """The analysis of a module tree that every patch of it needs, made once per model.
 
@@ -202,6 +262,13 @@ class _Tree:
     def __init__(self, module: nn.Module) -> None:
         # The module tree (each module once, in named_modules() order) and where its tensors are.
         named = list(module.named_modules())
+        scripted = [path or "the model itself" for path, m in named if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            raise TypeError(
+                f"cannot patch TorchScript modules ({', '.join(scripted)}: made by torch.jit.script or "
+                f"torch.jit.trace), whose parameters live in compiled code that fast weights cannot replace. "
+                f"Patch the plain Python nn.Module instead (script or compile after meta-training if needed)."
+            )
         modules = [m for _, m in named]
         self.module_refs = [weakref.ref(m) for m in modules]
         self.own_attributes = [_own_attributes(m) for m in modules]
@@ -259,6 +326,25 @@ class _Tree:
             [(key, self.module_index[id(c)]) for key, c in m.__dict__["_modules"].items() if c is not None]
             for m in modules
         ]
+        # The module's own attributes that refer to the model's modules, parameters or buffers
+        # other than through the module's slots: a plain list or dict of submodules, a bound
+        # method stored in __init__ (``self.impl = self._forward_a``), a function closing over
+        # ``self``, an RNN's ``_flat_weights``. A replica's copy of such an attribute refers to
+        # the replicas and fast weights instead (see _Core._fill), so that the forward uses the
+        # fast weights whichever way it reaches a module.
+        known = {**dict.fromkeys(self.module_index, True), **dict.fromkeys(self.param_index, True)}
+        known.update(dict.fromkeys(self.buffer_index, True))
+        marker = object()
+
+        def mark(obj: Any) -> Any:
+            return marker if id(obj) in known and isinstance(obj, (Tensor, nn.Module)) else None
+
+        self.aliases = [
+            (i, key)
+            for i, m in enumerate(modules)
+            for key, value in m.__dict__.items()
+            if key not in _STANDARD_ATTRIBUTES and key != _TAG and _substitute(value, mark) is not value
+        ]
         self.plan = self._copy_plan()
         # What the root view of every patch of this tree knows (shared, never modified).
         self.root_view_state = {
@@ -277,6 +363,10 @@ class _Tree:
             if m is None or _fingerprint(m, own) != fingerprint:
                 return None
             modules.append(m)
+        # The same Parameter objects may hold tensors of another shape (``p.data = new``, e.g. a
+        # classifier head resized for an episode with another number of classes).
+        if [p.shape for p in self.params] != self.param_shapes:
+            return None
         return modules
 
     def _copy_plan(self) -> list[tuple[int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]]:
@@ -284,6 +374,7 @@ class _Tree:
         buffers, and their ancestors (whose submodule slots must point to the new copies)."""
         copied: dict[int, bool] = {}
         order: list[int] = []
+        aliased = {i for i, _ in self.aliases}
         children = self.children
 
         def visit(i: int) -> bool:
@@ -291,7 +382,7 @@ class _Tree:
                 return copied[i]
             copied[i] = False  # guards against cycles
             below = [visit(c) for _, c in children[i]]
-            copied[i] = bool(self.own_params[i] or self.own_buffers[i] or any(below))
+            copied[i] = bool(self.own_params[i] or self.own_buffers[i] or any(below) or i in aliased)
             if copied[i]:
                 order.append(i)
             return copied[i]
@@ -475,6 +566,34 @@ class _Core:
                 slots = d["_buffers"]
                 for key, j in own_buffers:
                     slots[key] = buffers[j]
+        if self.tree.aliases:
+            self._fill_aliases(replicas, params, buffers)
+
+    def _fill_aliases(self, replicas: Sequence[nn.Module], params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        """Point the replicas' other references to the model's objects (see ``_Tree.aliases``)
+        at ``replicas``, ``params`` and ``buffers``, made anew from the user's module's attributes."""
+        tree = self.tree
+        module_index, param_index, buffer_index = tree.module_index, tree.param_index, tree.buffer_index
+
+        def lookup(obj: Any) -> Any:
+            if isinstance(obj, nn.Module):
+                i = module_index.get(id(obj))
+                return None if i is None or self.modules[i] is not obj else replicas[i]
+            if isinstance(obj, Tensor):
+                j = param_index.get(id(obj))
+                if j is not None and self.params[j] is obj:
+                    return params[j]
+                j = buffer_index.get(id(obj))
+                if j is not None and self.tree.buffers[j] is obj:
+                    return buffers[j]
+            return None
+
+        for i, key in tree.aliases:
+            if (i, key) in self.overrides:
+                continue  # assigned through the fmodel: its own value
+            source = self.modules[i].__dict__
+            if key in source:
+                replicas[i].__dict__[key] = _substitute(source[key], lookup)
 
     def read_back_buffers(self, replicas: Sequence[nn.Module], buffers: list[Tensor]) -> None:
         """Adopt the buffers a module replaced (``self.running_mean = ...``) instead of updating in place."""
