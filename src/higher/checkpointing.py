@@ -39,6 +39,12 @@ the recomputation cannot restore: a ``torch.optim.lr_scheduler`` stepping inside
 stepped again (use :class:`higher.PerStep` for schedules), and appending to lists happens twice
 for recomputed segments.
 
+First derivatives only: a backward pass with ``create_graph=True`` through a checkpointed segment
+(a second derivative of the meta-loss) raises an error instead of missing the segment's terms.
+An exception (or ``KeyboardInterrupt``) inside the step function leaves the fmodel and the
+optimizer at the start of the interrupted segment (``diffopt._steps_taken`` steps done), still
+connected to the initial weights, so a loop can resume from there.
+
 The fmodel's history: during the unroll only the latest fast weights are kept (keeping them all
 is exactly the memory this avoids); afterwards ``fmodel.parameters(time=0)`` is the final fast
 weights, and the initial ones are in the returned :class:`CheckpointedUnroll`.
@@ -179,6 +185,13 @@ class _SegmentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the recomputation below has no graph of its own
+            raise RuntimeError(
+                "checkpointed_unroll gives first derivatives only: a backward pass with create_graph=True "
+                "(second derivatives, e.g. a Hessian-vector product of the meta-loss or differentiating a "
+                "hypergradient again) would silently miss the checkpointed segments' terms. Use a plain "
+                "unroll (diffopt.step in a loop) for higher-order derivatives."
+            )
         segment: _Segment = ctx.segment
         inputs = ctx.saved_tensors
         result = segment.recompute(list(inputs), list(grads))
@@ -222,6 +235,19 @@ class _Segment:
         unroll = self.unroll
         fmodel, diffopt = unroll.fmodel, unroll.diffopt
         self.begin = _snapshot(fmodel, diffopt)
+        kept = len(unroll.result.losses)
+        try:
+            return self._forward()
+        except BaseException:
+            # An error or KeyboardInterrupt inside the segment: leave the fmodel and the optimizer at
+            # the segment's start, connected to the graph (not at the detached copies being stepped).
+            del unroll.result.losses[kept:]
+            _restore(fmodel, diffopt, self.begin)
+            raise
+
+    def _forward(self) -> list[Tensor]:
+        unroll = self.unroll
+        fmodel, diffopt = unroll.fmodel, unroll.diffopt
         self.in_slots = _slots(self.begin.params, self.begin.state)
         starts = [_at(self.begin.params, self.begin.state, slot) for slot in self.in_slots]
         copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
