@@ -83,3 +83,62 @@ def test_an_interrupted_checkpointed_unroll_leaves_the_loop_connected_to_the_mod
     for a, b in zip(resumed, reference):
         assert a is not None
         assert (a - b).abs().max().item() <= 1e-12
+
+
+# ------------------------------------------------------------------ forward_hypergradient
+def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, steps, eps=1e-6):
+    def unroll(values, grad):
+        with higher.innerloop_ctx(model, opt, override=override(values)) as (fmodel, diffopt):
+            for t in range(steps):
+                diffopt.step(inner(fmodel, t))
+            loss = outer(fmodel)
+            return torch.autograd.grad(loss, values) if grad else loss.item()
+
+    reverse = unroll([h.clone().requires_grad_() for h in hyper], True)
+    central = []
+    for i, h in enumerate(hyper):
+        up = [x.clone() for x in hyper]
+        down = [x.clone() for x in hyper]
+        up[i] = h + eps
+        down[i] = h - eps
+        central.append((unroll(up, False) - unroll(down, False)) / (2 * eps))
+    return reverse, central
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rules._value turns a 0-dim state tensor into a Python number unless it requires grad, which drops a "
+    "forward-mode tangent (ASGD's eta/mu, NAdam's mu_product); fix belongs in rules.py (left to the lead)",
+)
+@pytest.mark.parametrize(
+    ("name", "options", "hyper"),
+    [
+        ("ASGD", {"lr": 0.05, "t0": 2}, {"lr": 0.05, "lambd": 1e-3, "alpha": 0.75}),
+        ("NAdam", {"lr": 0.01}, {"momentum_decay": 0.004, "beta1": 0.9}),
+    ],
+)
+def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, options, hyper):
+    xs, ys, xq, yq = _data()
+    model = _model()
+    opt = getattr(torch.optim, name)(model.parameters(), **options)
+    names = list(hyper)
+    values = [torch.tensor(v) for v in hyper.values()]
+
+    def override(h):
+        out = {}
+        for key, value in zip(names, h):
+            if key == "beta1":
+                out["betas"] = [(value, 0.999)]
+            else:
+                out[key] = [value]
+        return out
+
+    inner = lambda fm, t: (fm(xs[t]) - ys[t]).pow(2).mean()  # noqa: E731
+    outer = lambda fm: (fm(xq) - yq).pow(2).mean()  # noqa: E731
+    forward = higher.forward_hypergradient(
+        model, opt, values, lambda fm, t, h: inner(fm, t), lambda fm, h: outer(fm), STEPS, override=override
+    ).hypergradients
+    reverse, central = _reverse_and_finite_differences(model, opt, values, override, inner, outer, STEPS)
+    for f, r, c in zip(forward, reverse, central):
+        assert abs(r.item() - c) <= 1e-6 * max(1.0, abs(c))  # the reference itself
+        assert abs(f.item() - r.item()) <= 1e-8 * max(1.0, abs(r.item()))
