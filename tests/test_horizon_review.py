@@ -200,3 +200,52 @@ def test_implicit_bad_arguments_get_clear_errors():
         higher.implicit_hypergradient(inner, outer, [theta], [lam], tol=-1.0)
     with pytest.raises(ValueError, match="iterations must be"):
         higher.implicit_hypergradient(inner, outer, [theta], [lam], iterations=True)
+
+
+# ------------------------------------------------------------------ torch.no_grad around the calls
+def _small_problem():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
+    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
+    return model, opt, inner, outer
+
+
+@pytest.mark.parametrize("method", ["unrolled", "checkpointed", "forward", "implicit"])
+def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
+    """A hypergradient asked for inside torch.no_grad() (an evaluation block) used to fail with an
+    unrelated error (AttributeError '_sequence_nr' for checkpointed, 'does not depend on any
+    parameter' for forward, a no_grad step error for the others): it computes its own gradients."""
+    from higher.hypergradients import hypergradient
+
+    model, opt, inner, outer = _small_problem()
+    hyper = [torch.tensor(0.05)]
+    expected = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
+    with torch.no_grad():
+        got = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
+        forward = higher.forward_hypergradient(
+            model, opt, hyper, lambda fm, t, h: inner(fm, h), outer, 30
+        ).hypergradients
+    assert expected[0].abs().item() > 0
+    assert torch.equal(got[0], expected[0])
+    if method == "forward":
+        assert torch.equal(forward[0], expected[0])
+
+
+def test_checkpointed_unroll_under_no_grad_gets_a_clear_error():
+    model, opt, inner, _ = _small_problem()
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
+            higher.checkpointed_unroll(fmodel, diffopt, lambda fm, t: inner(fm, [0.0]), 9)
+
+
+def test_forward_hypergradient_bad_override_and_outer_loss_get_clear_errors():
+    model, opt, inner, outer = _small_problem()
+    hyper = [torch.tensor(0.1)]
+    step = lambda fm, t, h: inner(fm, h)  # noqa: E731
+    with pytest.raises(TypeError, match="override must be a function of the hyperparameters"):
+        higher.forward_hypergradient(model, opt, hyper, step, outer, 2, override={"lr": [hyper[0]]})
+    with pytest.raises(TypeError, match="outer_loss must return a tensor"):
+        higher.forward_hypergradient(model, opt, hyper, step, lambda fm, h: 1.0, 2)

@@ -151,6 +151,12 @@ def _check(fmodel: Any, diffopt: Any, steps: Any, every: Any) -> None:
         )
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "checkpointed_unroll was called under torch.no_grad(): its steps would not be differentiable. "
+            "Call it outside torch.no_grad() (for a loop without meta-gradients, use diffopt.step in a loop "
+            "with track_higher_grads=False)."
+        )
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"every must be a positive integer (steps per checkpointed segment), got {every!r}")
 

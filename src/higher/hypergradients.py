@@ -68,6 +68,7 @@ def _peak_rss_mib() -> float:
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
 
+@torch.enable_grad()  # it takes its own gradients, also when called inside torch.no_grad()
 def hypergradient(
     method: str,
     model: nn.Module,
@@ -87,7 +88,8 @@ def hypergradient(
 
     ``method`` is one of :data:`METHODS`; ``every`` is the checkpoint interval (``"checkpointed"``),
     ``solver``, ``iterations`` and ``tol`` configure the linear solve (``"implicit"``). The model,
-    optimizer and hyperparameter tensors are not modified.
+    optimizer and hyperparameter tensors are not modified. Gradients are enabled inside (the
+    result is the same when it is called under ``torch.no_grad()``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
