@@ -249,3 +249,18 @@ def test_forward_hypergradient_bad_override_and_outer_loss_get_clear_errors():
         higher.forward_hypergradient(model, opt, hyper, step, outer, 2, override={"lr": [hyper[0]]})
     with pytest.raises(TypeError, match="outer_loss must return a tensor"):
         higher.forward_hypergradient(model, opt, hyper, step, lambda fm, h: 1.0, 2)
+
+
+# ------------------------------------------------------------------ task-batched mode
+def test_batched_model_reading_a_per_task_number_gets_a_clear_error():
+    """BatchNorm with momentum=None reads num_batches_tracked as a Python number, which vmap cannot
+    do per task: torch's message ("calling .item() on a Tensor ... file a bug report") named
+    neither the cause nor the fix."""
+    model = nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 6, 2)
+    with higher.innerloop_ctx(model, opt, tasks=3) as (fmodel, _):
+        with pytest.raises(RuntimeError, match=r"momentum=None.*without tasks="):
+            fmodel(x)
+        fmodel.eval()  # no statistics update: runs
+        assert fmodel(x).shape == (3, 6, 1)
