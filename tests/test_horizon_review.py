@@ -264,3 +264,28 @@ def test_batched_model_reading_a_per_task_number_gets_a_clear_error():
             fmodel(x)
         fmodel.eval()  # no statistics update: runs
         assert fmodel(x).shape == (3, 6, 1)
+
+
+# ------------------------------------------------------------------ hypergradient(method="implicit")
+@pytest.mark.parametrize("hyperparameter", ["lr", "weight_decay", "schedule"])
+def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(hyperparameter):
+    """The implicit function theorem sees the inner objective only: through `override`, lr gave a
+    silent zero and weight_decay a wrong hypergradient (the unrolled one is nonzero/different)."""
+    from higher.hypergradients import hypergradient
+
+    model, opt, inner, outer = _small_problem()
+    overrides = {
+        "lr": lambda h: {"lr": [h[0]]},
+        "weight_decay": lambda h: {"weight_decay": [h[0]]},
+        "schedule": lambda h: {"lr": [higher.PerStep(lambda t: h[0] / (1 + t))]},
+    }
+    override = overrides[hyperparameter]
+    hyper = [torch.tensor(0.05)]
+    unrolled = hypergradient("unrolled", model, opt, hyper, inner, outer, 30, override=override).hypergradients
+    assert unrolled[0].abs().item() > 1e-6
+    with pytest.raises(ValueError, match="override"):
+        hypergradient("implicit", model, opt, hyper, inner, outer, 30, override=override)
+    # An override that does not read the hyperparameters is fine.
+    result = hypergradient("implicit", model, opt, hyper, inner, outer, 30, override=lambda h: {"lr": [0.1]})
+    expected = hypergradient("implicit", model, opt, hyper, inner, outer, 30).hypergradients
+    assert torch.equal(result.hypergradients[0], expected[0])
