@@ -289,3 +289,26 @@ def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(h
     result = hypergradient("implicit", model, opt, hyper, inner, outer, 30, override=lambda h: {"lr": [0.1]})
     expected = hypergradient("implicit", model, opt, hyper, inner, outer, 30).hypergradients
     assert torch.equal(result.hypergradients[0], expected[0])
+
+
+# ------------------------------------------------------------------ left to the lead (optim.py)
+@pytest.mark.xfail(
+    strict=True,
+    reason="optim.py refuses step() under no_grad even with track_higher_grads=False, and its message advises "
+    "exactly that setting (left to the lead: optim.py)",
+)
+def test_step_under_no_grad_without_tracking_takes_the_plain_step():
+    model, opt, inner, _ = _small_problem()
+    results = []
+    for no_grad in (False, True):
+        with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+            for _ in range(3):
+                loss = inner(fmodel, [0.01])  # computed with gradients enabled
+                if no_grad:
+                    with torch.no_grad():
+                        diffopt.step(loss)
+                else:
+                    diffopt.step(loss)
+            results.append([p.detach() for p in fmodel.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
