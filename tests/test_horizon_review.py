@@ -312,3 +312,22 @@ def test_step_under_no_grad_without_tracking_takes_the_plain_step():
             results.append([p.detach() for p in fmodel.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ algorithms.imaml_step
+@pytest.mark.parametrize("options", [{"weight_decay": 0.5}, {"maximize": True}])
+def test_imaml_refuses_inner_optimizer_options_that_move_the_minimiser(options):
+    """The implicit meta-gradient assumes the inner loop minimises support loss + proximal term. An
+    inner optimizer with weight decay converges elsewhere (maximize: away), and the meta-gradient
+    came out silently wrong (against the closed form of what the loop actually solves)."""
+    from higher.algorithms import imaml_step
+
+    model = nn.Linear(4, 1, bias=False)
+    loss_fn = lambda pred, y: 0.5 * (pred.squeeze(-1) - y).pow(2).sum()  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    tasks = [(torch.randn(6, 4, generator=g), torch.randn(6, generator=g), torch.randn(5, 4, generator=g),
+              torch.randn(5, generator=g))]  # fmt: skip
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.02, **options)
+    with pytest.raises(ValueError, match=next(iter(options))):
+        imaml_step(model, inner_opt, tasks, loss_fn, inner_steps=10, reg=2.0)
+    assert model.weight.grad is None
