@@ -331,3 +331,29 @@ def test_imaml_refuses_inner_optimizer_options_that_move_the_minimiser(options):
     with pytest.raises(ValueError, match=next(iter(options))):
         imaml_step(model, inner_opt, tasks, loss_fn, inner_steps=10, reg=2.0)
     assert model.weight.grad is None
+
+
+def test_checkpointed_unroll_inputs_one_tensor_or_a_sequence_of_tensors():
+    """inputs=tensor used to be iterated over (a 1-d tensor became its elements, and the error then
+    asked for the very tensor given); a non-tensor raised AttributeError 'grad_fn'."""
+    xs, ys, xq, yq = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log_scale = torch.zeros(2, requires_grad=True)
+    scale = log_scale.exp()  # non-leaf, computed before the unroll
+    step_loss = lambda fm, t: (scale * (fm(xs[t]) - ys[t]).pow(2)).mean()  # noqa: E731
+    grads = []
+    for inputs in (None, [scale], scale):
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            if inputs is None:
+                for t in range(STEPS):
+                    diffopt.step(step_loss(fmodel, t))
+            else:
+                higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, every=3, inputs=inputs)
+            grads.append(torch.autograd.grad(F.mse_loss(fmodel(xq), yq), log_scale, retain_graph=True)[0])
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        assert (g - grads[0]).abs().max().item() <= 1e-12
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(TypeError, match=r"inputs\[0\] must be a tensor"):
+            higher.checkpointed_unroll(fmodel, diffopt, step_loss, STEPS, inputs=[0.5])

@@ -437,7 +437,7 @@ def checkpointed_unroll(
     *,
     batches: Sequence[Any] | None = None,
     every: int | None = None,
-    inputs: Sequence[Tensor] = (),
+    inputs: Sequence[Tensor] | Tensor = (),
 ) -> CheckpointedUnroll:
     """Take ``steps`` differentiable steps of ``diffopt``, keeping only every ``every``-th state for backward.
 
@@ -451,7 +451,7 @@ def checkpointed_unroll(
         batches: the steps' batches (optional), one per step.
         every: steps per checkpointed segment; default ``ceil(sqrt(steps))``. Memory holds
             ``steps / every`` checkpoints plus one segment's graph.
-        inputs: non-leaf tensors that the step function reads from outside (e.g.
+        inputs: non-leaf tensors (a sequence, or one tensor) that the step function reads from outside (e.g.
             ``lr = log_lr.exp()`` computed before the unroll and used in the loss or in a ``PerStep``
             callable). Leaf tensors and the optimizer's own hyperparameter tensors are found
             automatically; a missing one raises an error naming this argument.
@@ -469,6 +469,10 @@ def checkpointed_unroll(
     if steps is None:
         raise ValueError("give steps=... (or batches=[...], one per step)")
     _check(fmodel, diffopt, steps, every)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)  # one tensor is not its elements
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"inputs[{i}] must be a tensor (one the step function reads), got {type(tensor).__name__}")
     every = default_every(steps) if every is None else every
     initial = list(fmodel.parameters())
     losses: list[float] = []
@@ -481,7 +485,7 @@ def checkpointed_unroll(
         return loss
 
     devices = sorted({p.device.index or 0 for p in initial if p.device.type == "cuda"})
-    unroll = _Unroll(fmodel, diffopt, take_step, result, devices, list(inputs))
+    unroll = _Unroll(fmodel, diffopt, take_step, result, devices, inputs)
     tracked = fmodel.track_higher_grads
     fmodel.track_higher_grads = False  # keep only the latest fast weights in the history
     try:
