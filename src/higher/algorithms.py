@@ -380,7 +380,8 @@ def imaml_step(
 
     Args:
         model: the model whose weights are meta-learned (never modified here).
-        inner_opt: a ``torch.optim`` optimizer over *all* of ``model``'s trainable parameters.
+        inner_opt: a ``torch.optim`` optimizer over *all* of ``model``'s trainable parameters,
+            without weight decay or ``maximize`` (they would move its fixed point).
         tasks, loss_fn: as for :func:`maml_step`.
         inner_steps: steps of the inner optimizer on the proximal objective.
         reg: the proximal regularisation strength (iMAML's lambda).
@@ -404,6 +405,15 @@ def imaml_step(
             "imaml_step adapts every trainable parameter (the proximal term covers them all): build inner_opt "
             "over all of model's parameters that require grad."
         )
+    for group in inner_opt.param_groups:
+        if group.get("weight_decay", 0) != 0 or group.get("maximize", False):
+            option = "weight_decay" if group.get("weight_decay", 0) != 0 else "maximize"
+            raise ValueError(
+                f"imaml_step: the inner optimizer's {option}={group[option]!r} moves the point the inner loop "
+                f"converges to away from the minimiser of support loss + reg/2 |theta - phi|^2, which the implicit "
+                f"meta-gradient assumes; build inner_opt with weight_decay=0 and maximize=False (add an L2 term to "
+                f"loss_fn for weight decay)."
+            )
     tasks = list(tasks)
     if not tasks:
         raise ValueError("imaml_step needs at least one task")

@@ -116,16 +116,28 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
             return [leaf for leaf in output["leaves"] if isinstance(leaf, Tensor)]
 
         randomness = core.randomness
-        if not core.buffers:
-            out = torch.func.vmap(lambda p, t: call(p, [], t), randomness=randomness)(params, tensors)
-        else:
+        try:
+            if not core.buffers:
+                out = torch.func.vmap(lambda p, t: call(p, [], t), randomness=randomness)(params, tensors)
+            else:
 
-            def with_buffers(task_params: list[Tensor], task_buffers: list[Tensor], task_tensors: list[Tensor]) -> Any:
-                task_buffers = list(task_buffers)
-                return call(task_params, task_buffers, task_tensors), task_buffers  # replaced buffers come back
+                def with_buffers(
+                    task_params: list[Tensor], task_buffers: list[Tensor], task_tensors: list[Tensor]
+                ) -> Any:
+                    task_buffers = list(task_buffers)
+                    return call(task_params, task_buffers, task_tensors), task_buffers  # replaced buffers come back
 
-            out, buffers = torch.func.vmap(with_buffers, randomness=randomness)(params, core.buffers, tensors)
-            core.buffers = list(buffers)
+                out, buffers = torch.func.vmap(with_buffers, randomness=randomness)(params, core.buffers, tensors)
+                core.buffers = list(buffers)
+        except RuntimeError as error:
+            if not any(sign in str(error) for sign in _PER_TASK_NUMBER):
+                raise
+            raise RuntimeError(
+                "in task-batched mode the model runs under torch.func.vmap, which cannot read a per-task tensor "
+                "as a Python number (.item(), float(), int(), or a tensor in an `if`). A common cause is "
+                "BatchNorm with momentum=None, which reads num_batches_tracked as a number: give it a number "
+                "(momentum=0.1), or run the tasks one by one (innerloop_ctx without tasks=)."
+            ) from error
         if not output:
             return out
         batched_tensors = iter(out)
@@ -136,6 +148,10 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
         _, (snapshot, path) = super().__reduce_ex__(protocol)
         core = self._hg_core
         return (_restore, (snapshot, path, core.tasks, core.randomness))
+
+
+# What torch.func.vmap's errors say when the function reads a batched tensor as a Python number.
+_PER_TASK_NUMBER = ("calling .item() on a Tensor", "data-dependent control flow")
 
 
 def _restore(snapshot: dict[str, Any], path: str, tasks: int, randomness: str) -> _patch.FunctionalModule:

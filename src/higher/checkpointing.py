@@ -39,6 +39,12 @@ the recomputation cannot restore: a ``torch.optim.lr_scheduler`` stepping inside
 stepped again (use :class:`higher.PerStep` for schedules), and appending to lists happens twice
 for recomputed segments.
 
+First derivatives only: a backward pass with ``create_graph=True`` through a checkpointed segment
+(a second derivative of the meta-loss) raises an error instead of missing the segment's terms.
+An exception (or ``KeyboardInterrupt``) inside the step function leaves the fmodel and the
+optimizer at the start of the interrupted segment (``diffopt._steps_taken`` steps done), still
+connected to the initial weights, so a loop can resume from there.
+
 The fmodel's history: during the unroll only the latest fast weights are kept (keeping them all
 is exactly the memory this avoids); afterwards ``fmodel.parameters(time=0)`` is the final fast
 weights, and the initial ones are in the returned :class:`CheckpointedUnroll`.
@@ -145,6 +151,12 @@ def _check(fmodel: Any, diffopt: Any, steps: Any, every: Any) -> None:
         )
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "checkpointed_unroll was called under torch.no_grad(): its steps would not be differentiable. "
+            "Call it outside torch.no_grad() (for a loop without meta-gradients, use diffopt.step in a loop "
+            "with track_higher_grads=False)."
+        )
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"every must be a positive integer (steps per checkpointed segment), got {every!r}")
 
@@ -179,6 +191,13 @@ class _SegmentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the recomputation below has no graph of its own
+            raise RuntimeError(
+                "checkpointed_unroll gives first derivatives only: a backward pass with create_graph=True "
+                "(second derivatives, e.g. a Hessian-vector product of the meta-loss or differentiating a "
+                "hypergradient again) would silently miss the checkpointed segments' terms. Use a plain "
+                "unroll (diffopt.step in a loop) for higher-order derivatives."
+            )
         segment: _Segment = ctx.segment
         inputs = ctx.saved_tensors
         result = segment.recompute(list(inputs), list(grads))
@@ -222,6 +241,19 @@ class _Segment:
         unroll = self.unroll
         fmodel, diffopt = unroll.fmodel, unroll.diffopt
         self.begin = _snapshot(fmodel, diffopt)
+        kept = len(unroll.result.losses)
+        try:
+            return self._forward()
+        except BaseException:
+            # An error or KeyboardInterrupt inside the segment: leave the fmodel and the optimizer at
+            # the segment's start, connected to the graph (not at the detached copies being stepped).
+            del unroll.result.losses[kept:]
+            _restore(fmodel, diffopt, self.begin)
+            raise
+
+    def _forward(self) -> list[Tensor]:
+        unroll = self.unroll
+        fmodel, diffopt = unroll.fmodel, unroll.diffopt
         self.in_slots = _slots(self.begin.params, self.begin.state)
         starts = [_at(self.begin.params, self.begin.state, slot) for slot in self.in_slots]
         copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
@@ -405,7 +437,7 @@ def checkpointed_unroll(
     *,
     batches: Sequence[Any] | None = None,
     every: int | None = None,
-    inputs: Sequence[Tensor] = (),
+    inputs: Sequence[Tensor] | Tensor = (),
 ) -> CheckpointedUnroll:
     """Take ``steps`` differentiable steps of ``diffopt``, keeping only every ``every``-th state for backward.
 
@@ -419,7 +451,7 @@ def checkpointed_unroll(
         batches: the steps' batches (optional), one per step.
         every: steps per checkpointed segment; default ``ceil(sqrt(steps))``. Memory holds
             ``steps / every`` checkpoints plus one segment's graph.
-        inputs: non-leaf tensors that the step function reads from outside (e.g.
+        inputs: non-leaf tensors (a sequence, or one tensor) that the step function reads from outside (e.g.
             ``lr = log_lr.exp()`` computed before the unroll and used in the loss or in a ``PerStep``
             callable). Leaf tensors and the optimizer's own hyperparameter tensors are found
             automatically; a missing one raises an error naming this argument.
@@ -437,6 +469,10 @@ def checkpointed_unroll(
     if steps is None:
         raise ValueError("give steps=... (or batches=[...], one per step)")
     _check(fmodel, diffopt, steps, every)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)  # one tensor is not its elements
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"inputs[{i}] must be a tensor (one the step function reads), got {type(tensor).__name__}")
     every = default_every(steps) if every is None else every
     initial = list(fmodel.parameters())
     losses: list[float] = []
@@ -449,7 +485,7 @@ def checkpointed_unroll(
         return loss
 
     devices = sorted({p.device.index or 0 for p in initial if p.device.type == "cuda"})
-    unroll = _Unroll(fmodel, diffopt, take_step, result, devices, list(inputs))
+    unroll = _Unroll(fmodel, diffopt, take_step, result, devices, inputs)
     tracked = fmodel.track_higher_grads
     fmodel.track_higher_grads = False  # keep only the latest fast weights in the history
     try:

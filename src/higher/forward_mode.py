@@ -122,6 +122,7 @@ def _check(hyperparameters: Any, steps: Any) -> list[Tensor]:
     return hyperparameters
 
 
+@torch.enable_grad()  # the inner gradients need reverse mode, also when called inside torch.no_grad()
 def forward_hypergradient(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -151,6 +152,8 @@ def forward_hypergradient(
             ``{"lr": [higher.PerParameter(h)]}`` for per-parameter rates).
         device: as for :func:`higher.innerloop_ctx`.
 
+    Gradients are enabled inside (the result is the same when called under ``torch.no_grad()``).
+
     Returns:
         A :class:`ForwardHypergradient`. Memory is that of one inner step; time is one unroll per
         scalar entry of the hyperparameters.
@@ -158,6 +161,12 @@ def forward_hypergradient(
     from . import innerloop_ctx  # here: higher/__init__ imports this module
 
     hyperparameters = _check(hyperparameters, steps)
+    if override is not None and not callable(override):
+        raise TypeError(
+            f"override must be a function of the hyperparameters that returns innerloop_ctx's override "
+            f"(e.g. override=lambda h: {{'lr': [h[0]]}}), got a {type(override).__name__}: the hyperparameters "
+            f"must enter it as the tangent-carrying tensors forward_hypergradient passes."
+        )
     values = [h.detach() for h in hyperparameters]
     sizes = [h.numel() for h in values]
     total = sum(sizes)
@@ -209,6 +218,8 @@ def forward_hypergradient(
             hyper = _duals(values, tangents)
             _install(fmodel, diffopt, carried, flags)
             loss = outer_loss(fmodel, hyper)
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"outer_loss must return a tensor (a scalar loss), got {type(loss).__name__}")
             primal, tangent = fwAD.unpack_dual(loss)
             if primal.numel() != 1:
                 raise ValueError(f"outer_loss must return a scalar, got shape {tuple(primal.shape)}")

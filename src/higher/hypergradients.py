@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .checkpointing import checkpointed_unroll
 from .forward_mode import forward_hypergradient
 from .implicit import implicit_hypergradient
+from .optim import PerStep
 from .patch import FunctionalModule, monkeypatch
 
 __all__ = ["METHODS", "HypergradientResult", "hypergradient", "logreg_comparison", "logreg_hpo", "logreg_problem"]
@@ -68,6 +69,7 @@ def _peak_rss_mib() -> float:
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
 
+@torch.enable_grad()  # it takes its own gradients, also when called inside torch.no_grad()
 def hypergradient(
     method: str,
     model: nn.Module,
@@ -87,7 +89,10 @@ def hypergradient(
 
     ``method`` is one of :data:`METHODS`; ``every`` is the checkpoint interval (``"checkpointed"``),
     ``solver``, ``iterations`` and ``tol`` configure the linear solve (``"implicit"``). The model,
-    optimizer and hyperparameter tensors are not modified.
+    optimizer and hyperparameter tensors are not modified. ``"implicit"`` refuses an ``override``
+    that reads the hyperparameters (the implicit function theorem sees ``inner_loss`` only, not
+    the optimizer's hyperparameters). Gradients are enabled inside (the
+    result is the same when it is called under ``torch.no_grad()``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -109,6 +114,8 @@ def hypergradient(
         extra["passes"] = result.passes
         grads, value = result.hypergradients, float(result.outer_loss)
     elif method == "implicit":
+        if override is not None:
+            _check_implicit_override(override, hyperparameters)
         hyper = [h.detach() for h in hyperparameters]
         with innerloop_ctx(model, opt, override=override(hyper) if override else None, track_higher_grads=False) as (
             fmodel,
@@ -158,6 +165,34 @@ def hypergradient(
     seconds = time.perf_counter() - start
     extra["peak_rss_mib"] = _peak_rss_mib()
     return HypergradientResult(method, [g.detach() for g in grads], value, inner_losses, seconds, extra)
+
+
+def _check_implicit_override(
+    override: Callable[[list[Tensor]], dict[str, Any]], hyperparameters: Sequence[Tensor]
+) -> None:
+    """Refuse hyperparameters that reach the optimizer: the implicit function theorem cannot see them."""
+    probe = [h.detach().requires_grad_() for h in hyperparameters]
+    with torch.enable_grad():
+        values = override(probe)
+    if any(t.requires_grad for value in values.values() for t in _tensors_of(value)):
+        raise ValueError(
+            "method 'implicit' differentiates the minimiser of inner_loss, so hyperparameters that reach the "
+            "inner optimizer through override (lr, momentum, weight_decay, schedules, ...) are invisible to it: "
+            "it would report a zero (lr, momentum) or a wrong (weight_decay) hypergradient. Put them into "
+            "inner_loss (weight decay as an L2 term), or use 'unrolled', 'checkpointed' or 'forward'."
+        )
+
+
+def _tensors_of(value: Any) -> list[Tensor]:
+    """The tensors in an override value (numbers, tensors, tuples, PerParameter, PerStep lists or callables)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, PerStep):
+        value = value.at(0) if callable(value.values) else value.values
+        return _tensors_of(value)
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_of(v)]
+    return []
 
 
 def _logged(loss: Tensor, losses: list[float], steps: int) -> Tensor:

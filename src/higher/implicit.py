@@ -63,9 +63,48 @@ def _norm(a: Sequence[Tensor]) -> float:
     return float(_dot(a, a).sqrt())
 
 
-def _grads(output: Tensor, inputs: Sequence[Tensor], **kwargs: object) -> list[Tensor]:
-    grads = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)  # type: ignore[arg-type]
+def _grads(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None = None,
+    **kwargs: object,
+) -> list[Tensor]:
+    """Gradients of ``outputs`` (weighted by ``grad_outputs``), zero where an input is not reached.
+
+    Outputs that do not require grad (a constant objective, or the gradient of a parameter that
+    the objective does not use or uses linearly) contribute nothing instead of failing.
+    """
+    if isinstance(outputs, Tensor):
+        outputs, grad_outputs = [outputs], None
+    weights = [None] * len(outputs) if grad_outputs is None else list(grad_outputs)
+    pairs = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
+    grads: Sequence[Tensor | None] = [None] * len(inputs)
+    if pairs:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            inputs,
+            grad_outputs=None if grad_outputs is None else [w for _, w in pairs],
+            allow_unused=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _tensors(values: Sequence[Tensor], what: str) -> list[Tensor]:
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            found = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"{what}[{i}] must be a floating-point tensor, got {found}")
+    return values
+
+
+def _scalar_result(value: object, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} must return a tensor (a scalar loss), got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{what} must return a scalar, got shape {tuple(value.shape)}")
+    return value
 
 
 def implicit_hypergradient(
@@ -100,27 +139,29 @@ def implicit_hypergradient(
     """
     if solver not in ("cg", "neumann"):
         raise ValueError(f"solver must be 'cg' or 'neumann', got {solver!r}")
-    if not isinstance(iterations, int) or iterations < 0:
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-    params = [p.detach().requires_grad_() for p in params]
-    hyper = [h.detach().requires_grad_() for h in hyperparameters]
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number (a relative residual), got {tol!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+        raise ValueError(
+            f"alpha must be a positive number (the Neumann step size, below 2 / lambda_max), got {alpha!r}"
+        )
+    params = [p.detach().requires_grad_() for p in _tensors(params, "params")]
+    hyper = [h.detach().requires_grad_() for h in _tensors(hyperparameters, "hyperparameters")]
     if not params or not hyper:
         raise ValueError("implicit_hypergradient needs at least one parameter and one hyperparameter tensor")
     with torch.enable_grad():
-        outer = outer_objective(params, hyper)
-        if outer.numel() != 1:
-            raise ValueError(f"outer_objective must return a scalar, got shape {tuple(outer.shape)}")
+        outer = _scalar_result(outer_objective(params, hyper), "outer_objective")
         outer_grads = _grads(outer, params + hyper)
         b, direct = outer_grads[: len(params)], outer_grads[len(params) :]
-        inner = inner_objective(params, hyper)
-        if inner.numel() != 1:
-            raise ValueError(f"inner_objective must return a scalar, got shape {tuple(inner.shape)}")
+        inner = _scalar_result(inner_objective(params, hyper), "inner_objective")
         inner_grad = _grads(inner, params, create_graph=True)
         if not any(g.requires_grad for g in inner_grad):
             raise ValueError("the inner objective's gradient does not depend on the parameters: no Hessian to invert")
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
-            return _grads(inner_grad, params, grad_outputs=v, retain_graph=True)  # type: ignore[arg-type]
+            return _grads(inner_grad, params, grad_outputs=v, retain_graph=True)
 
         b_norm = _norm(b)
         steps = 0
@@ -167,7 +208,7 @@ def implicit_hypergradient(
                 term = [x - alpha * y for x, y in zip(term, hvp(term))]
                 v = [x + y for x, y in zip(v, term)]
         residual = 0.0 if b_norm == 0 else _norm([x - y for x, y in zip(hvp(v), b)]) / b_norm
-        mixed = _grads(inner_grad, hyper, grad_outputs=v, retain_graph=True)  # type: ignore[arg-type]
+        mixed = _grads(inner_grad, hyper, grad_outputs=v, retain_graph=True)
         hypergradients = [d - m for d, m in zip(direct, mixed)]
     return ImplicitHypergradient(
         [g.detach() for g in hypergradients],
