@@ -105,11 +105,6 @@ def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, s
     return reverse, central
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rules._value turns a 0-dim state tensor into a Python number unless it requires grad, which drops a "
-    "forward-mode tangent (ASGD's eta/mu, NAdam's mu_product); fix belongs in rules.py (left to the lead)",
-)
 @pytest.mark.parametrize(
     ("name", "options", "hyper"),
     [
@@ -291,12 +286,7 @@ def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(h
     assert torch.equal(result.hypergradients[0], expected[0])
 
 
-# ------------------------------------------------------------------ left to the lead (optim.py)
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim.py refuses step() under no_grad even with track_higher_grads=False, and its message advises "
-    "exactly that setting (left to the lead: optim.py)",
-)
+# ------------------------------------------------------------------ diffopt.step under no_grad
 def test_step_under_no_grad_without_tracking_takes_the_plain_step():
     model, opt, inner, _ = _small_problem()
     results = []
