@@ -59,6 +59,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators take: -2**63 .. 2**63 - 2 (the demos also seed with ``seed + 1``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value <= 2**63 - 2:
+        raise argparse.ArgumentTypeError(f"must lie between -2**63 and 2**63 - 2 (torch's seed range), got {value}")
+    return value
+
+
 def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -109,7 +120,7 @@ def _add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         "--shots", type=_positive_int, default=default(None), help="K, support examples per task (per class)"
     )
     parser.add_argument("--out", type=_png_path, default=default(None), help="where to write the PNG")
-    parser.add_argument("--seed", type=int, default=default(0), help="seed of the initialisation and training tasks")
+    parser.add_argument("--seed", type=_seed, default=default(0), help="seed of the initialisation and training tasks")
     parser.add_argument("--device", type=_device, default=default(torch.device("cpu")), help="cpu, cuda, cuda:N or mps")
     parser.add_argument(
         "--test-tasks", type=_positive_int, default=default(600), help="number of seeded test tasks (default 600)"
@@ -315,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(common.json_line(record), flush=True)
     except CliError as error:
         parser.exit(2, f"higher: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, no traceback and no PNG
+        print("\nhigher: interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

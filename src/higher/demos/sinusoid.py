@@ -753,6 +753,7 @@ def run(config: SinusoidConfig, device: torch.device, out: Path, progress: bool 
     """
     start = time.perf_counter()
     compiled, why = compile_choice(config, device)  # a bad --compile fails here, before anything runs
+    pyplot()  # without matplotlib, say so now rather than after the whole run
     label = ALGORITHMS[config.algorithm].label
     path = "per-task loop" if config.per_task else f"task-batched, {config.meta_batch} tasks at once"
     ranks = distributed.rank_and_world_size()[1]
