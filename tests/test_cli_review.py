@@ -132,10 +132,10 @@ def test_the_library_imports_and_runs_without_the_demo_extras():
     assert "ok (2, 10, 1)" in result.stdout
 
 
-@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63 - 1), str(-(2**63) - 1)])
-def test_a_seed_torch_cannot_take_is_a_clear_error(seed, capsys):
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**64 - 1), str(-(2**63) - 1)])
+def test_a_seed_torch_cannot_take_is_a_clear_error(seed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--seed", seed, "--iterations", "1"])
+        cli.main(["demo", "--seed", seed, "--iterations", "1", "--test-tasks", "2", "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--seed" in err and "Traceback" not in err
@@ -143,5 +143,12 @@ def test_a_seed_torch_cannot_take_is_a_clear_error(seed, capsys):
 
 def test_seeds_at_the_ends_of_the_range_are_accepted():
     parser = cli.build_parser()
-    for seed in (0, -1, 2**63 - 2, -(2**63)):
+    for seed in (0, -1, 2**64 - 2, -(2**63)):
         assert parser.parse_args(["demo", "--seed", str(seed)]).seed == seed
+
+
+def test_the_largest_seed_runs(tmp_path):
+    """--seed 2**64 - 2: the demo also seeds with seed + 1, still in torch's range."""
+    out = tmp_path / "x.png"
+    argv = ["demo", "--seed", str(2**64 - 2), "--iterations", "1", "--test-tasks", "2", "--no-progress"]
+    assert cli.main([*argv, "--out", str(out)]) == 0 and out.exists()

@@ -60,13 +60,13 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """A seed torch's generators take: -2**63 .. 2**63 - 2 (the demos also seed with ``seed + 1``)."""
+    """A seed torch's generators take: -2**63 .. 2**64 - 2 (the demos also seed with ``seed + 1``)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not -(2**63) <= value <= 2**63 - 2:
-        raise argparse.ArgumentTypeError(f"must lie between -2**63 and 2**63 - 2 (torch's seed range), got {value}")
+    if not -(2**63) <= value <= 2**64 - 2:
+        raise argparse.ArgumentTypeError(f"must lie between -2**63 and 2**64 - 2 (torch's seed range), got {value}")
     return value
 
 
