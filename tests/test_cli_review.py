@@ -152,3 +152,11 @@ def test_the_largest_seed_runs(tmp_path):
     out = tmp_path / "x.png"
     argv = ["demo", "--seed", str(2**64 - 2), "--iterations", "1", "--test-tasks", "2", "--no-progress"]
     assert cli.main([*argv, "--out", str(out)]) == 0 and out.exists()
+
+
+def test_zero_iterations_print_no_nan_timing(tmp_path, capsys):
+    """--iterations 0 (documented: "0: none") evaluates the initialisation; the timing line says so, not "nan ms"."""
+    argv = ["demo", "--iterations", "0", "--test-tasks", "2", "--no-progress", "--out", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and "no meta-training iterations" in printed
