@@ -160,3 +160,22 @@ def test_zero_iterations_print_no_nan_timing(tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "nan" not in printed and "no meta-training iterations" in printed
+
+
+def test_out_in_a_folder_where_no_new_file_can_be_made_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """The PNG is written under a temporary name beside --out, then renamed: the folder must take new files.
+
+    (An existing writable file in a read-only folder passed the old check and failed at the end of the run.)
+    Simulated by making the probe file fail, since the tests may run as root.
+    """
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep")
+
+    def read_only_folder(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.NamedTemporaryFile", read_only_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--iterations", "1", "--out", str(existing)])
+    assert exit_info.value.code == 2 and "cannot be written (Permission denied)" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep"

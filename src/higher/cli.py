@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def _png_path(text: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # the demo would make it anyway
         with open(path, "ab"):  # appends nothing: an existing file is left as it is
+            pass
+        # The PNG is written beside it under a temporary name, then renamed (common.save_figure).
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"):
             pass
     except OSError as error:
         raise argparse.ArgumentTypeError(
