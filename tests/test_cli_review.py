@@ -25,14 +25,25 @@ def test_ctrl_c_during_training_exits_130_with_one_clear_line(tmp_path):
     out = tmp_path / "demo.png"
     argv = [sys.executable, "-m", "higher", "demo", "--iterations", "1000000", "--no-compile", "--no-progress"]
     process = subprocess.Popen(
-        [*argv, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        [*argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert process.stdout is not None
-    for line in process.stdout:  # wait until meta-training runs (the first progress line), then interrupt
-        if "running meta-loss" in line:
-            break
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # wait until meta-training runs (the first progress line), then interrupt
+            if "running meta-loss" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted" in err
