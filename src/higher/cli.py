@@ -14,7 +14,10 @@ This module only parses the options and dispatches to the experiments of :mod:`h
 
 ``--json`` prints the results (the table's numbers, the timings and the options used) as one JSON
 object on the last line of stdout. Plots need matplotlib and the progress bar uses tqdm when
-present (``pip install 'higher[demo]'``); the digits need scikit-learn. Nothing is downloaded.
+present (``pip install 'higher[demo]'``); the digits need scikit-learn. Without them a demo stops
+before training and says what to install. Nothing is downloaded. Ctrl-C stops a run with one line
+(``higher: interrupted``) and exit status 130; the PNG is written under a temporary name and renamed
+when complete, so an interrupted run leaves none.
 """
 
 from __future__ import annotations
