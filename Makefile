@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test typecheck dist check-wheel bench bench-compiled lint install install-demo install-dev install-bench clean
+.PHONY: demo example test typecheck dist check-wheel check-shared bench bench-compiled lint install install-demo install-dev install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install-dev
 	$(PY) -m pytest -q
 	$(MAKE) typecheck VENV=$(VENV)
 
+# ruff over the repository (declared phony before, but had no rule: `make lint` did nothing).
+lint: install-dev
+	$(PY) -m ruff check .
+
 # pyright over src/ (configured in pyproject.toml: basic mode, every file).
 typecheck: install-dev
 	$(PY) -m pyright --project pyproject.toml --pythonpath $(PY)
@@ -50,7 +54,7 @@ dist: install-dev
 
 # Installs the built wheel (not the source tree) into a fresh virtual environment, with the pinned
 # CPU torch, and runs the seed example and a short demo from it, outside the repository.
-check-wheel: dist
+check-wheel: check-shared dist
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt "$$(ls dist/higher-*.whl)[demo]"
@@ -64,6 +68,12 @@ check-wheel: dist
 	  r = json.load(sys.stdin); assert r['options']['iterations'] == 50 and 'MAML' in r['table'], r; \
 	  print('demo from the wheel: MSE after 1 step', round(r['table']['MAML']['1 step']['mean'], 3))"
 	cd "$$(mktemp -d)" && $(CURDIR)/$(WHEEL_VENV)/bin/higher demo --help > /dev/null && echo "the higher command works"
+
+# The seed example's check lives outside the repository, in $(SHARED) (../shared beside a CI clone):
+# say so before building anything rather than fail after the build.
+check-shared:
+	@test -x "$(SHARED)/acceptance/check_seed.sh" || { echo "make check-wheel runs $(SHARED)/acceptance/check_seed.sh" \
+	  "(the seed example, kept outside the repository), which is not there: pass SHARED=/path/to/shared" >&2; exit 2; }
 
 # Installs the competitors (higher 0.2.1, TorchOpt 0.7.3) into .bench/ on first use, then
 # times every workload (about 20 minutes on 2 cores); writes .bench/results.md and .bench/benchmark.png.

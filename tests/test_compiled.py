@@ -487,3 +487,21 @@ def test_step_under_no_grad_is_refused_under_compile_with_the_eager_message():
 
     with pytest.raises(Exception, match=r"was called under torch.no_grad\(\)"):
         torch.compile(run, fullgraph=True, backend="aot_eager")()
+
+
+@pytest.mark.parametrize("use", ["index", "len", "iterate"])
+def test_submodule_views_by_index_raise_the_clear_error_under_compile(use):
+    """fmodel[0], len(fmodel), iter(fmodel) work eagerly on a Sequential; compiled they name the fix, not a TypeError."""
+    model = sine_mlp()
+    opt = make_optimizer("sgd", model)
+    uses = {"index": lambda f: f[0], "len": lambda f: len(f), "iterate": lambda f: list(f)}
+
+    def run(x):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            uses[use](fmodel)
+            return fmodel(x).sum()
+
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        uses[use](fmodel)  # eagerly these are the Sequential's own
+    with pytest.raises(Exception, match="not available while torch.compile traces the inner loop"):
+        torch.compile(run, fullgraph=True, backend="aot_eager")(torch.randn(2, 1))

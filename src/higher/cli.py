@@ -14,13 +14,17 @@ This module only parses the options and dispatches to the experiments of :mod:`h
 
 ``--json`` prints the results (the table's numbers, the timings and the options used) as one JSON
 object on the last line of stdout. Plots need matplotlib and the progress bar uses tqdm when
-present (``pip install 'higher[demo]'``); the digits need scikit-learn. Nothing is downloaded.
+present (``pip install 'higher[demo]'``); the digits need scikit-learn. Without them a demo stops
+before training and says what to install. Nothing is downloaded. Ctrl-C stops a run with one line
+(``higher: interrupted``) and exit status 130; the PNG is written under a temporary name and renamed
+when complete, so an interrupted run leaves none.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators take: -2**63 .. 2**64 - 2 (the demos also seed with ``seed + 1``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value <= 2**64 - 2:
+        raise argparse.ArgumentTypeError(f"must lie between -2**63 and 2**64 - 2 (torch's seed range), got {value}")
+    return value
+
+
 def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -87,6 +102,9 @@ def _png_path(text: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)  # the demo would make it anyway
         with open(path, "ab"):  # appends nothing: an existing file is left as it is
             pass
+        # The PNG is written beside it under a temporary name, then renamed (common.save_figure).
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"):
+            pass
     except OSError as error:
         raise argparse.ArgumentTypeError(
             f"--out {text!r} cannot be written ({error.strerror}); give a path in a folder you can write to"
@@ -109,7 +127,7 @@ def _add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         "--shots", type=_positive_int, default=default(None), help="K, support examples per task (per class)"
     )
     parser.add_argument("--out", type=_png_path, default=default(None), help="where to write the PNG")
-    parser.add_argument("--seed", type=int, default=default(0), help="seed of the initialisation and training tasks")
+    parser.add_argument("--seed", type=_seed, default=default(0), help="seed of the initialisation and training tasks")
     parser.add_argument("--device", type=_device, default=default(torch.device("cpu")), help="cpu, cuda, cuda:N or mps")
     parser.add_argument(
         "--test-tasks", type=_positive_int, default=default(600), help="number of seeded test tasks (default 600)"
@@ -315,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(common.json_line(record), flush=True)
     except CliError as error:
         parser.exit(2, f"higher: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, no traceback and no PNG
+        print("\nhigher: interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

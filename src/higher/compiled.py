@@ -287,12 +287,31 @@ class TracedFunctionalModule:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_hg_"):
             raise AttributeError(name)
-        raise AttributeError(
-            f"'{name}' of the fmodel is not available while torch.compile traces the inner loop: the traced "
-            f"fmodel runs the model's forward with the fast weights (calling it, parameters(), "
-            f"named_parameters(), buffers(), fast_params, update_params). Use '{name}' outside the compiled "
-            f"function, or run this inner loop eagerly."
-        )
+        raise AttributeError(_eager_only(name))
+
+    # Container views of a Sequential/ModuleList model (``fmodel[0]``, ``len(fmodel)``, ``for m in
+    # fmodel``) are special methods, looked up on the class, so ``__getattr__`` does not see them.
+    def __getitem__(self, index: Any) -> Any:
+        raise TypeError(_eager_only(f"fmodel[{index!r}]"))
+
+    def __len__(self) -> int:
+        raise TypeError(_eager_only("len(fmodel)"))
+
+    def __bool__(self) -> bool:  # a module is true (without this, ``bool`` would call ``__len__``)
+        return True
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError(_eager_only("iter(fmodel)"))
+
+
+def _eager_only(name: str) -> str:
+    """The error for an fmodel feature the traced fmodel does not offer."""
+    return (
+        f"'{name}' of the fmodel is not available while torch.compile traces the inner loop: the traced "
+        f"fmodel runs the model's forward with the fast weights (calling it, parameters(), "
+        f"named_parameters(), buffers(), fast_params, update_params). Use '{name}' outside the compiled "
+        f"function, or run this inner loop eagerly."
+    )
 
 
 def show_params(diffopt: Any, fmodel: TracedFunctionalModule) -> None:

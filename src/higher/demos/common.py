@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -142,9 +143,19 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Write ``fig`` as a PNG, creating the folder if needed."""
+    """Write ``fig`` as a PNG, creating the folder if needed.
+
+    The PNG is written under a temporary name in the same folder and then renamed, so that an
+    interrupted run (Ctrl-C) or a failed write never leaves a half-written file under ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(partial, dpi=110, format="png")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def steps_label(step: int) -> str:

@@ -109,6 +109,8 @@ def samplers(config: DigitsConfig) -> dict[str, DigitsTasks]:
         }
     except ValueError as error:
         raise DemoError(f"{error} (options --ways/--shots)") from None
+    except ImportError as error:  # no scikit-learn: the message says what to install
+        raise DemoError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------ training
@@ -243,6 +245,7 @@ def run(config: DigitsConfig, device: torch.device, out: Path, progress: bool = 
         raise DemoError(
             f"--ways {config.ways}: the meta-validation split has {MAX_WAYS} classes; use at most {MAX_WAYS}"
         )
+    pyplot()  # without matplotlib, say so now rather than after the whole run
     start = time.perf_counter()
     tasks = samplers(config)
     ways, shots = config.ways, config.shots

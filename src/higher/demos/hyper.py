@@ -184,6 +184,7 @@ def run(config: HyperConfig, device: torch.device, out: Path, progress: bool = T
         raise DemoError(f"unknown problem {config.problem!r}; use one of {', '.join(PROBLEMS)}")
     if config.method not in ALL_METHODS:
         raise DemoError(f"unknown method {config.method!r}; use one of {', '.join(ALL_METHODS)}")
+    pyplot()  # without matplotlib, say so now rather than after the whole run
     if config.problem == "logreg":
         return run_logreg(config, device, out, progress)
     if config.method not in METHODS:

@@ -753,6 +753,7 @@ def run(config: SinusoidConfig, device: torch.device, out: Path, progress: bool 
     """
     start = time.perf_counter()
     compiled, why = compile_choice(config, device)  # a bad --compile fails here, before anything runs
+    pyplot()  # without matplotlib, say so now rather than after the whole run
     label = ALGORITHMS[config.algorithm].label
     path = "per-task loop" if config.per_task else f"task-batched, {config.meta_batch} tasks at once"
     ranks = distributed.rank_and_world_size()[1]
@@ -778,9 +779,14 @@ def run(config: SinusoidConfig, device: torch.device, out: Path, progress: bool 
     loop_seconds -= compile_seconds or 0.0
     per_iteration = loop_seconds / timed if timed else float("nan")
     compiling = "" if compile_seconds is None else f" after {compile_seconds:.0f}s of compilation"
+    if timed:
+        rate = f"{1e3 * per_iteration:.2f} ms per iteration{compiling}"
+    elif compile_seconds is not None:  # --compile --iterations 1: the one iteration compiled
+        rate = f"one iteration, {compile_seconds:.0f}s with its compilation"
+    else:
+        rate = "no meta-training iterations"
     print(
-        f"meta-training took {trained - start:.0f}s ({1e3 * per_iteration:.2f} ms per iteration{compiling}); "
-        f"training the pretrained baseline...",
+        f"meta-training took {trained - start:.0f}s ({rate}); training the pretrained baseline...",
         flush=True,
     )
     pretrained = train_pretrained(config, device)
