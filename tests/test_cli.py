@@ -279,3 +279,28 @@ def test_hyper_logreg_all_four_methods_agree(tmp_path, capsys):
     gap = float((first["implicit"] - reference).abs().max())
     assert 0 < gap <= 10 * implicit.extra["inner_gradient_norm"]
     assert implicit.extra["inner_gradient_norm"] < 1e-5  # near the minimiser: the first-order bound applies
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hyper", "--problem", "logreg", "--seed", "3"],
+        ["--seed", "0", "hyper", "--problem", "logreg"],
+        ["hyper", "--problem", "logreg", "--shots", "5"],
+        ["hyper", "--problem", "logreg", "--test-tasks", "10"],
+        ["hyper", "--problem", "logreg", "--per-task"],
+    ],
+)
+def test_logreg_refuses_the_options_it_has_no_use_for(argv):
+    with pytest.raises(cli.CliError, match="not used by --problem logreg"):
+        resolve(*argv)
+
+
+def test_common_options_default_when_not_given():
+    for experiment in ("sinusoid", "digits", "hyper"):
+        args = resolve(experiment)
+        assert (args.seed, args.test_tasks, args.per_task) == (0, 600, False)
+    args = resolve("hyper", "--problem", "logreg")
+    assert (args.seed, args.test_tasks, args.per_task) == (0, 600, False)
+    args = resolve("--seed", "7", "--test-tasks", "9", "--per-task", "hyper")
+    assert (args.seed, args.test_tasks, args.per_task) == (7, 9, True)

@@ -127,10 +127,12 @@ def _add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         "--shots", type=_positive_int, default=default(None), help="K, support examples per task (per class)"
     )
     parser.add_argument("--out", type=_png_path, default=default(None), help="where to write the PNG")
-    parser.add_argument("--seed", type=_seed, default=default(0), help="seed of the initialisation and training tasks")
+    parser.add_argument(
+        "--seed", type=_seed, default=default(None), help="seed of the initialisation and training tasks (default 0)"
+    )
     parser.add_argument("--device", type=_device, default=default(torch.device("cpu")), help="cpu, cuda, cuda:N or mps")
     parser.add_argument(
-        "--test-tasks", type=_positive_int, default=default(600), help="number of seeded test tasks (default 600)"
+        "--test-tasks", type=_positive_int, default=default(None), help="number of seeded test tasks (default 600)"
     )
     parser.add_argument(
         "--threads", type=_positive_int, default=default(1), help="torch CPU threads (default 1: fastest for this size)"
@@ -138,7 +140,7 @@ def _add_common_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     parser.add_argument(
         "--per-task",
         action="store_true",
-        default=default(False),
+        default=default(None),
         help="run the inner loops task by task instead of all tasks of a batch at once (slower; same numbers "
         "up to floating-point summation order)",
     )
@@ -256,9 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="sinusoid",
         help="sinusoid (SGD's lr and momentum on a sinusoid task, the default) or logreg (hypertorch's "
         "logistic regression: 20 per-feature L2 coefficients, float64, CPU; every --method, default "
-        f"{hyper.LOGREG_DEFAULTS['iterations']} outer iterations; --shots, --test-tasks, --per-task, --seed unused)",
+        f"{hyper.LOGREG_DEFAULTS['iterations']} outer iterations; --shots, --test-tasks, --per-task and --seed do "
+        "not apply and are refused)",
     )
     return parser
+
+
+#: Options every experiment takes whose defaults are filled in by _resolve (so that it can tell
+#: whether they were given), and those --problem logreg has no use for.
+_COMMON_DEFAULTS: dict[str, Any] = {"seed": 0, "test_tasks": 600, "per_task": False}
+_NOT_LOGREG = (("shots", "--shots"), ("test_tasks", "--test-tasks"), ("per_task", "--per-task"), ("seed", "--seed"))
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -277,6 +286,15 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
                 args.iterations = hyper.FORWARD_ITERATIONS
         if getattr(args, "inner_steps", None) is None:
             args.inner_steps = hyper.LOGREG_DEFAULTS["inner_steps"] if problem == "logreg" else 50
+        unused = [flag for name, flag in _NOT_LOGREG if problem == "logreg" and getattr(args, name, None) is not None]
+        if unused:
+            raise CliError(
+                f"{', '.join(unused)}: not used by --problem logreg (its data, split and seed are fixed, and it "
+                "has no tasks); leave them out"
+            )
+    for name, value in _COMMON_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     for name, value in DEFAULTS[experiment].items():
         if getattr(args, name, None) is None:
             setattr(args, name, _png_path(value) if name == "out" else value)
