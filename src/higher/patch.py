@@ -209,7 +209,7 @@ def _substitute(value: Any, lookup: Callable[[Any], Any], depth: int = 0) -> Any
     if depth > _ALIAS_DEPTH or isinstance(value, (Tensor, nn.Module)):
         return value
     kind = type(value)
-    if kind in (list, tuple, set, frozenset) or (isinstance(value, tuple) and hasattr(value, "_fields")):
+    if kind in (list, tuple, set, frozenset) or (issubclass(kind, tuple) and hasattr(value, "_fields")):
         items = [_substitute(v, lookup, depth + 1) for v in value]
         if all(a is b for a, b in zip(items, value)):
             return value
