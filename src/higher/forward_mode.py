@@ -39,6 +39,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from .implicit import _scalar_result
 from .patch import FunctionalModule
 
 __all__ = ["ForwardHypergradient", "forward_hypergradient"]
@@ -217,12 +218,8 @@ def forward_hypergradient(
         with fwAD.dual_level():
             hyper = _duals(values, tangents)
             _install(fmodel, diffopt, carried, flags)
-            loss = outer_loss(fmodel, hyper)
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"outer_loss must return a tensor (a scalar loss), got {type(loss).__name__}")
+            loss = _scalar_result(outer_loss(fmodel, hyper), "outer_loss")
             primal, tangent = fwAD.unpack_dual(loss)
-            if primal.numel() != 1:
-                raise ValueError(f"outer_loss must return a scalar, got shape {tuple(primal.shape)}")
             flat[direction] = 0 if tangent is None else tangent.detach().reshape(())
             out_value = primal.detach().reshape(())
     grads = list(torch.split(flat, sizes)) if total else []

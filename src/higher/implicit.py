@@ -100,6 +100,7 @@ def _tensors(values: Sequence[Tensor], what: str) -> list[Tensor]:
 
 
 def _scalar_result(value: object, what: str) -> Tensor:
+    """``value``, the result of the user's ``what``, if it is a one-element tensor (else a clear error)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{what} must return a tensor (a scalar loss), got {type(value).__name__}")
     if value.numel() != 1:
