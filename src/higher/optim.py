@@ -503,12 +503,6 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             hook(self, args, keywords)
         return new_params
 
-    def _step_untracked_under_no_grad(self, *args: Any, **kwargs: Any) -> list[Tensor]:
-        """A step with ``track_higher_grads=False`` called under ``torch.no_grad()``: it records no
-        graph either way, so it is the same step (its new fast weights are fresh leaves)."""
-        with torch.enable_grad():
-            return self._step(*args, **kwargs)
-
     def _step(
         self,
         loss: Tensor | None,
@@ -523,7 +517,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             # (dynamo cannot trace is_inference_mode_enabled; a compiled function is not run in inference mode)
             inference = not compiled.tracing() and torch.is_inference_mode_enabled()
             if not self._track_higher_grads and not inference:
-                return self._step_untracked_under_no_grad(loss, params, override, grad_callback, closure, **kwargs)
+                # It records no graph either way: the same step (its new fast weights are fresh leaves).
+                with torch.enable_grad():
+                    return self._step(loss, params, override, grad_callback, closure, **kwargs)
             mode = "torch.inference_mode()" if inference else "torch.no_grad()"
             raise RuntimeError(
                 f"diffopt.step() was called under {mode}: the update would not be recorded, so the unroll "

@@ -332,8 +332,7 @@ class _Tree:
         # ``self``, an RNN's ``_flat_weights``. A replica's copy of such an attribute refers to
         # the replicas and fast weights instead (see _Core._fill), so that the forward uses the
         # fast weights whichever way it reaches a module.
-        known = {**dict.fromkeys(self.module_index, True), **dict.fromkeys(self.param_index, True)}
-        known.update(dict.fromkeys(self.buffer_index, True))
+        known = {*self.module_index, *self.param_index, *self.buffer_index}
         marker = object()
 
         def mark(obj: Any) -> Any:
