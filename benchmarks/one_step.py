@@ -49,6 +49,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 import higher  # noqa: E402
+from benchmarks.run import _progress  # noqa: E402
 from benchmarks.workloads import WORKLOADS  # noqa: E402
 
 PHASES = ("open", "support forward", "inner step", "query forward", "meta-backward")
@@ -159,7 +160,7 @@ def check(workload_name: str) -> dict[str, float]:
     scale = max(float(g.abs().max()) for g in reference)
     differences = {}
     for variant in VARIANTS:
-        grads = meta_gradient(variant, workload_name, torch.float64)
+        grads = reference if variant == "loop" else meta_gradient(variant, workload_name, torch.float64)
         differences[variant] = max(float((a - b).abs().max()) for a, b in zip(grads, reference)) / scale
     return differences
 
@@ -192,8 +193,7 @@ def measure(workload_name: str, rounds: int, seed: int = 0, progress: bool = Tru
     order = list(VARIANTS)
     shuffle = random.Random(seed).shuffle
     counter = time.perf_counter
-    bar = _progress(rounds + 1, progress)
-    for round_ in range(rounds + 1):  # round 0 warms up
+    for round_ in _progress(range(rounds + 1), rounds + 1, f"{workload_name} rounds", progress):  # 0 warms up
         shuffle(order)
         for variant in order:
             model, task = runs[variant]
@@ -209,7 +209,6 @@ def measure(workload_name: str, rounds: int, seed: int = 0, progress: bool = Tru
             if round_:
                 whole[variant].append(elapsed / tasks * 1e6)
                 phases[variant].append([s / tasks * 1e6 for s in clock.sums])
-        bar()
     return {
         variant: {
             "task": statistics.median(whole[variant]),
@@ -217,18 +216,6 @@ def measure(workload_name: str, rounds: int, seed: int = 0, progress: bool = Tru
         }
         for variant in VARIANTS
     }
-
-
-def _progress(total: int, enabled: bool) -> Callable[[], None]:
-    """A tqdm bar when tqdm is installed and wanted, else nothing."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return lambda: None
-        bar = tqdm(total=total, desc="rounds", file=sys.stderr, leave=False)
-        return lambda: bar.update()
-    return lambda: None
 
 
 def table(results: dict[str, dict[str, float]]) -> str:

@@ -292,10 +292,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
                 f"{', '.join(unused)}: not used by --problem logreg (its data, split and seed are fixed, and it "
                 "has no tasks); leave them out"
             )
-    for name, value in _COMMON_DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    for name, value in DEFAULTS[experiment].items():
+    for name, value in {**_COMMON_DEFAULTS, **DEFAULTS[experiment]}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, _png_path(value) if name == "out" else value)
     if experiment == "sinusoid":
