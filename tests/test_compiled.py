@@ -178,6 +178,26 @@ def test_compiled_with_inductor_matches_eager():
     assert unique_graphs() == 1
 
 
+def test_per_task_sgd_with_weight_decay_under_inductor_matches_eager():
+    """torch 2.13's inductor drops ``alpha`` from ``add(x, mm(...), alpha=a)`` (pytorch/pytorch#167313):
+    a compiled per-task SGD step took ``p - g`` instead of ``p - lr g`` (meta-loss 209.3 against
+    6.77 in the report) and L2 weight decay added ``p`` instead of ``wd p``. The rules now write
+    that sum as a product and a sum while compiling (higher.rules._add_alpha)."""
+    model = sine_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    data = sine_tasks(2)
+
+    def run():
+        return per_task_meta_iteration(model, opt, data, steps=1, closure=False)
+
+    expected = gradients(run, model)
+    assert_close_lists(gradients(torch.compile(run, fullgraph=True), model), expected)
+    w, a, b = torch.randn(8, 8), torch.randn(8, 4), torch.randn(4, 8)
+    for x, y in [(w, a @ b), (a @ b, w)]:
+        compiled = torch.compile(lambda x, y: higher.rules._add_scaled(x, y, -0.1))
+        torch.testing.assert_close(compiled(x, y), x.add(y, alpha=-0.1))
+
+
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_step_with_loss_is_one_graph_too(batched, optimizer):

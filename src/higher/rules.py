@@ -43,7 +43,16 @@ class _Sqrt0(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor) -> Tensor:
         root = x.sqrt()
         ctx.save_for_backward(root)
+        ctx.save_for_forward(root)
         return root
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        """Forward mode (``higher.forward_hypergradient``): the same convention, tangent 0 where ``x == 0``."""
+        (root,) = ctx.saved_tensors
+        positive = root > 0
+        safe_root = torch.where(positive, root, torch.ones_like(root))
+        return torch.where(positive, tangent / (2 * safe_root), torch.zeros_like(tangent))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -69,6 +78,8 @@ def sqrt0(x: Tensor) -> Tensor:
     differences), while every entry with ``v > 0`` is untouched. Values are identical to
     ``torch.sqrt``; first and second derivatives equal those of ``sqrt`` wherever ``x > 0``.
     """
+    if _has_tangent(x):  # forward mode: its updates run without a reverse graph, but need the convention too
+        return _Sqrt0.apply(x)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x.sqrt()
     return _Sqrt0.apply(x)
@@ -109,6 +120,8 @@ class _Sqrt0Many(torch.autograd.Function):
 
 def sqrt0_many(xs: list[Tensor]) -> list[Tensor]:
     """``[sqrt0(x) for x in xs]``, as one operation (values identical to ``torch.sqrt``)."""
+    if any(_has_tangent(x) for x in xs):
+        return [sqrt0(x) for x in xs]
     if not torch.is_grad_enabled() or not any(x.requires_grad for x in xs):
         return list(torch._foreach_sqrt(xs))
     return list(_Sqrt0Many.apply(*xs))
@@ -199,8 +212,23 @@ def _add_scaled_many(xs: list[Tensor], ys: list[Tensor], a: float) -> list[Tenso
     whenever autograd records the operation.
     """
     if torch.is_grad_enabled() and (any(x.requires_grad for x in xs) or any(y.requires_grad for y in ys)):
-        return [torch.add(x, y, alpha=a) for x, y in zip(xs, ys)]
+        return [_add_alpha(x, y, a) for x, y in zip(xs, ys)]
     return list(torch._foreach_add(xs, ys, alpha=a))
+
+
+def _add_alpha(x: Tensor, y: Tensor, a: float) -> Tensor:
+    """``x.add(y, alpha=a)`` for a number ``a``; ``x + a * y`` while ``torch.compile`` traces.
+
+    torch 2.13's inductor computes ``add(x, mm(...), alpha=a)`` (and ``add(mm(...), x, alpha=a)``)
+    as if ``alpha`` were 1: its pass that rewrites ``addmm`` into ``mm`` plus a pointwise ``add``
+    drops ``alpha`` (pytorch/pytorch#167313). An inner gradient is such a matrix product (the
+    backward of a linear layer), so a compiled SGD step took ``p - g`` instead of ``p - lr g``
+    (and L2 weight decay added ``p`` instead of ``wd p``). Written as a product and a sum, the
+    compiled graph computes the same value (to rounding: eagerly ``add`` rounds once).
+    """
+    if torch.compiler.is_compiling():
+        return x + a * y
+    return torch.add(x, y, alpha=a)
 
 
 # The four fused forms that torch.optim's kernels use. With a Python-number coefficient they call
@@ -210,7 +238,7 @@ def _add_scaled_many(xs: list[Tensor], ys: list[Tensor], a: float) -> list[Tenso
 def _add_scaled(x: Tensor, y: Tensor, a: Any) -> Tensor:
     """``x + a * y`` (torch: ``x.add(y, alpha=a)``)."""
     if not isinstance(a, Tensor):
-        return x.add(y, alpha=a)
+        return _add_alpha(x, y, a)
     if not a.requires_grad:
         return torch.addcmul(x, y, a)
     fixed = a.detach()
