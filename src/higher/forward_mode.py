@@ -19,11 +19,13 @@ dual tensors unchanged. After each step the fast weights and optimizer state are
 reverse graph, and each step runs in its own forward-AD level with the tangents carried across as
 plain tensors (a level keeps every tangent made in it until it exits), so memory stays flat.
 
+The update rules' square roots keep :func:`higher.rules.sqrt0`'s convention in forward mode too
+(tangent 0 where a second-moment entry is exactly 0, e.g. a bias before BatchNorm), so adaptive
+optimizers give reverse mode's finite hypergradients. Random forwards (dropout) draw the same
+numbers in every pass: each pass starts from the random generators' state at the call.
+
 Limits: one pass per scalar hyperparameter; no task-batched mode (``tasks=T``; a first
-attempt failed in the batched optimizer's gradient step, not investigated yet); the update runs
-without a reverse graph, where
-:func:`higher.rules.sqrt0` is ``torch.sqrt``, so an adaptive optimizer's tangent is NaN where a
-second-moment entry is exactly 0 (a parameter whose gradient has been exactly 0 at every step);
+attempt failed in the batched optimizer's gradient step, not investigated yet);
 ``F.mse_loss`` with ``reduction='mean'`` cannot be differentiated forward-over-reverse in
 torch 2.13 (write it out).
 """
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 
 from .implicit import _scalar_result
 from .patch import FunctionalModule
+from .utils import get_random_state, random_devices, set_random_state
 
 __all__ = ["ForwardHypergradient", "forward_hypergradient"]
 
@@ -173,7 +176,13 @@ def forward_hypergradient(
     total = sum(sizes)
     flat = torch.zeros(total, dtype=values[0].dtype, device=values[0].device)
     out_value: Tensor | None = None
+    # Every direction's unroll must see the same random numbers (dropout): each starts from the
+    # generators' state at the call, and the call leaves them as one unroll would.
+    devices = random_devices(model.parameters())
+    random_state = get_random_state(devices)
     for direction in range(total):
+        if direction:
+            set_random_state(random_state, devices)
         tangents = []
         offset = 0
         for value, size in zip(values, sizes):

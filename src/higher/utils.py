@@ -98,3 +98,23 @@ def _check_task_dimension(tensors: Iterable[Any], tasks: int) -> None:
                 f"{tasks}; got a tensor of shape {tuple(tensor.shape)}. Stack the tasks' inputs "
                 f"(torch.stack), or expand an input shared by all tasks (x.expand({tasks}, *x.shape))."
             )
+
+
+RandomState = tuple[Tensor, list[Tensor]]
+
+
+def random_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA devices among ``tensors``' (whose random generators a random forward may draw from)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def get_random_state(devices: list[int]) -> RandomState:
+    """The global CPU generator's state and that of each CUDA device in ``devices``."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def set_random_state(state: RandomState, devices: list[int]) -> None:
+    """Restore what :func:`get_random_state` returned."""
+    torch.set_rng_state(state[0])
+    for device, cuda_state in zip(devices, state[1]):
+        torch.cuda.set_rng_state(cuda_state, device)
