@@ -99,3 +99,33 @@ def test_per_step_nan_is_refused():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="NaN"):
         higher.innerloop_ctx(model, opt, override={"lr": higher.PerStep([0.1, float("nan")])}).__enter__()
+
+
+@pytest.mark.parametrize("form", ["transformed", "indexed"])
+def test_scheduler_on_a_learned_tensor_lr_is_refused_with_the_fix(form):
+    """torch's schedulers overwrite a tensor lr in place (fill_). On a tensor that receives
+    hypergradients computed from a leaf (log_lr.exp(), or one entry of a per-task tensor) this
+    replaced its history: the hypergradient was cut or wrong, or backward failed far away with a
+    version-counter error. The next step now names the cause and the fix (found by the
+    differential harness: scheduler with non-leaf learned lr)."""
+    model, x, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log_lr = torch.tensor([-2.0, -2.5], requires_grad=True)
+    lr = log_lr.exp() if form == "transformed" else log_lr.exp()[1]
+    lr = lr[0] if form == "transformed" else lr
+    with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+        lr_scheduler.StepLR(diffopt, step_size=1, gamma=0.5)  # its constructor writes lr already
+        with pytest.raises(RuntimeError, match="changed in place.*lr_scheduler.*higher.PerStep"):
+            diffopt.step(nn.functional.mse_loss(fmodel(x), y))
+
+
+def test_scheduler_on_a_tensor_lr_without_grad_still_works():
+    model, x, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        schedule = lr_scheduler.StepLR(diffopt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            diffopt.step(nn.functional.mse_loss(fmodel(x), y))
+            schedule.step()
+    assert float(diffopt.param_groups[0]["lr"]) == 0.1 * 0.5**3
+    assert float(opt.param_groups[0]["lr"]) == 0.1

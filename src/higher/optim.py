@@ -284,10 +284,12 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         # Set by higher.forward_mode, whose updates run under no_grad on purpose (forward-mode
         # tangents need no reverse graph); a user's step under no_grad is refused.
         self._steps_without_graph = False
+        self._learned_versions: list[tuple[int, str, Tensor, int]] = []
         if override is not None:
             self._apply_override(override)
         else:
             self._check_values(self.param_groups)
+            self._record_learned_versions()
 
     # ---------------------------------------------------------------- construction helpers
     def _copy_torch_state(self, torch_state: dict | None, device: Any) -> dict:
@@ -434,10 +436,41 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         for group, new_values in zip(self.param_groups, updated):
             group.update(new_values)
         self._reset_unstepped_state(override)
+        self._record_learned_versions()
         # A hyperparameter tensor with dimensions may broadcast a parameter to another shape.
         self._shaped_hyperparameters = any(
             isinstance(v, Tensor) and v.dim() > 0 for group in self.param_groups for v in _flat(list(group.values()))
         )
+
+    def _record_learned_versions(self) -> None:
+        """Remember the version counter of every hyperparameter tensor that receives hypergradients.
+
+        torch.optim.lr_scheduler writes a tensor ``lr`` in place (``fill_``: torch treats it as a
+        container for a number). On a tensor that receives hypergradients that silently cuts or
+        corrupts its hypergradient (an in-place write on a non-leaf tensor replaces its history),
+        so :meth:`_check_learned_versions` refuses the step instead.
+        """
+        if compiled.tracing():  # dynamo cannot read a version counter; a compiled step is not checked
+            self._learned_versions = []
+            return
+        self._learned_versions = [
+            (g, key, value, value._version)
+            for g, group in enumerate(self.param_groups)
+            for key, value in group.items()
+            if key != "params" and isinstance(value, Tensor) and value.requires_grad
+        ]
+
+    def _check_learned_versions(self) -> None:
+        for g, key, tensor, version in self._learned_versions:
+            if self.param_groups[g].get(key) is tensor and tensor._version != version:
+                raise RuntimeError(
+                    f"the hyperparameter tensor '{key}' of parameter group {g}, which receives hypergradients, was "
+                    f"changed in place since it was given to the differentiable optimizer (a "
+                    f"torch.optim.lr_scheduler attached to it does this: torch's schedulers overwrite a tensor "
+                    f"'{key}' with fill_, which cuts the hypergradient through the schedule). For a schedule of a "
+                    f"learned hyperparameter use higher.PerStep (e.g. override={{'{key}': higher.PerStep(lambda t: "
+                    f"{key} * 0.5 ** t)}}); a scheduler works on a number or on a tensor that does not require grad."
+                )
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -528,6 +561,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             )
         if override is not None:
             self._apply_override(override)
+        if self._learned_versions and not compiled.tracing():
+            self._check_learned_versions()
         given = params is not None
         params = self._params_to_update(params)
         if closure is not None:
