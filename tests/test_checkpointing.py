@@ -115,6 +115,37 @@ def test_batchnorm_dropout_and_eval_mode_afterwards():
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the model's own are untouched
 
 
+@pytest.mark.parametrize("share_buffers", [False, True])
+def test_batchnorm_and_a_second_backward_pass(share_buffers):
+    """A second backward pass (after retain_graph=True) through an unroll with BatchNorm failed ("modified by
+    an inplace operation"): the recomputation copied the saved running statistics back in place. The
+    buffers are replaced now, never written in place; the model's own (share_buffers) end as in the plain loop."""
+    xs, ys, xq, yq = _data(9)
+    step_loss = lambda fmodel, t: F.mse_loss(fmodel(xs[t]), ys[t])  # noqa: E731
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, share_buffers=share_buffers) as (
+            fmodel,
+            diffopt,
+        ):
+            if checkpointed:
+                higher.checkpointed_unroll(fmodel, diffopt, step_loss, 9, every=2)
+            else:
+                for t in range(9):
+                    diffopt.step(step_loss(fmodel, t))
+            fmodel.eval()
+            meta_loss = F.mse_loss(fmodel(xq), yq)
+            meta_loss.backward(retain_graph=True)
+            meta_loss.backward()
+        results.append(([p.grad.clone() for p in model.parameters()], [b.clone() for b in fmodel.buffers()]))
+    _assert_close(results[1][0], results[0][0])
+    _assert_close(results[1][1][:2], results[0][1][:2])  # running mean and variance
+    assert torch.equal(results[1][1][2], results[0][1][2])  # num_batches_tracked
+
+
 def test_task_batched_mode():
     tasks = 3
     model = _model()
