@@ -434,7 +434,9 @@ class _Core:
         # or, when ``module`` is a replica inside another fmodel's call, the user's parameter.
         self.origins = self._origins() if tree.tagged else tree.params
         self._buffers: list[Tensor] = list(tree.buffers)  # the module's own; monkeypatch copies them
-        self.history: list[list[Tensor]] = []
+        # One entry per update; ``None`` marks an entry that was not kept (higher.checkpointed_unroll
+        # keeps the entries from before the unroll and the latest, not the steps in between).
+        self.history: list[list[Tensor] | None] = []
         self.track_higher_grads = True
         # The replicas: the base tree (made now) and the latest copies, one per module index.
         self.replicas = self._replicate()
@@ -709,6 +711,17 @@ def _check_tensors(what: str, given: Sequence[Any], shapes: Sequence[torch.Size]
             )
 
 
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 7]`` as ``"0..2, 7"``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def _itself(replica: nn.Module) -> Callable[..., Any]:
     return replica
 
@@ -932,7 +945,16 @@ class FunctionalModule(nn.Module):
                 f"time={time} is out of range: the history holds fast weights for time=0..{len(history) - 1} "
                 f"(one entry per update; negative indices count from the latest)."
             )
-        return history[time]
+        entry = history[time]
+        if entry is None:
+            kept = _ranges([i for i, e in enumerate(history) if e is not None])
+            raise TimeIndexError(
+                f"time={time} is not available: a checkpointed unroll (higher.checkpointed_unroll) keeps only the "
+                f"fast weights from before it (time=0, the initial ones) and the latest, not those of the steps in "
+                f"between (they are recomputed during the backward pass instead of stored). Kept here: time={kept} "
+                f"(time=-1: the latest). Use a plain unroll (diffopt.step in a loop) to read intermediate fast weights."
+            )
+        return entry
 
     def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:  # type: ignore[override]
         """The fast weights at history index ``time`` (``None``: latest; ``0``: initial)."""
@@ -1015,17 +1037,19 @@ class FunctionalModule(nn.Module):
         self._hg_core.track_higher_grads = value
 
     @property
-    def _fast_params(self) -> list[list[Tensor]]:
-        """The whole history (one list of fast weights per update), as in higher 0.2.1."""
+    def _fast_params(self) -> list[list[Tensor] | None]:
+        """The whole history (one list of fast weights per update), as in higher 0.2.1 (``None``: an
+        entry a checkpointed unroll did not keep)."""
         return self._hg_core.history
 
     @_fast_params.setter
-    def _fast_params(self, value: Iterable[Iterable[Tensor]]) -> None:
+    def _fast_params(self, value: Iterable[Iterable[Tensor] | None]) -> None:
         """Replace the whole history, as 0.2.1 code does (``fmodel._fast_params = []`` to clear it)."""
-        history = [list(entry) for entry in value]
+        history: list[list[Tensor] | None] = [None if entry is None else list(entry) for entry in value]
         core = self._hg_core
         for entry in history:
-            _check_tensors("_fast_params entry", entry, core.param_shapes, core.param_names)
+            if entry is not None:
+                _check_tensors("_fast_params entry", entry, core.param_shapes, core.param_names)
         core.history = history
 
     def detach_(self) -> FunctionalModule:
@@ -1360,6 +1384,8 @@ class FunctionalModule(nn.Module):
             return converted[id(t)]
 
         for entry in core.history:
+            if entry is None:  # not kept (checkpointed_unroll)
+                continue
             for i in self._hg_param_idx:
                 entry[i] = convert(entry[i])
         buffers = list(core.buffers)
@@ -1393,7 +1419,7 @@ class FunctionalModule(nn.Module):
             )
         snapshot = {
             "module": core.module,
-            "history": [[detach(t) for t in entry] for entry in core.history],
+            "history": [None if entry is None else [detach(t) for t in entry] for entry in core.history],
             "buffers": [b.detach().clone() for b in core.buffers],
             "attributes": {(core.paths[i], name): detach(value) for (i, name), value in core.overrides.items()},
             "track_higher_grads": core.track_higher_grads,
