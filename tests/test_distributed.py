@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import multiprocessing
 import os
 import socket
@@ -52,7 +53,7 @@ def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> Non
             "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
         )
         try:
-            result = globals()[fn_name](rank, *args)
+            result = _function(fn_name)(rank, *args)
         finally:
             torch.distributed.destroy_process_group()
         torch.save({"ok": True, "result": result}, path)
@@ -63,11 +64,18 @@ def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> Non
         raise SystemExit(1) from None
 
 
+def _function(fn_name: str) -> Any:
+    """A function of this module by name, or of another (importable) test module as ``"module:function"``."""
+    module, _, name = fn_name.rpartition(":")
+    return getattr(importlib.import_module(module), name) if module else globals()[name]
+
+
 def _run(fn_name: str, *args: Any) -> list[dict]:
     """Run ``fn_name(rank, *args)`` on 2 ranks; returns each rank's record (result or error)."""
     ctx = multiprocessing.get_context("forkserver")
     # The server imports torch once; each rank is then a fork of it (a clean, single-threaded process).
-    ctx.set_forkserver_preload(["torch", "higher", "test_distributed"])
+    module = fn_name.rpartition(":")[0]
+    ctx.set_forkserver_preload(["torch", "higher", "test_distributed", *([module] if module else [])])
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
         procs = [ctx.Process(target=_entry, args=(r, port, out_dir, fn_name, args)) for r in range(WORLD)]

@@ -1,0 +1,84 @@
+"""Every mode against the one reference (the plain eager per-task unroll), on generated problems.
+
+For each mode, hypothesis draws problems as users write them (harness.problems) and the mode must
+either give the reference's meta-loss and gradients (float64, 1e-9 relative) or raise the clear
+error that harness.unsupported names. Problems whose forward draws random numbers (dropout) are
+compared exactly in the modes that draw the same numbers as the reference (harness.exact_rng);
+in the others (task-batched, compiled) the mode's meta-gradient must be the derivative of the
+meta-loss it computed (finite differences under the same seed).
+
+``make test`` runs a fixed (derandomized) sample; ``make fuzz`` (HIGHER_FUZZ=1) draws fresh ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from harness import (
+    applies,
+    assert_same,
+    examples,
+    exact_rng,
+    expect_clear_error,
+    finite_difference_check,
+    problems,
+    run,
+    unsupported,
+)
+
+
+def check_mode(problem, mode: str) -> None:
+    assume(applies(problem, mode))
+    reason = unsupported(problem, mode)
+    if reason is not None:
+        with expect_clear_error(reason):
+            run(problem, mode)
+        return
+    if problem.random and not exact_rng(mode):
+        analytic, numeric = finite_difference_check(problem, mode)
+        assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (
+            f"{mode}: meta-gradient along a direction {analytic!r}, finite difference {numeric!r}: {problem.describe()}"
+        )
+        return
+    expected = run(problem, "per_task")
+    actual = run(problem, mode)
+    keys = [k for k in expected.grads if k.startswith("hyper.")] if mode == "forward" else None
+    assert_same(actual, expected, problem, mode, keys=keys)
+
+
+@examples(ci=25, fuzz=400)
+@given(problem=problems())
+def test_task_batched(problem):
+    check_mode(problem, "batched")
+
+
+@examples(ci=20, fuzz=300)
+@given(problem=problems(), every=st.sampled_from([1, 2]))
+def test_checkpointed(problem, every):
+    check_mode(problem, f"checkpointed_{every}")
+
+
+@examples(ci=8, fuzz=150)
+@given(problem=problems())
+def test_checkpointed_task_batched(problem):
+    check_mode(problem, "checkpointed_batched_2")
+
+
+@examples(ci=15, fuzz=200)
+@given(problem=problems(hypers=("leaf", "transformed", "unpacked", "per_task", "per_step", "per_parameter"), first_order=(False,), schedulers=(None,)))
+def test_forward_mode(problem):
+    check_mode(problem, "forward")
+
+
+@examples(ci=3, fuzz=60)
+@given(problem=problems(max_steps=2, max_tasks=2))
+def test_compiled_per_task(problem):
+    check_mode(problem, "compiled_per_task")
+
+
+@examples(ci=3, fuzz=60)
+@given(problem=problems(max_steps=2, max_tasks=3))
+def test_compiled_task_batched(problem):
+    check_mode(problem, "compiled_batched")
