@@ -1346,7 +1346,9 @@ class FunctionalModule(nn.Module):
         Every history entry is converted in place (``time`` indices keep counting updates, and a
         conversion that changes nothing, such as ``.to(same device)``, changes nothing). As with
         ``nn.Module.to``, a leaf stays a leaf (same ``requires_grad``); a fast weight with a
-        history is converted differentiably, so meta-gradients still reach where it came from.
+        history is converted differentiably, so meta-gradients still reach where it came from. A
+        differentiable optimizer converts its state at its next step to follow the fast weights
+        (as ``torch.optim``'s ``load_state_dict`` casts a state for its parameters).
         """
         core = self._hg_core
         converted: dict[int, Tensor] = {}
