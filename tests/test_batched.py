@@ -392,3 +392,22 @@ def test_optimizer_state_follows_fmodel_double_and_float_per_task(name, options)
     assert all(
         p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters()
     )
+
+
+def test_per_task_hyperparameters_and_a_dtype_change():
+    """A per-task learning rate of another dtype: a narrower one works through fmodel.double() (type promotion
+    keeps the fast weights float64); a wider one (float64 for float32 fast weights) is refused, naming the fix."""
+    model, data = _model().float(), _data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    lr = torch.full((T,), 0.05, dtype=torch.float32, requires_grad=True)
+    with higher.innerloop_ctx(model, opt, tasks=T, override={"lr": lr}) as (fmodel, diffopt):
+        diffopt.step(task_mse(fmodel(data[0].float()), data[1].float()))
+        fmodel.double()
+        diffopt.step(task_mse(fmodel(data[0]), data[1]))
+        assert all(p.dtype == torch.float64 for p in fmodel.parameters())
+        (gradient,) = torch.autograd.grad(task_mse(fmodel(data[2]), data[3]).sum(), lr)
+        assert gradient.dtype == torch.float32 and (gradient != 0).all()
+        fmodel.float()
+        wide = lr.detach().double().requires_grad_()
+        with pytest.raises(ValueError, match=r"'lr' is a torch.float64 tensor of shape \(3,\).*lr.to\(torch.float32\)"):
+            diffopt.step(task_mse(fmodel(data[0].float()), data[1].float()), override={"lr": wide})

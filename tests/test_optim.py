@@ -722,3 +722,70 @@ def test_optimizer_state_follows_fmodel_to_another_device_like_torch(name):
     grads = torch.autograd.grad(meta_loss, before + list(model.parameters()), allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert all(g is not None for g in grads[len(before) :])
+
+
+def _numeric_hyperparameters(opt, dtype):
+    """Every numeric hyperparameter of ``opt``'s group as a 0-dim tensor of ``dtype`` that requires grad."""
+    rule = higher.optim._opt_mapping[type(opt)].rule
+    override = {}
+    for name in rule.hyperparameters:
+        value = opt.param_groups[0][name]
+        if isinstance(value, tuple):
+            override[name] = tuple(torch.tensor(float(v), dtype=dtype, requires_grad=True) for v in value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            override[name] = torch.tensor(float(value), dtype=dtype, requires_grad=True)
+    return override
+
+
+@pytest.mark.parametrize("hyper_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_zero_dim_hyperparameter_tensors_of_another_dtype_work_by_type_promotion(name, hyper_dtype):
+    """Through fmodel.double() and .float(), 0-dim tensor hyperparameters keep their dtype and the fast weights
+    theirs (a 0-dim tensor does not decide the result's dtype); the numbers are those of plain numbers, and
+    every hypergradient arrives, in the hyperparameter's dtype."""
+    model = _model().float()
+    opt = getattr(torch.optim, name)(model.parameters(), **CONVERTED[name])
+    override = _numeric_hyperparameters(opt, hyper_dtype)
+    plain = {k: tuple(v.item() for v in t) if isinstance(t, tuple) else t.item() for k, t in override.items()}
+    results = [
+        _higher_through_phases(model, name, CONVERTED[name], PHASES, override={k: [v] for k, v in hyper.items()})[0]
+        for hyper in (override, plain)
+    ]
+    for ours, plain_numbers in zip(*(fmodel.parameters() for fmodel in results)):
+        torch.testing.assert_close(ours, plain_numbers, rtol=1e-5, atol=1e-6)
+    leaves = [t for v in override.values() for t in (v if isinstance(v, tuple) else (v,))]
+    grads = torch.autograd.grad(next(results[0].parameters()).sum(), leaves, allow_unused=True)
+    assert grads[leaves.index(override["lr"])] is not None  # (ASGD's t0 only reaches the averaged weights: None)
+    assert all(g is None or g.dtype == hyper_dtype and torch.isfinite(g) for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["PerParameter", "broadcast", "PerStep"])
+def test_a_hyperparameter_tensor_with_dimensions_of_a_wider_dtype_is_refused(kind):
+    """After fmodel.float(), a float64 hyperparameter with dimensions would turn the fast weights into float64
+    (type promotion) and the next forward would fail on mixed dtypes: refused before anything changes, and
+    the fix the message gives works."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lrs = [torch.full(p.shape, 0.1, dtype=torch.float64, requires_grad=True) for p in model.parameters()]
+    wide = torch.full((1,), 0.1, dtype=torch.float64, requires_grad=True)
+    hyper = {
+        "PerParameter": higher.optim.PerParameter(lrs),
+        "broadcast": wide,
+        "PerStep": higher.PerStep(lambda step: wide),
+    }[kind]
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with higher.innerloop_ctx(model, opt, override={"lr": [hyper]}) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).mean())  # float64 fast weights: fine
+        fmodel.float()
+        fast, state = list(fmodel.parameters()), [dict(s) for s in diffopt.state[0].values()]
+        with pytest.raises(ValueError, match=r"'lr' is a torch.float64 tensor .* are torch.float32.*lr.to\(torch.fl"):
+            diffopt.step(fmodel(x.float()).pow(2).mean())
+        assert all(a is b for a, b in zip(fmodel.parameters(), fast)) and diffopt._steps_taken == 1
+        for now, before in zip(diffopt.state[0].values(), state):  # (PerStep: converted for the new dtype)
+            assert all(torch.equal(now[k], before[k].to(now[k].dtype)) for k in now)
+        narrow = [t.to(torch.float32) for t in lrs] if kind == "PerParameter" else wide.to(torch.float32)
+        value = higher.optim.PerParameter(narrow) if kind == "PerParameter" else narrow
+        diffopt.step(fmodel(x.float()).pow(2).mean(), override={"lr": [value]})
+        assert all(p.dtype == torch.float32 for p in fmodel.parameters())
+        grads = torch.autograd.grad(fmodel(x.float()).pow(2).mean(), lrs if kind == "PerParameter" else [wide])
+    assert all(g.dtype == torch.float64 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -667,6 +667,10 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             group["params"] = [params[i] for i in indices]
             grouped_grads.append([grads[i] for i in indices])
+            if self._shaped_hyperparameters:  # checked for every group before anything changes
+                for name, value in group.items():
+                    if name != "params":
+                        _check_dtype(name, value, group["params"])
         self._follow_params(params)
         self._update(grouped_grads, **kwargs)
         new_params = list(params)
@@ -783,6 +787,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     self._check_shape(name, value, shapes)
                 for single in value if isinstance(value, PerParameter) else [value]:
                     self._check_value(name, single)
+                _check_dtype(name, value, group["params"])
                 hyper[name] = value
             if isinstance(value, PerParameter):
                 per_parameter[name] = value
@@ -971,6 +976,29 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
             f"group(s): give one value for all groups ([v]) or one per group."
         )
     raise TypeError(f"override['{name}'] must be a number, a tensor or a list of them, got {type(value).__name__}")
+
+
+def _check_dtype(name: str, value: Any, params: Sequence[Tensor]) -> None:
+    """Refuse a hyperparameter tensor with dimensions that would change the dtype of a fast weight.
+
+    A number or a 0-dim tensor of any dtype leaves the fast weights' dtype as it is (type
+    promotion); a tensor with dimensions of a wider dtype (float64 for float32 fast weights, e.g.
+    after ``fmodel.float()``) would make the new fast weight float64, and the model's next forward
+    fail on mixed dtypes.
+    """
+    per_parameter = isinstance(value, PerParameter)
+    for k, p in enumerate(params):
+        for leaf in _flat(value[k] if per_parameter else value):
+            if not isinstance(leaf, Tensor) or leaf.dim() == 0:
+                continue
+            promoted = torch.promote_types(leaf.dtype, p.dtype)
+            if promoted != p.dtype:
+                raise ValueError(
+                    f"hyperparameter '{name}' is a {leaf.dtype} tensor of shape {tuple(leaf.shape)}, but the fast "
+                    f"weights it updates are {p.dtype}: the update would turn them into {promoted} (type "
+                    f"promotion). Give it the fast weights' dtype (override={{'{name}': {name}.to({p.dtype})}}: "
+                    f"the hypergradient still reaches {name}), or make it a 0-dim tensor."
+                )
 
 
 def _check_per_parameter(name: str, values: PerParameter, shapes: list[torch.Size]) -> None:
