@@ -357,3 +357,57 @@ def test_arguments_that_are_not_tensors_and_keyword_tensors():
     assert result["scale"] == 2.0
     for t in range(T):
         assert _close(result["out"][t], model(x[t], 2.0, offset=offset[t])["out"])
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])
+def test_optimizer_state_follows_fmodel_double_and_float_per_task(name, options):
+    """After fmodel.double() (and .float() back) the per-task state is converted as the per-task path converts
+    it (which test_optim.py checks against torch.optim), and meta-gradients still reach the model."""
+    model, data = _model().float(), _data()
+    phases = (torch.float32, torch.float64, torch.float32)
+    opt = getattr(torch.optim, name)(model.parameters(), **options)
+
+    def unroll(fmodel, diffopt, x, y, loss):
+        for dtype in phases:
+            fmodel.to(dtype)
+            for _ in range(2):
+                diffopt.step(loss(fmodel(x.to(dtype)), y.to(dtype)))
+
+    per_task = []
+    for t in range(T):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            unroll(fmodel, diffopt, data[0][t], data[1][t], F.mse_loss)
+        per_task.append(fmodel)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=T) as (fmodel, diffopt):
+        unroll(fmodel, diffopt, data[0], data[1], task_mse)
+        task_mse(fmodel(data[2].float()), data[3].float()).mean().backward()
+    for state in diffopt.state[0].values():
+        for key, value in state.items():
+            if key != "step" and torch.is_tensor(value) and value.dim() > 0:
+                assert value.dtype == torch.float32 and value.shape[0] == T
+    for t in range(T):
+        for ours, theirs in zip(fmodel.parameters(), per_task[t].parameters()):
+            assert ours.dtype == theirs.dtype == torch.float32
+            torch.testing.assert_close(ours[t], theirs, rtol=1e-5, atol=1e-6)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters()
+    )
+
+
+def test_per_task_hyperparameters_and_a_dtype_change():
+    """A per-task learning rate of another dtype: a narrower one works through fmodel.double() (type promotion
+    keeps the fast weights float64); a wider one (float64 for float32 fast weights) is refused, naming the fix."""
+    model, data = _model().float(), _data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    lr = torch.full((T,), 0.05, dtype=torch.float32, requires_grad=True)
+    with higher.innerloop_ctx(model, opt, tasks=T, override={"lr": lr}) as (fmodel, diffopt):
+        diffopt.step(task_mse(fmodel(data[0].float()), data[1].float()))
+        fmodel.double()
+        diffopt.step(task_mse(fmodel(data[0]), data[1]))
+        assert all(p.dtype == torch.float64 for p in fmodel.parameters())
+        (gradient,) = torch.autograd.grad(task_mse(fmodel(data[2]), data[3]).sum(), lr)
+        assert gradient.dtype == torch.float32 and (gradient != 0).all()
+        fmodel.float()
+        wide = lr.detach().double().requires_grad_()
+        with pytest.raises(ValueError, match=r"'lr' is a torch.float64 tensor of shape \(3,\).*lr.to\(torch.float32\)"):
+            diffopt.step(task_mse(fmodel(data[0].float()), data[1].float()), override={"lr": wide})

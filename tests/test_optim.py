@@ -612,3 +612,180 @@ def test_groups_from_torch_versions_without_decoupled_weight_decay(name):
     reference = [p.detach().clone().requires_grad_() for p in params]
     _torch_steps(getattr(torch.optim, name)(reference, lr=0.01, weight_decay=0.1), reference, 5)
     assert _max_difference(ours, reference) <= 1e-10
+
+
+# ------------------------------------------------------------- the fmodel changes dtype or device
+# After fmodel.double() / .float() / .to(...), the optimizer state follows the fast weights as
+# torch.optim's load_state_dict makes a state follow its parameters: the floating-point state is
+# cast to the parameter's dtype and device, `step` is left as it is. The reference is torch.optim
+# itself: at each change, a converted copy of the model and a new optimizer that loads the
+# previous one's state_dict.
+CONVERTED = {
+    "SGD": dict(lr=0.1, momentum=0.9),
+    "Adam": dict(lr=0.01),
+    "AdamW": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+    "Adagrad": dict(lr=0.1, lr_decay=0.01),
+    "Adadelta": dict(lr=0.5),
+    "Adamax": dict(lr=0.01),
+    "ASGD": dict(lr=0.05, t0=1),
+    "RMSprop": dict(lr=0.01, centered=True, momentum=0.5),
+    "Rprop": dict(lr=0.01),
+    "NAdam": dict(lr=0.01),
+    "RAdam": dict(lr=0.01),
+}
+PHASES = [("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.float32)]  # fmodel.to(device, dtype)
+
+
+def _phase_data(device, dtype, steps=3):
+    generator = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(8, 3, generator=generator).to(device, dtype),
+            torch.randn(8, 2, generator=generator).to(device, dtype),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _torch_through_phases(model, name, options, phases):
+    opt = None
+    for device, dtype in phases:
+        model = copy.deepcopy(model).to(device, dtype)
+        converted = getattr(torch.optim, name)(model.parameters(), **options)
+        if opt is not None:
+            converted.load_state_dict(opt.state_dict())  # casts and moves the floating-point state but `step`
+        opt = converted
+        for x, y in _phase_data(device, dtype):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    return model
+
+
+def _higher_through_phases(model, name, options, phases, override=None):
+    """The same steps as _torch_through_phases, in one inner loop: fmodel.to(...) at each change.
+    The final fmodel, and the state tensors in the graph when the first change came."""
+    opt = getattr(torch.optim, name)(model.parameters(), **options)
+    before = []
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override) as (fmodel, diffopt):
+        for phase, (device, dtype) in enumerate(phases):
+            if phase == 1:
+                before = [
+                    v for s in diffopt.state[0].values() for v in s.values() if torch.is_tensor(v) and v.requires_grad
+                ]
+            fmodel.to(device, dtype)
+            for x, y in _phase_data(device, dtype):
+                diffopt.step(((fmodel(x) - y) ** 2).mean())
+                assert all(p.dtype == dtype and p.device.type == device for p in fmodel.parameters())
+        for state in diffopt.state[0].values():
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value) and value.dim() > 0:
+                    assert value.dtype == dtype and value.device.type == device
+    return fmodel, before
+
+
+def test_dtype_change_cases_cover_every_optimizer():
+    assert set(CONVERTED) == set(RULES)
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64], ids=["default_float32", "default_float64"])
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_optimizer_state_follows_fmodel_double_and_float_like_torch(name, default):
+    torch.set_default_dtype(default)  # float32: torch's scalar state (step, mu_product, eta) is float32
+    model = _model().float()
+    reference = _torch_through_phases(model, name, CONVERTED[name], PHASES)
+    fmodel, before = _higher_through_phases(model, name, CONVERTED[name], PHASES)
+    for ours, theirs in zip(fmodel.parameters(), reference.parameters()):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # The meta-gradient reaches the model and the state as it was before the conversions.
+    meta_loss = fmodel(_phase_data("cpu", torch.float32)[0][0]).pow(2).mean()
+    assert before
+    grads = torch.autograd.grad(meta_loss, before + list(model.parameters()), allow_unused=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if name != "Rprop":  # Rprop's state reaches the update only through sign() and clamp: a zero gradient
+        assert any(g.abs().sum() > 0 for g in grads[: len(before)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "ASGD"])
+def test_optimizer_state_follows_fmodel_to_another_device_like_torch(name):
+    """fmodel.to("cuda") and back: the state moves with the fast weights (torch hosts `step` where it was)."""
+    model = _model().float()
+    options = {**CONVERTED[name], "foreach": False}  # torch's one-tensor kernels, as the rules
+    phases = [("cpu", torch.float32), ("cuda", torch.float64), ("cpu", torch.float32)]
+    reference = _torch_through_phases(model, name, options, phases)
+    fmodel, before = _higher_through_phases(model, name, options, phases)
+    for ours, theirs in zip(fmodel.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs)
+    meta_loss = fmodel(_phase_data("cpu", torch.float32)[0][0]).pow(2).mean()
+    grads = torch.autograd.grad(meta_loss, before + list(model.parameters()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert all(g is not None for g in grads[len(before) :])
+
+
+def _numeric_hyperparameters(opt, dtype):
+    """Every numeric hyperparameter of ``opt``'s group as a 0-dim tensor of ``dtype`` that requires grad."""
+    rule = higher.optim._opt_mapping[type(opt)].rule
+    override = {}
+    for name in rule.hyperparameters:
+        value = opt.param_groups[0][name]
+        if isinstance(value, tuple):
+            override[name] = tuple(torch.tensor(float(v), dtype=dtype, requires_grad=True) for v in value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            override[name] = torch.tensor(float(value), dtype=dtype, requires_grad=True)
+    return override
+
+
+@pytest.mark.parametrize("hyper_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_zero_dim_hyperparameter_tensors_of_another_dtype_work_by_type_promotion(name, hyper_dtype):
+    """Through fmodel.double() and .float(), 0-dim tensor hyperparameters keep their dtype and the fast weights
+    theirs (a 0-dim tensor does not decide the result's dtype); the numbers are those of plain numbers, and
+    every hypergradient arrives, in the hyperparameter's dtype."""
+    model = _model().float()
+    opt = getattr(torch.optim, name)(model.parameters(), **CONVERTED[name])
+    override = _numeric_hyperparameters(opt, hyper_dtype)
+    plain = {k: tuple(v.item() for v in t) if isinstance(t, tuple) else t.item() for k, t in override.items()}
+    results = [
+        _higher_through_phases(model, name, CONVERTED[name], PHASES, override={k: [v] for k, v in hyper.items()})[0]
+        for hyper in (override, plain)
+    ]
+    for ours, plain_numbers in zip(*(fmodel.parameters() for fmodel in results)):
+        torch.testing.assert_close(ours, plain_numbers, rtol=1e-5, atol=1e-6)
+    leaves = [t for v in override.values() for t in (v if isinstance(v, tuple) else (v,))]
+    grads = torch.autograd.grad(next(results[0].parameters()).sum(), leaves, allow_unused=True)
+    assert grads[leaves.index(override["lr"])] is not None  # (ASGD's t0 only reaches the averaged weights: None)
+    assert all(g is None or g.dtype == hyper_dtype and torch.isfinite(g) for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["PerParameter", "broadcast", "PerStep"])
+def test_a_hyperparameter_tensor_with_dimensions_of_a_wider_dtype_is_refused(kind):
+    """After fmodel.float(), a float64 hyperparameter with dimensions would turn the fast weights into float64
+    (type promotion) and the next forward would fail on mixed dtypes: refused before anything changes, and
+    the fix the message gives works."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lrs = [torch.full(p.shape, 0.1, dtype=torch.float64, requires_grad=True) for p in model.parameters()]
+    wide = torch.full((1,), 0.1, dtype=torch.float64, requires_grad=True)
+    hyper = {
+        "PerParameter": higher.optim.PerParameter(lrs),
+        "broadcast": wide,
+        "PerStep": higher.PerStep(lambda step: wide),
+    }[kind]
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with higher.innerloop_ctx(model, opt, override={"lr": [hyper]}) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).mean())  # float64 fast weights: fine
+        fmodel.float()
+        fast, state = list(fmodel.parameters()), [dict(s) for s in diffopt.state[0].values()]
+        with pytest.raises(ValueError, match=r"'lr' is a torch.float64 tensor .* are torch.float32.*lr.to\(torch.fl"):
+            diffopt.step(fmodel(x.float()).pow(2).mean())
+        assert all(a is b for a, b in zip(fmodel.parameters(), fast)) and diffopt._steps_taken == 1
+        for now, before in zip(diffopt.state[0].values(), state):  # (PerStep: converted for the new dtype)
+            assert all(torch.equal(now[k], before[k].to(now[k].dtype)) for k in now)
+        narrow = [t.to(torch.float32) for t in lrs] if kind == "PerParameter" else wide.to(torch.float32)
+        value = higher.optim.PerParameter(narrow) if kind == "PerParameter" else narrow
+        diffopt.step(fmodel(x.float()).pow(2).mean(), override={"lr": [value]})
+        assert all(p.dtype == torch.float32 for p in fmodel.parameters())
+        grads = torch.autograd.grad(fmodel(x.float()).pow(2).mean(), lrs if kind == "PerParameter" else [wide])
+    assert all(g.dtype == torch.float64 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

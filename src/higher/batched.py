@@ -26,7 +26,8 @@ The initial fast weights are the model's parameters expanded to ``[T, ...]``: wi
 ``copy_initial_weights=False`` the meta-gradient of all tasks reaches ``model.parameters()``
 (summed over tasks, as the per-task path accumulates it); with ``True`` they are leaves with one
 copy per task, whose ``.grad`` holds the per-task meta-gradients. Buffers (BatchNorm statistics)
-are per task too. Random operations (dropout) draw independently per task.
+are per task too (``fmodel.sync_buffers_to(model, task=i)`` copies task ``i``'s into the model).
+Random operations (dropout) draw independently per task.
 
 Hyperparameters may differ per task: give a tensor of shape ``[T]`` in ``override``
 (``override={"lr": lr_per_task}``; a list ``[t0, t1, ...]`` still gives one value per parameter

@@ -279,6 +279,8 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         self._steps_taken = 0
         self._num_reference_params = len(reference_params)
         self._reference_shapes = [p.shape for p in reference_params]
+        # The dtype and device of each parameter when the state was last made for it (see _follow_params).
+        self._param_kinds = [(p.dtype, p.device) for p in reference_params]
         self._updated_indices = layout.updated_indices
         self._shaped_hyperparameters = False
         # Set by higher.forward_mode, whose updates run under no_grad on purpose (forward-mode
@@ -700,12 +702,38 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             group["params"] = [params[i] for i in indices]
             grouped_grads.append([grads[i] for i in indices])
+            if self._shaped_hyperparameters:  # checked for every group before anything changes
+                for name, value in group.items():
+                    if name != "params":
+                        _check_dtype(name, value, group["params"])
+        self._follow_params(params)
         self._update(grouped_grads, **kwargs)
         new_params = list(params)
         for group, indices in zip(self.param_groups, self._group_to_param_list):
             for i, p in zip(indices, group["params"]):
                 new_params[i] = p
         return new_params
+
+    def _follow_params(self, params: list[Tensor]) -> None:
+        """Convert the state of the parameters whose dtype or device changed since the last step.
+
+        After ``fmodel.double()``, ``.float()`` or ``.to(device)`` (or new fast weights of another
+        dtype), the state of each changed parameter follows it as ``torch.optim``'s
+        ``load_state_dict`` makes a state follow its parameters: floating-point tensors are cast
+        to the parameter's dtype (if it is a floating-point one) and moved to its device, the
+        ``step`` count is left as it is, other tensors only move. ``Tensor.to`` is
+        differentiable: meta-gradients still reach the state from before the change.
+        """
+        kinds = [(p.dtype, p.device) for p in params]
+        previous = self._param_kinds
+        if kinds == previous:  # the usual case: nothing changed
+            return
+        for group_state, indices in zip(self.state, self._group_to_param_list):
+            for index, param_state in group_state.items():
+                i = indices[index]
+                if kinds[i] != previous[i]:
+                    group_state[index] = {key: _follow(params[i], key, value) for key, value in param_state.items()}
+        self._param_kinds = kinds
 
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Apply the update rule to every parameter with a gradient, group by group.
@@ -794,6 +822,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
                     self._check_shape(name, value, shapes)
                 for single in value if isinstance(value, PerParameter) else [value]:
                     self._check_value(name, single)
+                _check_dtype(name, value, group["params"])
                 hyper[name] = value
             if isinstance(value, PerParameter):
                 per_parameter[name] = value
@@ -851,6 +880,15 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
 # nothing accumulated into .grad); anything else (tensor subclasses, torch function modes, a
 # torch without this entry point) goes through torch.autograd.grad.
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _follow(param: Tensor, key: str, value: Any) -> Any:
+    """One state entry of ``param`` converted for it as ``torch.optim``'s ``load_state_dict`` does."""
+    if key == "step" or not isinstance(value, Tensor):
+        return value
+    if param.is_floating_point() and value.is_floating_point():
+        return value.to(dtype=param.dtype, device=param.device)
+    return value.to(device=param.device)
 
 
 def _real_view(value: Any) -> Any:
@@ -973,6 +1011,29 @@ def _per_group(name: str, value: Any, num_groups: int) -> list[Any]:
             f"group(s): give one value for all groups ([v]) or one per group."
         )
     raise TypeError(f"override['{name}'] must be a number, a tensor or a list of them, got {type(value).__name__}")
+
+
+def _check_dtype(name: str, value: Any, params: Sequence[Tensor]) -> None:
+    """Refuse a hyperparameter tensor with dimensions that would change the dtype of a fast weight.
+
+    A number or a 0-dim tensor of any dtype leaves the fast weights' dtype as it is (type
+    promotion); a tensor with dimensions of a wider dtype (float64 for float32 fast weights, e.g.
+    after ``fmodel.float()``) would make the new fast weight float64, and the model's next forward
+    fail on mixed dtypes.
+    """
+    per_parameter = isinstance(value, PerParameter)
+    for k, p in enumerate(params):
+        for leaf in _flat(value[k] if per_parameter else value):
+            if not isinstance(leaf, Tensor) or leaf.dim() == 0:
+                continue
+            promoted = torch.promote_types(leaf.dtype, p.dtype)
+            if promoted != p.dtype:
+                raise ValueError(
+                    f"hyperparameter '{name}' is a {leaf.dtype} tensor of shape {tuple(leaf.shape)}, but the fast "
+                    f"weights it updates are {p.dtype}: the update would turn them into {promoted} (type "
+                    f"promotion). Give it the fast weights' dtype (override={{'{name}': {name}.to({p.dtype})}}: "
+                    f"the hypergradient still reaches {name}), or make it a 0-dim tensor."
+                )
 
 
 def _check_per_parameter(name: str, values: PerParameter, shapes: list[torch.Size]) -> None:

@@ -442,6 +442,7 @@ class _Core:
         self.replicas = self._replicate()
         self.version = 0  # bumped whenever the buffers or the history entries change in place
         self.batched = False  # task-batched cores (higher.batched) make replicas per call instead
+        self.tasks = 0  # and their number of tasks, the leading dimension of every fast weight and buffer
         self._realized: tuple[list[Tensor] | None, int] = (None, -1)
         self._references: list[int] = []
         # The views: made when first needed (the root at once), since most programs only ever
@@ -1069,21 +1070,43 @@ class FunctionalModule(nn.Module):
             core.realize()  # the replicas let go of the old fast weights (and their graph) now
         return self
 
-    def sync_buffers_to(self, module: nn.Module | None = None) -> None:
+    def sync_buffers_to(self, module: nn.Module | None = None, *, task: int | None = None) -> None:
         """Copy the fmodel's buffers (BatchNorm running statistics...) into ``module``'s, in place.
 
         ``module`` defaults to the module this fmodel was made from (the part this view covers).
         The fmodel keeps its own copies: buffers updated in the inner loop (e.g. BatchNorm in
         train mode) reach the model only through this call, or with ``share_buffers=True``.
+
+        A task-batched fmodel (``tasks=T``) holds one set of buffers per task (shape ``[T, ...]``)
+        and the module one: ``task=i`` copies task ``i``'s, and must be given (a mean over tasks,
+        if wanted, is ``buffer.mean(0)`` of each of ``fmodel.named_buffers()``).
         """
+        core = self._hg_core
         target = self._hg_module if module is None else module
         theirs = list(target.named_buffers())
-        mine = [(name, self._hg_core.buffers[i]) for name, i in self._hg_buffer_names]
+        mine = [(name, core.buffers[i]) for name, i in self._hg_buffer_names]
         if [name for name, _ in theirs] != [name for name, _ in mine]:
             raise KeyError(
                 f"sync_buffers_to: the module's buffers {[n for n, _ in theirs]} do not match the "
                 f"fmodel's {[n for n, _ in mine]}; give the module the fmodel was made from."
             )
+        if not core.batched:
+            if task is not None:
+                raise ValueError(
+                    "sync_buffers_to: task= chooses among the tasks of a task-batched fmodel (tasks=T); this "
+                    "fmodel holds one set of buffers: call sync_buffers_to(module)."
+                )
+        elif task is None:
+            example = f" ('{mine[0][0]}' has shape {tuple(mine[0][1].shape)})" if mine else ""
+            raise ValueError(
+                f"sync_buffers_to: this fmodel is task-batched: it holds one set of buffers per task{example}, "
+                f"the module one. Choose the task whose buffers to copy: sync_buffers_to(module, task=i), "
+                f"0 <= i < {core.tasks}."
+            )
+        elif isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < core.tasks:
+            raise ValueError(f"sync_buffers_to: task must be an int from 0 to {core.tasks - 1}, got {task!r}.")
+        else:
+            mine = [(name, buffer[task]) for name, buffer in mine]
         with torch.no_grad():
             for (_, destination), (_, source) in zip(theirs, mine):
                 if destination is not source:
@@ -1338,7 +1361,9 @@ class FunctionalModule(nn.Module):
         from). Others, such as those of ``model.state_dict()``, which share storage with the
         model, are copied: parameters get the ``requires_grad`` of the fast weight they replace
         (so that the inner loop keeps updating them), buffers are copied so that the fmodel's
-        BatchNorm updates never reach the model.
+        BatchNorm updates never reach the model. Shapes must match, as for ``nn.Module``: those
+        of a task-batched fmodel have the task dimension first (``higher.patch.buffer_sync`` gives
+        every task the model's buffers).
         """
         core = self._hg_core
         named_params = dict(self._hg_all_param_names)
@@ -1349,6 +1374,16 @@ class FunctionalModule(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
         if core.latest is None:
             raise ValueError("this functional module has no fast weights yet; pass params=[...] first.")
+        for name, i in named_buffers.items():  # checked before anything changes, as torch does
+            value = state_dict.get(name)
+            if isinstance(value, Tensor) and value.shape != core.buffers[i].shape:
+                per_task = ""
+                if core.batched:
+                    per_task = f" (task-batched: one per task, e.g. value.expand({core.tasks}, *value.shape))"
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict: the buffer '{name}' has shape {tuple(value.shape)}, the "
+                    f"fmodel's has shape {tuple(core.buffers[i].shape)}{per_task}."
+                )
         entry = list(core.latest)
         for name, i in named_params.items():
             if name in state_dict:
@@ -1370,7 +1405,9 @@ class FunctionalModule(nn.Module):
         Every history entry is converted in place (``time`` indices keep counting updates, and a
         conversion that changes nothing, such as ``.to(same device)``, changes nothing). As with
         ``nn.Module.to``, a leaf stays a leaf (same ``requires_grad``); a fast weight with a
-        history is converted differentiably, so meta-gradients still reach where it came from.
+        history is converted differentiably, so meta-gradients still reach where it came from. A
+        differentiable optimizer converts its state at its next step to follow the fast weights
+        (as ``torch.optim``'s ``load_state_dict`` casts a state for its parameters).
         """
         core = self._hg_core
         converted: dict[int, Tensor] = {}
@@ -1481,7 +1518,10 @@ def make_functional(
 
 
 def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.device | str | None = None) -> None:
-    """Copy (clone and detach, optionally to ``device``) every buffer of ``module`` into ``fmodule``."""
+    """Copy (clone and detach, optionally to ``device``) every buffer of ``module`` into ``fmodule``.
+
+    A task-batched ``fmodule`` gets them for every task (expanded to ``[tasks, ...]``).
+    """
     core = fmodule._hg_core
     theirs = list(module.named_buffers())
     if [name for name, _ in theirs] != core.buffer_names:
@@ -1489,7 +1529,10 @@ def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.devi
             f"buffer_sync: the module's buffers {[n for n, _ in theirs]} do not match the functional "
             f"module's {core.buffer_names}; both must come from the same architecture."
         )
-    core.buffers = [_copy_tensor(b, True, device) for _, b in theirs]
+    buffers = [_copy_tensor(b, True, device) for _, b in theirs]
+    if core.batched:  # every task gets the module's buffers, as when the fmodel was made
+        buffers = [b.expand(core.tasks, *b.shape).clone() for b in buffers]
+    core.buffers = buffers
 
 
 def _given_initial_params(
