@@ -43,16 +43,7 @@ class _Sqrt0(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor) -> Tensor:
         root = x.sqrt()
         ctx.save_for_backward(root)
-        ctx.save_for_forward(root)
         return root
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        """Forward mode (``higher.forward_hypergradient``): the same convention, tangent 0 where ``x == 0``."""
-        (root,) = ctx.saved_tensors
-        positive = root > 0
-        safe_root = torch.where(positive, root, torch.ones_like(root))
-        return torch.where(positive, tangent / (2 * safe_root), torch.zeros_like(tangent))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -61,6 +52,28 @@ class _Sqrt0(torch.autograd.Function):
         # Divide by a safe denominator so that higher-order derivatives stay finite too.
         safe_root = torch.where(positive, root, torch.ones_like(root))
         return torch.where(positive, grad / (2 * safe_root), torch.zeros_like(grad))
+
+
+class _Sqrt0Forward(_Sqrt0):
+    """:class:`_Sqrt0` with a forward-mode rule (``higher.forward_hypergradient``): tangent 0 where ``x == 0``.
+
+    A class of its own: dynamo cannot trace an ``autograd.Function`` that defines ``jvp``, and
+    :class:`_Sqrt0` must stay traceable (compiled meta-iterations with adaptive optimizers).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        root = x.sqrt()
+        ctx.save_for_backward(root)
+        ctx.save_for_forward(root)
+        return root
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        positive = root > 0
+        safe_root = torch.where(positive, root, torch.ones_like(root))
+        return torch.where(positive, tangent / (2 * safe_root), torch.zeros_like(tangent))
 
 
 def sqrt0(x: Tensor) -> Tensor:
@@ -79,7 +92,7 @@ def sqrt0(x: Tensor) -> Tensor:
     ``torch.sqrt``; first and second derivatives equal those of ``sqrt`` wherever ``x > 0``.
     """
     if _has_tangent(x):  # forward mode: its updates run without a reverse graph, but need the convention too
-        return _Sqrt0.apply(x)
+        return _Sqrt0Forward.apply(x)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return x.sqrt()
     return _Sqrt0.apply(x)

@@ -475,6 +475,7 @@ class Outcome:
 
     loss: float
     grads: dict[str, Tensor | None]
+    after: float = math.nan  # the global generator's next number after the mode ran (how much it drew)
 
 
 def _collect(built: Built, loss: Tensor | float) -> Outcome:
@@ -623,8 +624,11 @@ def run(problem: Problem, mode: str, seed: int = 1234) -> Outcome:
     built = build(problem)
     with _dtype_and_seed(problem, seed):
         if mode == "forward":
-            return _forward_mode(built)
-        return _backward(built, META_LOSS[mode](built)())
+            outcome = _forward_mode(built)
+        else:
+            outcome = _backward(built, META_LOSS[mode](built)())
+        outcome.after = float(torch.rand(()))
+    return outcome
 
 
 def _point(built: Built) -> list[Tensor]:

@@ -46,6 +46,8 @@ def check_mode(problem, mode: str) -> None:
     actual = run(problem, mode)
     keys = [k for k in expected.grads if k.startswith("hyper.")] if mode == "forward" else None
     assert_same(actual, expected, problem, mode, keys=keys)
+    # The global random generator is left as the reference leaves it (untouched without random layers).
+    assert actual.after == expected.after, f"{mode} drew other random numbers than the reference: {problem.describe()}"
 
 
 @examples(ci=25, fuzz=400)
