@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test typecheck dist check-wheel check-shared bench bench-compiled lint install install-demo install-dev install-bench clean
+.PHONY: demo example test fuzz typecheck dist check-wheel check-shared bench bench-compiled lint install install-demo install-dev install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	$(MAKE) typecheck VENV=$(VENV)
+
+# The differential-testing harness (tests/differential) on fresh random problems instead of the fixed sample
+# that `make test` runs, and many more of them: FUZZ=k draws k times the default counts (about 40 minutes
+# for FUZZ=1 on the 2-core machine). Failures are kept in .hypothesis/ and replayed first by the next run.
+FUZZ ?= 1
+fuzz: install-dev
+	HIGHER_FUZZ=$(FUZZ) $(PY) -m pytest -q tests/differential -p no:cacheprovider
 
 # ruff over the repository (declared phony before, but had no rule: `make lint` did nothing).
 lint: install-dev

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import FUZZ, Outcome, assert_same, problems, run, sample, unsupported
+
 from test_distributed import WORLD, _results
 
 pytestmark = pytest.mark.skipif(

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import examples
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import higher
-from harness import examples
 
 STEPS = 400
 

@@ -13,10 +13,10 @@ import gc
 
 import pytest
 import torch
+from harness import META_LOSS, _backward, _dtype_and_seed, _forward_mode, build, examples, problems, unsupported
 from hypothesis import given
 
 import higher
-from harness import META_LOSS, _backward, _dtype_and_seed, _forward_mode, build, examples, problems, unsupported
 
 EAGER_MODES = ["per_task", "batched", "checkpointed_1", "checkpointed_2", "checkpointed_batched_2", "forward"]
 
@@ -43,7 +43,8 @@ def _assert_flat(problem, mode: str, warmup: int = 2, repeats: int = 3) -> None:
         for _ in range(repeats):
             iteration()
         after = _live()
-    assert after == before, f"{mode}: live (tensors, fmodels) {before} -> {after} over {repeats} meta-iterations: {problem.describe()}"
+    # (fewer is fine: objects of earlier tests, such as compiled code, may be freed meanwhile)
+    assert after[0] <= before[0] and after[1] <= before[1], f"{mode}: live (tensors, fmodels) {before} -> {after} over {repeats} meta-iterations: {problem.describe()}"
 
 
 @pytest.mark.parametrize("mode", EAGER_MODES)

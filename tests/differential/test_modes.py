@@ -12,21 +12,19 @@ meta-loss it computed (finite differences under the same seed).
 
 from __future__ import annotations
 
-import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
-
 from harness import (
     applies,
+    assert_finite_differences,
     assert_same,
-    examples,
     exact_rng,
+    examples,
     expect_clear_error,
-    finite_difference_check,
     problems,
     run,
     unsupported,
 )
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 
 def check_mode(problem, mode: str) -> None:
@@ -37,10 +35,7 @@ def check_mode(problem, mode: str) -> None:
             run(problem, mode)
         return
     if problem.random and not exact_rng(mode):
-        analytic, numeric = finite_difference_check(problem, mode)
-        assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (
-            f"{mode}: meta-gradient along a direction {analytic!r}, finite difference {numeric!r}: {problem.describe()}"
-        )
+        assert_finite_differences(problem, mode)
         return
     expected = run(problem, "per_task")
     actual = run(problem, mode)
