@@ -46,6 +46,7 @@ per-task loop then. ``benchmarks/run.py`` measures both.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, cast
 
@@ -131,6 +132,14 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
                 out, buffers = torch.func.vmap(with_buffers, randomness=randomness)(params, core.buffers, tensors)
                 core.buffers = list(buffers)
         except RuntimeError as error:
+            missing = re.search(r"Batching rule not implemented for ([\w.:]+)", str(error))
+            if missing is not None:
+                raise RuntimeError(
+                    f"in task-batched mode the model runs under torch.func.vmap, which has no batching rule for "
+                    f"{missing.group(1)} in this torch release (fused RNN kernels such as nn.RNN, nn.LSTM and "
+                    f"nn.GRU are among them): run the tasks one by one (innerloop_ctx without tasks=), or write "
+                    f"the layer with operations vmap supports (e.g. an RNN cell in a Python loop)."
+                ) from error
             if not any(sign in str(error) for sign in _PER_TASK_NUMBER):
                 raise
             raise RuntimeError(
