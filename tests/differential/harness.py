@@ -547,20 +547,41 @@ def _tensors(value: Any) -> Iterator[Tensor]:
         yield from _tensors(value.values)
 
 
-def _backward(built: Built, loss: Tensor) -> Outcome:
+def _backward(built: Built, meta_loss: Callable[[], Tensor]) -> Outcome:
+    """Zero the gradients, compute the meta-loss and backpropagate it (unless the mode did, inside a compiled
+    function: then it returns the loss detached)."""
     built.model.zero_grad(set_to_none=True)
     for h in built.leaves:
         h.grad = None
-    loss.backward()
+    loss = meta_loss()
+    if loss.requires_grad:
+        loss.backward()
     return _collect(built, loss.detach())
 
 
 def _compiled(iteration: Callable[[Built], Tensor]) -> Callable[[Built], Callable[[], Tensor]]:
-    """The meta-iteration through ``torch.compile`` with its defaults (inductor), backward outside."""
+    """The meta-iteration through ``torch.compile`` with its default backend (inductor), backward outside;
+    ``fullgraph=True`` as higher.compiled recommends (a graph break inside an inner loop cannot be differentiated
+    twice: torch fails in the backward pass; with fullgraph=True torch names the break instead)."""
 
     def make(built: Built) -> Callable[[], Tensor]:
         torch._dynamo.reset()
         return torch.compile(lambda: iteration(built), fullgraph=True)
+
+    return make
+
+
+def _compiled_whole(iteration: Callable[[Built], Tensor]) -> Callable[[Built], Callable[[], Tensor]]:
+    """The whole meta-iteration compiled, its backward pass inside the graph (``higher.compiled.backward``)."""
+
+    def make(built: Built) -> Callable[[], Tensor]:
+        def whole() -> Tensor:
+            loss = iteration(built)
+            higher.compiled.backward(loss)
+            return loss.detach()
+
+        torch._dynamo.reset()
+        return torch.compile(whole, fullgraph=True)
 
     return make
 
@@ -575,6 +596,7 @@ META_LOSS: dict[str, Callable[[Built], Callable[[], Tensor]]] = {
     "batched": lambda built: lambda: _batched_iteration(built),
     "compiled_per_task": _compiled(_per_task_iteration),
     "compiled_batched": _compiled(_batched_iteration),
+    "compiled_whole_batched": _compiled_whole(_batched_iteration),
     "checkpointed_1": _checkpointed(_per_task_iteration, 1),
     "checkpointed_2": _checkpointed(_per_task_iteration, 2),
     "checkpointed_batched_2": _checkpointed(_batched_iteration, 2),
@@ -626,7 +648,7 @@ def run(problem: Problem, mode: str, seed: int = 1234) -> Outcome:
         if mode == "forward":
             outcome = _forward_mode(built)
         else:
-            outcome = _backward(built, META_LOSS[mode](built)())
+            outcome = _backward(built, META_LOSS[mode](built))
         outcome.after = float(torch.rand(()))
     return outcome
 
@@ -651,7 +673,7 @@ def assert_finite_differences(problem: Problem, mode: str, seed: int = 1234, tol
     with _dtype_and_seed(problem, seed):
         meta_loss = META_LOSS[mode](built)
     with _dtype_and_seed(problem, seed):
-        _backward(built, meta_loss())
+        _backward(built, meta_loss)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in point]
     analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
     originals = [p.detach().clone() for p in point]
@@ -697,6 +719,13 @@ def unsupported(problem: Problem, mode: str) -> list[Unsupported]:
                 # on any other tensor the differentiable optimizer refuses the next step
                 r"leaf Variable that requires grad is being used in an in-place operation|"
                 r"fill_ only supports 0-dimension value tensor|changed in place .*higher.PerStep",
+            )
+        )
+    if mode.startswith("compiled") and problem.scheduler is not None:
+        reasons.append(
+            Unsupported(
+                "dynamo does not trace torch.optim.lr_scheduler (use higher.PerStep in compiled functions)",
+                r"`(StepLR|ExponentialLR|LambdaLR)\.__init__` should not be traced",
             )
         )
     if "batched" in mode and problem.model == "rnn":

@@ -36,7 +36,7 @@ def _assert_flat(problem, mode: str, warmup: int = 2, repeats: int = 3) -> None:
             iteration = lambda: _forward_mode(built)  # noqa: E731
         else:
             meta_loss = META_LOSS[mode](built)
-            iteration = lambda: _backward(built, meta_loss())  # noqa: E731
+            iteration = lambda: _backward(built, meta_loss)  # noqa: E731
         for _ in range(warmup):
             iteration()
         before = _live()
@@ -56,7 +56,7 @@ def test_memory_stays_flat(mode, problem):
     _assert_flat(problem, mode)
 
 
-@pytest.mark.parametrize("mode", ["compiled_per_task", "compiled_batched"])
+@pytest.mark.parametrize("mode", ["compiled_per_task", "compiled_batched", "compiled_whole_batched"])
 def test_memory_stays_flat_compiled(mode):
     from harness import Problem
 

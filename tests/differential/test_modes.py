@@ -48,37 +48,43 @@ def check_mode(problem, mode: str) -> None:
     assert actual.after == expected.after, f"{mode} drew other random numbers than the reference: {problem.describe()}"
 
 
-@examples(ci=25, fuzz=400)
+@examples(ci=80, fuzz=4000)
 @given(problem=problems())
 def test_task_batched(problem):
     check_mode(problem, "batched")
 
 
-@examples(ci=20, fuzz=300)
+@examples(ci=50, fuzz=3000)
 @given(problem=problems(), every=st.sampled_from([1, 2]))
 def test_checkpointed(problem, every):
     check_mode(problem, f"checkpointed_{every}")
 
 
-@examples(ci=8, fuzz=150)
+@examples(ci=20, fuzz=1000)
 @given(problem=problems())
 def test_checkpointed_task_batched(problem):
     check_mode(problem, "checkpointed_batched_2")
 
 
-@examples(ci=15, fuzz=200)
+@examples(ci=30, fuzz=1000)
 @given(problem=problems(hypers=("leaf", "transformed", "unpacked", "per_task", "per_step", "per_parameter"), first_order=(False,), schedulers=(None,)))
 def test_forward_mode(problem):
     check_mode(problem, "forward")
 
 
-@examples(ci=3, fuzz=60)
+@examples(ci=3, fuzz=25)
 @given(problem=problems(max_steps=2, max_tasks=2))
 def test_compiled_per_task(problem):
     check_mode(problem, "compiled_per_task")
 
 
-@examples(ci=3, fuzz=60)
+@examples(ci=3, fuzz=25)
 @given(problem=problems(max_steps=2, max_tasks=3))
 def test_compiled_task_batched(problem):
     check_mode(problem, "compiled_batched")
+
+
+@examples(ci=2, fuzz=15)
+@given(problem=problems(max_steps=2, max_tasks=3))
+def test_compiled_with_the_backward_inside(problem):
+    check_mode(problem, "compiled_whole_batched")

@@ -14,7 +14,7 @@ from harness import assert_finite_differences, examples, problems, unsupported
 from hypothesis import given
 
 
-@examples(ci=25, fuzz=400)
+@examples(ci=60, fuzz=3000)
 @given(problem=problems(first_order=(False,), max_steps=3))
 def test_reference_meta_gradient_equals_finite_differences(problem):
     if unsupported(problem, "per_task"):
