@@ -663,8 +663,9 @@ def assert_finite_differences(problem: Problem, mode: str, seed: int = 1234, tol
     The same objects and the same random-generator seed for every evaluation, so a random forward (dropout)
     draws the same numbers each time: a mode whose meta-gradient is not the derivative of the meta-loss it
     computed (random numbers drawn differently for the backward pass, say) fails. Adaptive optimizers are
-    strongly curved where a gradient entry is near 0 (Adam's first step is about ``lr * g / (|g| + eps)``),
-    so the difference is taken with steps 1e-6, 1e-7 and 1e-5 until one agrees.
+    strongly curved where a gradient entry is near 0 (Adam's first step is about ``lr * g / (|g| + eps)``)
+    where a gradient entry is within a few ``eps`` of 0 (a bias before BatchNorm), so the difference is taken with
+    steps from 1e-6 down to 1e-9 (and 1e-5) until one agrees.
     """
     built = build(problem)
     point = _point(built)
@@ -678,7 +679,7 @@ def assert_finite_differences(problem: Problem, mode: str, seed: int = 1234, tol
     analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
     originals = [p.detach().clone() for p in point]
     tried = []
-    for eps in (1e-6, 1e-7, 1e-5):
+    for eps in (1e-6, 1e-7, 1e-8, 1e-9, 1e-5):
         values = []
         for sign in (1, -1):
             with torch.no_grad():
