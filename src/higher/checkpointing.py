@@ -17,48 +17,59 @@ to the order in which gradient contributions are summed (in float64 they agree t
 
 How: each checkpointed segment becomes one autograd node (a ``torch.autograd.Function``). The
 steps run from detached copies of the segment's starting fast weights and optimizer state; their
-graph is dropped at once and only the end state is kept, as the node's outputs. The node's inputs
-are the starting tensors plus every tensor from outside the segment that the steps read: found
-by walking the segment's graph before dropping it (leaf tensors such as ``override``
+graph is dropped at once and only the end state is kept, as the node's outputs. The node's
+inputs are the starting tensors plus every tensor from outside the segment that the steps read:
+found by walking the segment's graph before dropping it (leaf tensors such as ``override``
 hyperparameters, model parameters, data that requires grad; the fast weights from before the
 unroll; and non-leaf hyperparameter tensors in the optimizer's groups, ``PerStep`` lists or
 ``inputs=[...]``). Its backward restores the segment's start (fast weights, optimizer state,
 buffers, training modes, step counter, random number generator), runs the steps again with the
-graph, and differentiates them with ``torch.autograd.grad``. Memory: one checkpoint per segment
-plus one segment's graph; the graph of the other steps is not kept at all (not even its nodes,
-which in a deep network's unroll weigh as much as the saved tensors). The last segment is not
-checkpointed (backward starts there). ``torch.utils.checkpoint`` is not used: its non-reentrant
-form keeps every node and recomputes the segment whenever a saved tensor is unpacked during the
-segment's own forward pass, which the inner ``autograd.grad`` of every step does (quadratic cost).
+graph, and differentiates them with ``torch.autograd.grad``. The optimizer's hyperparameter
+tensors enter the steps as detached stand-ins, so that their gradient is taken on the recomputed
+graph alone, never in the graph outside (hooks on them and a retained ``.grad`` see the whole
+gradient, once, as after a plain loop); a tensor that the step function reads itself is
+differentiated where it is (its hooks run once per segment, on that segment's part). Memory: one
+checkpoint per segment plus one segment's graph; the graph of the other steps is not kept at all
+(not even its nodes, which in a deep network's unroll weigh as much as the saved tensors). The
+last segment is not checkpointed (backward starts there). ``torch.utils.checkpoint`` is not
+used: its non-reentrant form keeps every node and recomputes the segment whenever a saved tensor
+is unpacked during the segment's own forward pass, which the inner ``autograd.grad`` of every
+step does (quadratic cost).
 
-The steps run on a private copy of the fmodel and of the optimizer (same module, buffers' values,
-training modes, hooks and attributes registered on the fmodel; same hyperparameters, callbacks and
-step hooks), in the forward pass and in the recomputation; the fmodel and optimizer given to the
-function receive the final state at the end. The reason: a segment node must keep what it
-recomputes with for as long as the graph lives, and if that were the user's fmodel, which holds
-the final fast weights, whose graph holds the node, the loop would be a reference cycle through
-the autograd graph's C++ side, which Python's garbage collector cannot see: every inner loop
-would leak. The private copy holds only tensors from before the unroll between steps, so there
-is no cycle, whether the meta-loss is backpropagated (``backward``, ``autograd.grad``,
-``retain_graph=True``) or never. So the step function must compute the loss from the fmodel it is
-called with, not from the one given to :func:`checkpointed_unroll` (a closure over that one raises
-an error while the unroll runs, instead of silently reading stale weights). What still leaks: the
-nodes keep the step function, the ``grad_callback``, the optimizer's step hooks and ``PerStep``
-callables alive as long as the graph; if one of these refers to something that holds the
-unroll's later tensors (the optimizer given to the function, whose state becomes the final one;
-the returned :class:`CheckpointedUnroll`, whose ``final_params`` are the final fast weights; a list
-the step function appends its outputs to), that is the same cycle, and the inner loop is never
-freed. Read hyperparameters from tensors you hold, not from ``diffopt.param_groups``.
+The steps run on a private copy of the fmodel and of the optimizer (same module, buffers'
+values, training modes, hooks and attributes registered on the fmodel; same hyperparameters,
+callbacks and step hooks, as they are at the call: hooks registered or removed later do not
+change the recomputation), in the forward pass and in the recomputation; the fmodel and
+optimizer given to the function receive the final state at the end. The reason: a segment node
+must keep what it recomputes with for as long as the graph lives, and if that were the user's
+fmodel, which holds the final fast weights, whose graph holds the node, the loop would be a
+reference cycle through the autograd graph's C++ side, which Python's garbage collector cannot
+see: every inner loop would leak. The private copy holds only tensors from before the unroll
+between steps, so there is no cycle, whether the meta-loss is backpropagated (``backward``,
+``autograd.grad``, ``retain_graph=True``) or never. So the step function must compute the loss
+from the fmodel it is called with, not from the one given to :func:`checkpointed_unroll` (a
+closure over that one raises an error while the unroll runs, instead of silently reading stale
+weights). What still leaks: the nodes keep the step function, the ``grad_callback``, the
+optimizer's step hooks and ``PerStep`` callables alive as long as the graph; if one of these
+refers to something that holds the unroll's later tensors (the optimizer given to the function,
+whose state becomes the final one; the returned :class:`CheckpointedUnroll`, whose
+``final_params`` are the final fast weights; a list the step function appends its outputs to),
+that is the same cycle, and the inner loop is never freed. Read hyperparameters from tensors you
+hold, not from ``diffopt.param_groups``.
 
 What the step function may do: anything deterministic given the fmodel, the optimizer and the
 step index: draw random numbers (the generator state is restored for the recomputation), use
 ``PerStep`` schedules, ``override`` tensors, per-parameter values, BatchNorm (the fmodel's
 buffers are restored), task-batched fmodels (``tasks=T``), the initial fast weights
 (``fm.parameters(time=0)``, e.g. a proximal term as in iMAML, with exact meta-gradients through
-them). It must not change Python state that the recomputation cannot restore: a
-``torch.optim.lr_scheduler`` stepping inside it would be stepped again (use
-:class:`higher.PerStep` for schedules), and appending to lists happens twice for recomputed
-segments.
+them). It must not change Python state that the recomputation cannot restore: appending to lists
+happens twice for recomputed segments. A ``torch.optim.lr_scheduler`` attached to the optimizer
+may be stepped between unrolls (the recomputation keeps the values its steps read); one stepped
+inside the step function (or any change of the given optimizer's ``param_groups`` while the
+unroll runs) raises an error, since the steps never read it: use :class:`higher.PerStep` for a
+schedule within an unroll. A step hook receives the private optimizer: hyperparameter tensors it
+sets (``param_groups`` or an ``override`` in the step's arguments) are carried from segment to
+segment with their gradients.
 
 First derivatives only: a backward pass with ``create_graph=True`` through a checkpointed segment
 (a second derivative of the meta-loss) raises an error instead of missing the segment's terms.
@@ -76,17 +87,19 @@ weights). With ``track_higher_grads=False`` only the latest are kept, as in a pl
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FunctionType, MethodType
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .optim import DifferentiableOptimizer, PerStep
+from .optim import DifferentiableOptimizer, PerParameter, PerStep
 from .patch import _HOOK_DICTS, FunctionalModule, make_functional
 
 __all__ = ["CheckpointedUnroll", "checkpointed_unroll", "default_every"]
@@ -224,14 +237,108 @@ def _view_at(root: FunctionalModule, path: str) -> FunctionalModule:
 
 
 def _private_optimizer(diffopt: DifferentiableOptimizer, fmodel: FunctionalModule) -> DifferentiableOptimizer:
-    """A copy of ``diffopt`` (same class, hyperparameters, callbacks and hooks; its own groups and state) that
-    updates ``fmodel``."""
+    """A copy of ``diffopt`` (same class, hyperparameters, callbacks and hooks; its own groups, state and hook
+    dictionaries) that updates ``fmodel``."""
     opt = object.__new__(type(diffopt))
     opt.__dict__.update(diffopt.__dict__)
-    opt.param_groups = [dict(group) for group in diffopt.param_groups]
+    for name, value in diffopt.__dict__.items():
+        if not isinstance(inspect.getattr_static(type(diffopt), name, None), (FunctionType, staticmethod, classmethod)):
+            continue
+        # An instance attribute replacing a method: it would run on the given optimizer, not on this copy.
+        if getattr(value, "_wrapped_by_lr_sched", False):
+            # torch.optim.lr_scheduler's wrapper of step (it records that step was called, see checkpointed_unroll)
+            del opt.__dict__[name]
+        elif isinstance(value, MethodType) and value.__self__ is diffopt:
+            opt.__dict__[name] = MethodType(value.__func__, opt)
+        else:
+            raise TypeError(
+                f"checkpointed_unroll: the optimizer's method {name} was replaced on the instance by {value!r}, "
+                f"which checkpointed_unroll cannot apply to the private copy of the optimizer its steps run on. "
+                f"Use the optimizer's step hooks (register_step_pre_hook / register_step_post_hook) instead."
+            )
+    # Hyperparameter tensors that need no gradient are copied: a scheduler stepped between the unroll and the
+    # backward pass fills a tensor lr in place, which the recomputation must not read.
+    opt.param_groups = [
+        {key: value if key == "params" else _replace_tensors(value, _value_copy) for key, value in group.items()}
+        for group in diffopt.param_groups
+    ]
     opt.state = cast(Any, [defaultdict(dict, {k: dict(v) for k, v in group.items()}) for group in diffopt.state])
+    # The hooks as they are now: hooks registered or removed later must not change the recomputation.
+    opt._optimizer_step_pre_hooks = OrderedDict(diffopt._optimizer_step_pre_hooks)
+    opt._optimizer_step_post_hooks = OrderedDict(diffopt._optimizer_step_post_hooks)
+    opt._learned_versions = list(diffopt._learned_versions)
     opt._fmodel = fmodel
     return opt
+
+
+def _value_copy(tensor: Tensor) -> Tensor:
+    return tensor if tensor.requires_grad else tensor.clone()
+
+
+def _replace_tensors(value: Any, replace: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` (a hyperparameter: a number, a tensor, or tuples, lists, ``PerParameter`` and ``PerStep`` lists
+    of them) with every tensor ``t`` replaced by ``replace(t)``; ``value`` itself where nothing changed."""
+    if isinstance(value, Tensor):
+        return replace(value)
+    if isinstance(value, PerStep):
+        if callable(value.values):
+            return value  # (what the callable reads, it reads itself)
+        values = _replace_tensors(value.values, replace)
+        return value if values is value.values else PerStep(values)
+    if type(value) in (tuple, list, PerParameter):
+        items = [_replace_tensors(v, replace) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value
+
+
+def _hyperparameters(diffopt: DifferentiableOptimizer) -> list[dict[str, tuple[Any, list[int]]]]:
+    """The optimizer's hyperparameters, with the version counters of the tensors among them."""
+    return [
+        {key: (value, [t._version for t in _tensors_in(value)]) for key, value in group.items() if key != "params"}
+        for group in diffopt.param_groups
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, (bool, int, float)) and isinstance(b, (bool, int, float)):
+        return a == b
+    if type(a) is type(b) and isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _check_unchanged(diffopt: DifferentiableOptimizer | None, given: list[dict[str, tuple[Any, list[int]]]]) -> None:
+    """Refuse a change of the given optimizer's hyperparameters while its steps run on the private copy."""
+    if diffopt is None:
+        return
+    change = _first_change(given, _hyperparameters(diffopt))
+    if change is not None:
+        raise RuntimeError(
+            f"checkpointed_unroll: the optimizer given to checkpointed_unroll {change} while the unroll ran (a "
+            f"torch.optim.lr_scheduler stepped inside the step function does this, as does a step function or "
+            f"hook writing diffopt.param_groups). The steps run on a private copy of the optimizer, which never "
+            f"sees that change, and are run again in the backward pass: the result would be silently wrong. For a "
+            f"schedule within an unroll use higher.PerStep (e.g. override={{'lr': higher.PerStep(lambda t: "
+            f"0.1 * 0.5 ** t)}}); a scheduler may be stepped between unrolls, not inside one."
+        )
+
+
+def _first_change(
+    given: list[dict[str, tuple[Any, list[int]]]], now: list[dict[str, tuple[Any, list[int]]]]
+) -> str | None:
+    if len(now) != len(given):
+        return f"went from {len(given)} to {len(now)} parameter groups"
+    for g, (before, after) in enumerate(zip(given, now)):
+        for key in sorted(set(before) | set(after)):
+            if key not in before or key not in after:
+                return f"{'lost' if key in before else 'gained'} the hyperparameter '{key}' in parameter group {g}"
+            if not _same(before[key][0], after[key][0]):
+                return f"had its hyperparameter '{key}' of parameter group {g} changed"
+            if before[key][1] != after[key][1]:
+                return f"had its hyperparameter '{key}' of parameter group {g} changed in place"
+    return None
 
 
 class _Shadow:
@@ -252,8 +359,14 @@ class _Shadow:
         self.view = _view_at(self.root, cast(str, fmodel._hg_path))
         attached = cast(FunctionalModule, diffopt._fmodel)
         self.opt = _private_optimizer(diffopt, _view_at(self.root, cast(str, attached._hg_path)))
+        # The given optimizer's hyperparameter values by the copy's (which may be copies of them).
+        self.theirs = [
+            {key: (group[key], value) for key, value in mine.items() if key != "params"}
+            for group, mine in zip(diffopt.param_groups, self.opt.param_groups)
+        ]
         self.core.history = self.history_at(0, list(cast(list[Tensor], core.latest)))
         self.start = self.snapshot()
+        self.learned = list(self.opt._learned_versions)
 
     def history_at(self, done: int, entry: list[Tensor]) -> list[list[Tensor] | None]:
         """The history after ``done`` steps of the unroll, ``entry`` the latest: the entries from before the unroll,
@@ -295,6 +408,7 @@ class _Shadow:
     def park(self) -> None:
         """Back to the state from before the unroll (tensors the segment nodes may refer to without a cycle)."""
         self.restore(self.start, self.history_at(0, self.start.entry))
+        self.opt._learned_versions = list(self.learned)  # (an override given during the unroll recorded its tensor)
 
     def hand_over(
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, saved: _State, done: int, finished: bool
@@ -302,10 +416,19 @@ class _Shadow:
         """Give the fmodel and the optimizer of the user the state ``saved``, ``done`` steps into the unroll."""
         core = cast(Any, fmodel._hg_core)
         core.history = [None if entry is None else list(entry) for entry in self.history_at(done, saved.entry)]
-        _put_state(diffopt, saved)
+        hyper = [
+            {
+                key: theirs[key][0] if key in theirs and theirs[key][1] is value else value
+                for key, value in group.items()
+            }
+            for group, theirs in zip(saved.hyper, self.theirs)
+        ]  # (the given optimizer keeps its own values where the steps left them as they were)
+        _put_state(diffopt, _State(saved.entry, saved.state, hyper, saved.buffers, saved.modes, saved.steps_taken))
         if finished:  # as after diffopt.step: the groups hold the latest fast weights
             for group, mine in zip(diffopt.param_groups, self.opt.param_groups):
                 group["params"] = list(mine["params"])
+        diffopt._learned_versions = list(self.opt._learned_versions)  # (an override given to step by a hook)
+        diffopt._shaped_hyperparameters = self.opt._shaped_hyperparameters
         _copy_buffers(core.buffers, saved.buffers)
         _set_modes(core, saved.modes)
         for key, value in self.core.overrides.items():  # attributes the step function assigned (fm.layer.p = ...)
@@ -406,8 +529,9 @@ class _Segment:
         self.rng = _rng_states(unroll.devices)
         self.outputs: list[Tensor] = []
 
-    def _install(self, starts: list[Tensor]) -> None:
-        """Restore the state at ``start`` with its tensors replaced by ``starts`` (detached leaves)."""
+    def _install(self, starts: list[Tensor]) -> _StandIns:
+        """Restore the state at ``start`` with its tensors replaced by ``starts`` (detached leaves), and the tensors
+        from outside the segment that the private copy holds by stand-ins (see _StandIns)."""
         begin = self.begin
         entry = list(begin.entry)
         state = [{k: dict(v) for k, v in g.items()} for g in begin.state]
@@ -418,18 +542,22 @@ class _Segment:
                 g, k, key = where
                 state[g][k][key] = tensor
         shadow = self.unroll.shadow
-        saved = _State(entry, state, begin.hyper, begin.buffers, begin.modes, begin.steps_taken)
+        stand_ins = _StandIns()
+        stand_ins.installed = [{key: stand_ins.of(value) for key, value in group.items()} for group in begin.hyper]
+        saved = _State(entry, state, stand_ins.installed, begin.buffers, begin.modes, begin.steps_taken)
         shadow.restore(saved, shadow.history_at(self.start, entry))
+        return stand_ins
 
     def forward(self) -> list[Tensor]:
         """Run the steps; return the inputs of the segment node (start tensors, then the external tensors read)."""
         unroll = self.unroll
         shadow = unroll.shadow
         opt = shadow.opt
-        self.in_slots = _slots(self.begin.entry, self.begin.state)
-        starts = [_at(self.begin.entry, self.begin.state, slot) for slot in self.in_slots]
+        begin = self.begin
+        self.in_slots = _slots(begin.entry, begin.state)
+        starts = [_at(begin.entry, begin.state, begin.hyper, slot) for slot in self.in_slots]
         copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
-        self._install(copies)
+        stand_ins = self._install(copies)
         first = _next_sequence_number()
         # This run only needs values (backward recomputes the segment with the full graph), so the
         # inner gradients are taken without a graph, as in first-order mode. They enter the update
@@ -453,12 +581,25 @@ class _Segment:
                     losses.append(unroll.take_step(t, mark if opt._track_higher_grads else None))
         finally:
             opt._first_order = first_order
-        entry, state = list(shadow.core.latest), opt.state
-        self.out_slots = [slot for slot in _slots(entry, state) if _at(entry, state, slot).requires_grad]
-        outputs = [_at(entry, state, slot) for slot in self.out_slots]
-        externals = _externals(outputs + losses, copies + marked, first, unroll.known_tensors(), self.start, self.stop)
+        entry, state, groups = list(shadow.core.latest), opt.state, opt.param_groups
+        # The outputs: the fast weights, the optimizer state and hyperparameter tensors that the steps put into
+        # the groups (a step hook's override or assignment), which later segments read.
+        slots = _slots(entry, state) + [
+            ("hyper", (g, key))
+            for g, (group, before) in enumerate(zip(groups, stand_ins.installed))
+            for key, value in group.items()
+            if key != "params" and isinstance(value, Tensor) and value is not before.get(key)
+        ]
+        self.out_slots = [slot for slot in slots if _at(entry, state, groups, slot).requires_grad]
+        outputs = [_at(entry, state, groups, slot) for slot in self.out_slots]
+        known = unroll.known_tensors(begin.hyper)
+        externals, self.direct = _externals(
+            outputs + losses, copies + marked, stand_ins, first, known, self.start, self.stop
+        )
         self.external_count = len(externals)
-        # Everything else (tensors that need no gradient, step counters) stays as the run left it, detached.
+        # Everything else (tensors that need no gradient, step counters) stays as the run left it, detached; what
+        # the stand-ins stood for is back.
+        stand_ins.remove(shadow.opt, self.begin)
         shadow.core.history[-1] = [p.detach().requires_grad_(p.requires_grad) for p in entry]
         opt._detach_state()
         self.outputs = [o.detach() for o in outputs]
@@ -466,13 +607,24 @@ class _Segment:
 
     def install_outputs(self, outputs: Sequence[Tensor]) -> None:
         shadow = self.unroll.shadow
+        opt = shadow.opt
         entry = list(shadow.core.latest)
         for (kind, where), tensor in zip(self.out_slots, outputs):
             if kind == "param":
                 entry[where] = tensor
+            elif kind == "hyper":
+                g, key = where
+                # (a tensor an override recorded as receiving hypergradients is the node's output now)
+                opt._learned_versions = [
+                    (h, name, tensor, tensor._version)
+                    if (h, name) == where and old is opt.param_groups[g][key]
+                    else (h, name, old, version)
+                    for h, name, old, version in opt._learned_versions
+                ]
+                opt.param_groups[g][key] = tensor
             else:
                 g, k, key = where
-                shadow.opt.state[g][k][key] = tensor
+                opt.state[g][k][key] = tensor
         shadow.core.history[-1] = entry
 
     def recompute(self, inputs: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
@@ -486,27 +638,57 @@ class _Segment:
             with torch.random.fork_rng(devices=unroll.devices), torch.enable_grad():
                 _set_rng_states(self.rng, unroll.devices)
                 copies = [t.detach().requires_grad_(t.requires_grad) for t in starts]
-                self._install(copies)
+                stand_ins = self._install(copies)
                 for t in range(self.start, self.stop):
                     unroll.take_step(t, record=False)
-                entry, state = list(shadow.core.latest), shadow.opt.state
-                outputs = [_at(entry, state, slot) for slot in self.out_slots]
+                entry, state, groups = list(shadow.core.latest), shadow.opt.state, shadow.opt.param_groups
+                outputs = [_at(entry, state, groups, slot) for slot in self.out_slots]
                 pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
-                wrt = [(i, x) for i, x in enumerate(copies + externals) if x.requires_grad]
-                computed: Sequence[Tensor | None] = [None] * len(wrt)
-                if pairs and wrt:
-                    computed = torch.autograd.grad(
-                        [o for o, _ in pairs], [x for _, x in wrt], [g for _, g in pairs], allow_unused=True
-                    )
+                gradients = _segment_gradients(pairs, copies, externals, self.direct, stand_ins)
         finally:
             shadow.restore(now, history)
         result = unroll.result()
         if result is not None:
             result.recomputations += 1
-        gradients: list[Tensor | None] = [None] * len(inputs)
-        for (i, _), g in zip(wrt, computed):
-            gradients[i] = g
         return gradients
+
+
+class _StandIns:
+    """Detached leaves standing in, while a segment's steps run, for the hyperparameter tensors in the private
+    optimizer's groups (also in ``PerStep`` lists, ``PerParameter`` and tuples), one per tensor.
+
+    The gradient with respect to such a tensor is then taken at its stand-in, on the recomputed graph alone. Taken
+    at the tensor itself, autograd would run its hooks and fill its retained ``.grad`` with this segment's part of
+    the gradient; and where one of them is computed from another (``lr, wd = h`` gives two tensors of one node;
+    ``lr * 2``), it would run the graph between them, and free it (the meta-loss's backward pass then fails). The
+    other tensors from outside the segment (``inputs=[...]``, leaves the step function reads, ``time=0``) are
+    differentiated where they are (see _segment_gradients).
+    """
+
+    def __init__(self) -> None:
+        self.leaves: dict[int, Tensor] = {}  # id of the tensor -> its stand-in
+        self.tensors: dict[int, Tensor] = {}  # id of a stand-in -> the tensor
+        self.installed: list[dict[str, Any]] = []  # the groups' hyperparameters with the stand-ins
+
+    def of(self, value: Any) -> Any:
+        """``value`` with its tensors that require grad replaced by their stand-ins (itself if it has none)."""
+        return _replace_tensors(value, self._stand_in)
+
+    def _stand_in(self, tensor: Tensor) -> Tensor:
+        if not tensor.requires_grad:
+            return tensor
+        leaf = self.leaves.get(id(tensor))
+        if leaf is None:
+            leaf = self.leaves[id(tensor)] = tensor.detach().requires_grad_()
+            self.tensors[id(leaf)] = tensor
+        return leaf
+
+    def remove(self, opt: DifferentiableOptimizer, begin: _State) -> None:
+        """Put back the hyperparameters that the steps left as they were installed."""
+        for group, installed, original in zip(opt.param_groups, self.installed, begin.hyper):
+            for key, value in installed.items():
+                if group.get(key) is value:
+                    group[key] = original[key]
 
 
 Slot = tuple[str, Any]
@@ -523,35 +705,54 @@ def _slots(params: list[Tensor], state: list[Any]) -> list[Slot]:
     return slots
 
 
-def _at(params: list[Tensor], state: list[Any], slot: Slot) -> Tensor:
+def _at(params: list[Tensor], state: list[Any], groups: Sequence[dict[str, Any]], slot: Slot) -> Tensor:
     kind, where = slot
     if kind == "param":
         return params[where]
+    if kind == "hyper":
+        g, key = where
+        return groups[g][key]
     g, k, key = where
     return state[g][k][key]
 
 
+Edge = tuple[Any, int]  # (graph node, output index): one tensor of the graph
+
+
 def _externals(
-    outputs: list[Tensor], copies: list[Tensor], first: int, known: dict[Any, Tensor], start: int, stop: int
-) -> list[Tensor]:
-    """The tensors outside the segment that its outputs depend on (found by walking the segment's graph)."""
+    outputs: list[Tensor],
+    copies: list[Tensor],
+    stand_ins: _StandIns,
+    first: int,
+    known: dict[Edge, Tensor],
+    start: int,
+    stop: int,
+) -> tuple[list[Tensor], list[bool]]:
+    """The tensors outside the segment that its outputs depend on (found by walking the segment's graph), and for
+    each whether the steps read it directly (not only through its stand-in).
+
+    A non-leaf tensor is told by its graph edge, (node, output index), not by its node alone: the tensors that
+    one node made (``lr, wd = h`` unbinds ``h``) are different inputs of the segment."""
     mine = {id(c) for c in copies}
     found: dict[int, Tensor] = {}
+    direct: set[int] = set()
     seen: set[Any] = set()
-    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    stack: list[Edge] = [(o.grad_fn, o.output_nr) for o in outputs if o.grad_fn is not None]
     leaf_type = _accumulate_grad_type()
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+        node, index = stack.pop()
         if type(node) is leaf_type:
             variable = cast(Any, node).variable
-            if id(variable) not in mine:
-                found.setdefault(id(variable), variable)
+            if id(variable) in mine:
+                continue
+            tensor = stand_ins.tensors.get(id(variable))
+            if tensor is None:
+                tensor = variable
+                direct.add(id(tensor))
+            found.setdefault(id(tensor), tensor)
             continue
         if node._sequence_nr() < first:  # made before the segment: an external non-leaf tensor
-            tensor = known.get(node)
+            tensor = known.get((node, index))
             if tensor is None:
                 raise ValueError(
                     f"checkpointed_unroll: steps {start}..{stop - 1} depend on a tensor computed before the unroll "
@@ -560,11 +761,64 @@ def _externals(
                     f"or compute it inside the step function from leaf tensors."
                 )
             found.setdefault(id(tensor), tensor)
+            direct.add(id(tensor))
             continue
-        for next_node, _ in node.next_functions:
-            if next_node is not None and next_node not in seen:
-                stack.append(next_node)
-    return list(found.values())
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend((n, i) for n, i in node.next_functions if n is not None and n not in seen)
+    tensors = list(found.values())
+    return tensors, [id(t) in direct for t in tensors]
+
+
+def _segment_gradients(
+    pairs: list[tuple[Tensor, Tensor]],
+    copies: list[Tensor],
+    externals: Sequence[Tensor],
+    direct: list[bool],
+    stand_ins: _StandIns,
+) -> list[Tensor | None]:
+    """The gradients of the outputs in ``pairs`` (weighted by their gradients) with respect to ``copies`` (the
+    segment's starting tensors), then ``externals`` (the tensors from outside the segment that it read): at their
+    stand-ins, and at themselves where the steps read them directly (``direct``)."""
+    offset = len(copies)
+    wrt: list[tuple[int, Tensor]] = [(i, c) for i, c in enumerate(copies) if c.requires_grad]
+    nodes: dict[Any, None] = {}
+    for i, (tensor, read) in enumerate(zip(externals, direct)):
+        leaf = stand_ins.leaves.get(id(tensor))
+        if leaf is not None:
+            wrt.append((offset + i, leaf))
+        if read:
+            wrt.append((offset + i, tensor))
+            if tensor.grad_fn is not None:
+                nodes[tensor.grad_fn] = None
+    gradients: list[Tensor | None] = [None] * (offset + len(externals))
+    if not pairs or not wrt:
+        return gradients
+    # Where one tensor read directly is computed from another (the step function reads h and lr = h[0] * 2),
+    # autograd runs the graph between them to reach the second: it must carry nothing there (the meta-loss's
+    # backward pass carries that part), and it must not be freed (retain_graph; it is not the recomputed graph).
+    handles = [node.register_prehook(_nothing) for node in nodes]
+    try:
+        computed = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [x for _, x in wrt],
+            [g for _, g in pairs],
+            allow_unused=True,
+            retain_graph=bool(nodes),
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for (i, _), grad in zip(wrt, computed):
+        if grad is not None:
+            before = gradients[i]
+            gradients[i] = grad if before is None else before + grad
+    return gradients
+
+
+def _nothing(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    return tuple(None if g is None else torch.zeros_like(g) for g in grads)
 
 
 def _accumulate_grad_type() -> type:
@@ -591,18 +845,19 @@ class _Unroll:
     devices: list[int]
     inputs: list[Tensor]
 
-    def known_tensors(self) -> dict[Any, Tensor]:
-        """Non-leaf tensors the steps may read, by graph node: hyperparameters, ``inputs``, the fast weights from
-        before the unroll (``fmodel.parameters(time=0)``) and buffers computed with a graph."""
+    def known_tensors(self, hyper: list[dict[str, Any]]) -> dict[Edge, Tensor]:
+        """Non-leaf tensors the steps may read, by graph edge: hyperparameters (those of the optimizer's groups now
+        and ``hyper``, the groups' at the segment's start), ``inputs``, the fast weights from before the unroll
+        (``fmodel.parameters(time=0)``) and buffers computed with a graph."""
         tensors = list(self.inputs)
-        for group in self.shadow.opt.param_groups:
+        for group in [*self.shadow.opt.param_groups, *hyper]:
             for key, value in group.items():
                 if key != "params":
                     tensors += _tensors_in(value)
         for entry in self.shadow.prefix:
             tensors += entry or []
         tensors += [b for b in self.shadow.core.buffers if b.requires_grad]
-        return {t.grad_fn: t for t in tensors if t.grad_fn is not None}
+        return {(t.grad_fn, t.output_nr): t for t in tensors if t.grad_fn is not None}
 
 
 def checkpointed_unroll(
@@ -663,9 +918,14 @@ def checkpointed_unroll(
     result = CheckpointedUnroll(steps, every, 0, initial, initial, losses)
     shadow = _Shadow(fmodel, diffopt)
     view, opt = shadow.view, shadow.opt
+    # The given optimizer's hyperparameters must not change while the steps run on the copy (a scheduler stepped
+    # in the step function). Watched through a weak reference: the segment nodes keep take_step.
+    given, watched = _hyperparameters(diffopt), weakref.ref(diffopt)
 
     def take_step(t: int, grad_callback: Callable[..., Any] | None = None, record: bool = True) -> Tensor:
         loss = step_loss(view, t if batches is None else batches[t])
+        if record:
+            _check_unchanged(watched(), given)
         opt.step(loss, grad_callback=grad_callback)
         shadow.trim()
         if record:
@@ -692,7 +952,10 @@ def checkpointed_unroll(
                 node_inputs = segment.forward()
                 segment.install_outputs(_SegmentFunction.apply(segment, *node_inputs))
                 result.checkpoints += 1
+        _check_unchanged(diffopt, given)
         shadow.hand_over(fmodel, diffopt, shadow.snapshot(), steps, finished=True)
+        if steps and getattr(diffopt.__dict__.get("step"), "_wrapped_by_lr_sched", False):
+            diffopt._opt_called = True  # type: ignore[attr-defined]  # as the scheduler's wrapper of step would
     except BaseException:
         # An error or KeyboardInterrupt inside a segment: leave the fmodel and the optimizer at the
         # segment's start, connected to the graph, so that a loop can resume from there.
