@@ -170,10 +170,29 @@ def test_implicit_is_off_before_the_inner_loop_converges():
     assert methods["implicit"]["residual"] < 1e-10
 
 
+def test_hpo_reports_the_validation_loss_after_its_last_step():
+    """history[k] is the loss at the lambda outer step k started from (k=0: lambda = 1, the published
+    0.5743990); validation_loss is the loss at final_lambda, after the last step."""
+    result = logreg_hpo("unrolled", steps=100, outer_steps=2)
+    history = [h["validation_loss"] for h in result["history"]]
+    assert len(history) == 2 and abs(history[0] - PUBLISHED_VALIDATION) < ULP
+    _, x, y, xv, yv = logreg_problem()
+    lam = torch.tensor(result["final_lambda"])
+    w = torch.zeros(20, requires_grad=True)
+    for _ in range(100):
+        loss = F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w.pow(2)).sum()
+        (g,) = torch.autograd.grad(loss, w)
+        w = (w - 0.1 * g).detach().requires_grad_()
+    expected = float(F.binary_cross_entropy_with_logits(xv @ w, yv).detach())
+    assert result["validation_loss"] == pytest.approx(expected, rel=1e-12)
+    assert result["validation_loss"] < history[1] < history[0]
+    assert logreg_hpo("unrolled", steps=100, outer_steps=0)["validation_loss"] == pytest.approx(history[0], rel=1e-12)
+
+
 def test_hpo_lowers_the_validation_loss_and_refuses_unknown_methods():
     result = logreg_hpo("implicit", steps=50, outer_steps=5, outer_lr=0.3)
     losses = [h["validation_loss"] for h in result["history"]]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] and result["validation_loss"] < losses[-1]
     assert len(result["first_hypergradient"]) == 20 and result["peak_rss_mib"] > 0
     model, *data = logreg_problem()
     inner, outer = _logreg_losses(*data)

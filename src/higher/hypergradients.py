@@ -311,8 +311,11 @@ def logreg_hpo(
 
     The coefficients are kept positive by learning their logarithm (``lambda = exp(log_lambda)``,
     starting at ``lambda = 1``). Returns a JSON-ready dict: the first hypergradient (with respect
-    to ``lambda``), the validation loss and seconds per outer step, and the peak RSS of the process
-    (meaningful per method when each method runs in its own process).
+    to ``lambda``); ``history``, per outer step the validation loss at the ``lambda`` it started
+    from and the seconds its hypergradient took; ``validation_loss``, the validation loss at
+    ``final_lambda``, after the last outer step (``steps`` plain inner steps, no hypergradient);
+    and the peak RSS of the process (meaningful per method when each method runs in its own
+    process).
     """
     model, x_train, y_train, x_val, y_val = logreg_problem()
     inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
@@ -330,12 +333,27 @@ def logreg_hpo(
         log_lambda.grad = r.hypergradients[0] * lam  # chain rule through lambda = exp(log_lambda)
         meta_opt.step()
         history.append({"validation_loss": r.outer_loss, "seconds": r.seconds})
+    final_lambda = log_lambda.detach().exp()
     return {
         "method": method,
         "steps": steps,
         "first_hypergradient": first,
         "history": history,
-        "final_lambda": log_lambda.detach().exp().tolist(),
+        "final_lambda": final_lambda.tolist(),
         "peak_rss_mib": _peak_rss_mib(),
-        "validation_loss": history[-1]["validation_loss"] if history else math.nan,
+        "validation_loss": _validation_loss(model, opt, [final_lambda], inner, outer, steps),
     }
+
+
+@torch.enable_grad()  # the inner steps take gradients, also when called inside torch.no_grad()
+def _validation_loss(
+    model: nn.Module, opt: torch.optim.Optimizer, hyper: list[Tensor], inner_loss: Loss, outer_loss: Loss, steps: int
+) -> float:
+    """``outer_loss`` after ``steps`` plain (non-differentiable) steps of ``opt`` on ``inner_loss``."""
+    from . import innerloop_ctx
+
+    with innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(inner_loss(fmodel, hyper))
+        with torch.no_grad():
+            return float(outer_loss(fmodel, hyper))
