@@ -17,8 +17,10 @@ implicit method needs to be the same at every step), ``outer_loss(fmodel, hyper)
 
 :func:`logreg_comparison` runs all four on the logistic-regression hyperparameter-optimisation
 example of hypertorch (Grazzi, Franceschi, Pontil & Salzo 2020, "On the Iteration Complexity of
-Hypergradient Computation", ICML; github.com/prolearner/hypertorch, examples/logistic_regression.py):
-per-feature L2 coefficients of a logistic regression learned on a validation loss.
+Hypergradient Computation", ICML; github.com/prolearner/hypertorch,
+examples/logistic_regression.ipynb): per-feature L2 coefficients of a logistic regression learned
+on a validation loss, on the notebook's data (:func:`logreg_problem`), where it gives the
+notebook's printed losses to float32 precision (docs/hypertorch-logreg.md).
 """
 
 from __future__ import annotations
@@ -205,27 +207,48 @@ def _logged(loss: Tensor, losses: list[float], steps: int) -> Tensor:
 def logreg_problem(
     n: int = 1000, d: int = 20, seed: int = 1, dtype: torch.dtype = torch.float64
 ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
-    """The data and model of hypertorch's logistic-regression example.
+    """The data and model of hypertorch's logistic-regression example (``examples/logistic_regression.ipynb``).
 
-    ``np.random.seed(seed)``; ``w``, ``x`` standard normal; ``y = 1[x . w + 0.1 noise > 0]``; the
-    first half of the samples trains, the second validates. The model is ``nn.Linear(d, 1,
-    bias=False)`` with zero weights (inner loss ``log 2 = 0.69315`` at the start).
-    Returns ``(model, x_train, y_train, x_val, y_val)``.
+    The data are drawn as the notebook draws them: ``np.random.seed(seed)``; ``w_oracle =
+    randn(d)``; ``x = randn(n, d)``; ``y = 1[x @ w_oracle + 0.1 randn(n) > 0]``; then scikit-learn's
+    ``train_test_split(x, y, test_size=0.5)`` without ``random_state``, which shuffles with the
+    next draw of the same generator: ``perm = permutation(n)``, validation ``perm[:ceil(n / 2)]``
+    and training ``perm[ceil(n / 2):]``, in that order. The split is reproduced with NumPy alone
+    (scikit-learn is not needed; the tests check it against ``train_test_split``), from a
+    ``RandomState(seed)`` of its own, which draws the same numbers and leaves NumPy's global
+    generator untouched. The model is ``nn.Linear(d, 1, bias=False)`` with zero weights (inner
+    loss ``log 2`` at the start). Returns ``(model, x_train, y_train, x_val, y_val)`` in ``dtype``
+    (the notebook computes in float32; float64 gives its printed numbers to float32 precision).
     """
     try:
         import numpy as np  # the published data are drawn with numpy's generator
     except ImportError as error:  # pragma: no cover - numpy comes with most torch installs
         raise ImportError("logreg_problem draws hypertorch's data with numpy: pip install numpy") from error
-    np.random.seed(seed)
-    w = np.random.randn(d)
-    x = np.random.randn(n, d)
-    y = (x @ w + 0.1 * np.random.randn(n) > 0).astype(np.float64)
-    half = n // 2
-    xs, ys = torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype)
+    rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed) and np.random.*
+    w_oracle = rng.randn(d)
+    x = rng.randn(n, d)
+    y = ((x @ w_oracle + 0.1 * rng.randn(n)) > 0.0).astype(np.float64)
+    train, val = _train_test_split_indices(n, 0.5, rng)
     model = nn.Linear(d, 1, bias=False).to(dtype)
     with torch.no_grad():
         model.weight.zero_()
-    return model, xs[:half], ys[:half], xs[half:], ys[half:]
+
+    def tensor(a: Any) -> Tensor:
+        return torch.tensor(a, dtype=dtype)
+
+    return model, tensor(x[train]), tensor(y[train]), tensor(x[val]), tensor(y[val])
+
+
+def _train_test_split_indices(n: int, test_size: float, rng: Any) -> tuple[Any, Any]:
+    """``(train, test)`` indices of scikit-learn's ``train_test_split(..., test_size=test_size)`` drawing from ``rng``.
+
+    ``ShuffleSplit``: ``n_test = ceil(test_size * n)``, ``n_train = n - n_test``; one
+    ``rng.permutation(n)``, whose first ``n_test`` entries are the test samples and the next
+    ``n_train`` the training samples.
+    """
+    n_test = math.ceil(test_size * n)
+    permutation = rng.permutation(n)
+    return permutation[n_test:], permutation[:n_test]
 
 
 def _logreg_losses(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor) -> tuple[Loss, Loss]:
@@ -245,10 +268,13 @@ def logreg_comparison(
 ) -> dict[str, Any]:
     """Hypergradients of hypertorch's logistic-regression problem by each method, and how far they agree.
 
-    Returns a dict: ``inner_losses`` (of the unrolled run, steps 0..T-1), and per method
-    ``hypergradient`` (list of 20 floats), ``outer_loss``, ``seconds`` and its extras (residual
-    for implicit, passes for forward, ...), and ``max_abs_difference`` of each method's
-    hypergradient to the unrolled one.
+    The problem is :func:`logreg_problem` (float64) with ``lambda = 1``, ``steps`` steps of
+    gradient descent with learning rate ``lr`` from zero weights. Returns a dict:
+    ``inner_losses`` of the first method's run (entry ``t`` is the inner loss at ``w_t``, after
+    ``t`` steps: the notebook's ``t``; ``t = 0..T-1``), and per method ``hypergradient`` (list of
+    20 floats), ``outer_loss`` (the validation BCE at ``w_T``), ``seconds`` and its extras
+    (residual for implicit, passes for forward, ...), and ``max_abs_difference`` of each
+    method's hypergradient to the first method's (``"unrolled"`` by default).
     """
     model, x_train, y_train, x_val, y_val = logreg_problem()
     inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
@@ -285,8 +311,11 @@ def logreg_hpo(
 
     The coefficients are kept positive by learning their logarithm (``lambda = exp(log_lambda)``,
     starting at ``lambda = 1``). Returns a JSON-ready dict: the first hypergradient (with respect
-    to ``lambda``), the validation loss and seconds per outer step, and the peak RSS of the process
-    (meaningful per method when each method runs in its own process).
+    to ``lambda``); ``history``, per outer step the validation loss at the ``lambda`` it started
+    from and the seconds its hypergradient took; ``validation_loss``, the validation loss at
+    ``final_lambda``, after the last outer step (``steps`` plain inner steps, no hypergradient);
+    and the peak RSS of the process (meaningful per method when each method runs in its own
+    process).
     """
     model, x_train, y_train, x_val, y_val = logreg_problem()
     inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
@@ -304,12 +333,27 @@ def logreg_hpo(
         log_lambda.grad = r.hypergradients[0] * lam  # chain rule through lambda = exp(log_lambda)
         meta_opt.step()
         history.append({"validation_loss": r.outer_loss, "seconds": r.seconds})
+    final_lambda = log_lambda.detach().exp()
     return {
         "method": method,
         "steps": steps,
         "first_hypergradient": first,
         "history": history,
-        "final_lambda": log_lambda.detach().exp().tolist(),
+        "final_lambda": final_lambda.tolist(),
         "peak_rss_mib": _peak_rss_mib(),
-        "validation_loss": history[-1]["validation_loss"] if history else math.nan,
+        "validation_loss": _validation_loss(model, opt, [final_lambda], inner, outer, steps),
     }
+
+
+@torch.enable_grad()  # the inner steps take gradients, also when called inside torch.no_grad()
+def _validation_loss(
+    model: nn.Module, opt: torch.optim.Optimizer, hyper: list[Tensor], inner_loss: Loss, outer_loss: Loss, steps: int
+) -> float:
+    """``outer_loss`` after ``steps`` plain (non-differentiable) steps of ``opt`` on ``inner_loss``."""
+    from . import innerloop_ctx
+
+    with innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(inner_loss(fmodel, hyper))
+        with torch.no_grad():
+            return float(outer_loss(fmodel, hyper))
