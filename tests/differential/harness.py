@@ -722,6 +722,13 @@ def unsupported(problem: Problem, mode: str) -> list[Unsupported]:
                 r"fill_ only supports 0-dimension value tensor|changed in place .*higher.PerStep",
             )
         )
+    if problem.scheduler is not None and mode.startswith("checkpointed") and problem.steps > 1:
+        reasons.append(
+            Unsupported(
+                "a scheduler stepped inside checkpointed_unroll's step function (the steps are recomputed)",
+                r"changed .*while the unroll ran .*higher\.PerStep",
+            )
+        )
     if mode.startswith("compiled") and problem.scheduler is not None:
         reasons.append(
             Unsupported(
@@ -729,6 +736,8 @@ def unsupported(problem: Problem, mode: str) -> list[Unsupported]:
                 r"`(StepLR|ExponentialLR|LambdaLR)\.__init__` should not be traced",
             )
         )
+    if mode.startswith("compiled") and problem.model == "rnn":
+        reasons.append(Unsupported("dynamo does not trace nn.RNN", r"Attempted to wrap RNN, GRU, or LSTM"))
     if "batched" in mode and problem.model == "rnn":
         reasons.append(
             Unsupported(
