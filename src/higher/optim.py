@@ -445,12 +445,14 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         )
 
     def _record_learned_versions(self) -> None:
-        """Remember the version counter of every hyperparameter tensor that receives hypergradients.
+        """Remember the version counter of every hyperparameter tensor computed from others (``exp(log_lr)``).
 
         torch.optim.lr_scheduler writes a tensor ``lr`` in place (``fill_``: torch treats it as a
-        container for a number). On a tensor that receives hypergradients that silently cuts or
-        corrupts its hypergradient (an in-place write on a non-leaf tensor replaces its history),
-        so :meth:`_check_learned_versions` refuses the step instead.
+        container for a number). On a tensor computed from a leaf that requires grad, that silently
+        cuts its hypergradient (an in-place write on a non-leaf tensor replaces its history), so
+        :meth:`_check_learned_versions` refuses the step instead. Leaves are not recorded: torch
+        itself refuses a scheduler's write into a leaf that requires grad, and an outer optimizer
+        updating a learned leaf in place between truncated windows is ordinary use.
         """
         if compiled.tracing():  # dynamo cannot read a version counter; a compiled step is not checked
             self._learned_versions = []
@@ -459,7 +461,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             (g, key, value, value._version)
             for g, group in enumerate(self.param_groups)
             for key, value in group.items()
-            if key != "params" and isinstance(value, Tensor) and value.requires_grad
+            if key != "params" and isinstance(value, Tensor) and value.grad_fn is not None
         ]
 
     def _check_learned_versions(self) -> None:
