@@ -178,13 +178,18 @@ def test_compiled_with_inductor_matches_eager():
     assert unique_graphs() == 1
 
 
-def test_per_task_sgd_with_weight_decay_under_inductor_matches_eager():
-    """torch 2.13's inductor drops ``alpha`` from ``add(x, mm(...), alpha=a)`` (pytorch/pytorch#167313):
-    a compiled per-task SGD step took ``p - g`` instead of ``p - lr g`` (meta-loss 209.3 against
-    6.77 in the report) and L2 weight decay added ``p`` instead of ``wd p``. The rules now write
-    that sum as a product and a sum while compiling (higher.rules._add_alpha)."""
+@pytest.mark.parametrize("name", ["sgd_weight_decay", "radam"])
+def test_per_task_inner_steps_under_inductor_match_eager(name):
+    """torch 2.13's inductor fuses ``add(x, mm(a, b), alpha=c)`` into ``addmm(x, a, b)``, dropping ``c``
+    (pytorch/pytorch#167313): a compiled per-task SGD step took ``p - g`` instead of ``p - lr g`` (meta-loss
+    209.3 against 6.77 in the report), L2 weight decay added ``p`` instead of ``wd p``, and RAdam's first
+    step (``lerp`` from zeros, which inductor decomposes into such an add) lost ``1 - beta1`` (found by the
+    differential harness). higher.compiled guards the fusion while it traces an inner loop."""
     model = sine_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    if name == "radam":
+        opt = torch.optim.RAdam(model.parameters(), lr=0.03)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
     data = sine_tasks(2)
 
     def run():
@@ -192,10 +197,21 @@ def test_per_task_sgd_with_weight_decay_under_inductor_matches_eager():
 
     expected = gradients(run, model)
     assert_close_lists(gradients(torch.compile(run, fullgraph=True), model), expected)
-    w, a, b = torch.randn(8, 8), torch.randn(8, 4), torch.randn(4, 8)
-    for x, y in [(w, a @ b), (a @ b, w)]:
-        compiled = torch.compile(lambda x, y: higher.rules._add_scaled(x, y, -0.1))
-        torch.testing.assert_close(compiled(x, y), x.add(y, alpha=-0.1))
+
+
+def test_the_addmm_fusion_guard_keeps_alpha():
+    """The guard itself, on the two graphs that showed the bug: an add with alpha and a lerp from zeros."""
+    higher.compiled._guard_addmm_fusion()
+    p, a, b = torch.randn(8, 8), torch.randn(8, 4), torch.randn(4, 8)
+    cases = [
+        lambda p, a, b: p.add(a @ b, alpha=-0.1),
+        lambda p, a, b: (a @ b).add(p, alpha=0.3),
+        lambda p, a, b: p - torch.lerp(torch.zeros_like(p), a @ b, 0.1) * 0.3,
+        lambda p, a, b: p + a @ b,  # alpha 1: still fused, still right
+    ]
+    for case in cases:
+        torch.compiler.reset()
+        torch.testing.assert_close(torch.compile(case)(p, a, b), case(p, a, b))
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])

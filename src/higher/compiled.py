@@ -55,7 +55,8 @@ __all__ = ["TracedFunctionalModule", "backward", "tracing"]
 
 
 def _allow_patching_trace_autograd_ops() -> bool:
-    """Let ``torch._dynamo.patch_dynamo_config`` accept ``trace_autograd_ops`` (see :func:`autograd_in_graph`).
+    """Let ``torch._dynamo.patch_dynamo_config`` accept ``trace_autograd_ops`` (see :func:`autograd_in_graph`),
+    and guard inductor against pytorch/pytorch#167313 (see :func:`_guard_addmm_fusion`).
 
     Marked as a constant result (what ``torch.compiler.assume_constant_result`` marks, set here
     without importing dynamo, which would double ``import higher``'s time): dynamo runs it for
@@ -66,10 +67,60 @@ def _allow_patching_trace_autograd_ops() -> bool:
     allowed = decorators._allowed_config_patches
     if "trace_autograd_ops" not in allowed:
         decorators._allowed_config_patches = (*allowed, "trace_autograd_ops")
+    _guard_addmm_fusion()
     return True
 
 
 _allow_patching_trace_autograd_ops._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _guard_addmm_fusion() -> None:
+    """Keep inductor from fusing ``add(x, mm(a, b), alpha=c)`` into ``addmm(x, a, b)``, which drops ``c``.
+
+    torch 2.13's inductor (and earlier releases) has a post-grad pattern that rewrites an ``add`` of a
+    matrix product and another tensor into one ``addmm``, ignoring the ``add``'s ``alpha``
+    (pytorch/pytorch#167313). An inner step makes exactly such graphs: the gradient of a linear layer's
+    weight is a matrix product, and the update rules add it, scaled, to the weights and the optimizer
+    state; inductor's own decomposition of ``lerp`` turns ``lerp(zeros, g, w)`` (Adam's first moment at
+    the first step) into ``add(zeros, g, alpha=w)``. Compiled per-task SGD took ``p - g`` instead of
+    ``p - lr g``, and RAdam's first step lost ``1 - beta1``.
+
+    The remedy is inductor's own extension point: a post-grad pass (``post_grad_custom_pre_pass``,
+    which runs before the pattern passes) that writes each such ``add(x, y, alpha=c)`` as the equal
+    ``sub(x, y, alpha=-c)``, which the fusion pattern does not match. It is added, next to any pass
+    the user configured, when the first inner loop is compiled, so it applies to every graph inductor
+    compiles in this process from then on (it changes no value: the same product, subtracted). Its
+    ``uuid`` enters inductor's cache key, so artifacts compiled without it are not reused.
+    """
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    global _KEEP_ALPHA
+    if _KEEP_ALPHA is None:
+        aten = torch.ops.aten
+
+        class _KeepAlpha(CustomGraphPass):
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                for node in graph.nodes:
+                    if node.op != "call_function" or node.target is not aten.add.Tensor:
+                        continue
+                    alpha = node.kwargs.get("alpha", 1)
+                    products = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.target is aten.mm.default]
+                    if alpha != 1 and products:
+                        node.target = aten.sub.Tensor
+                        node.kwargs = {**node.kwargs, "alpha": -alpha}
+
+            def uuid(self) -> str:
+                return "higher: add(x, mm, alpha) as sub(x, mm, -alpha), pytorch#167313, v1"
+
+        _KEEP_ALPHA = _KeepAlpha()
+    current = config.post_grad_custom_pre_pass
+    passes = [] if current is None else list(current) if isinstance(current, (list, tuple)) else [current]
+    if not any(p is _KEEP_ALPHA for p in passes):
+        config.post_grad_custom_pre_pass = [_KEEP_ALPHA, *passes] if passes else _KEEP_ALPHA
+
+
+_KEEP_ALPHA: Any = None
 
 
 def autograd_in_graph() -> Any:

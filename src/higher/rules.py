@@ -225,23 +225,8 @@ def _add_scaled_many(xs: list[Tensor], ys: list[Tensor], a: float) -> list[Tenso
     whenever autograd records the operation.
     """
     if torch.is_grad_enabled() and (any(x.requires_grad for x in xs) or any(y.requires_grad for y in ys)):
-        return [_add_alpha(x, y, a) for x, y in zip(xs, ys)]
+        return [torch.add(x, y, alpha=a) for x, y in zip(xs, ys)]
     return list(torch._foreach_add(xs, ys, alpha=a))
-
-
-def _add_alpha(x: Tensor, y: Tensor, a: float) -> Tensor:
-    """``x.add(y, alpha=a)`` for a number ``a``; ``x + a * y`` while ``torch.compile`` traces.
-
-    torch 2.13's inductor computes ``add(x, mm(...), alpha=a)`` (and ``add(mm(...), x, alpha=a)``)
-    as if ``alpha`` were 1: its pass that rewrites ``addmm`` into ``mm`` plus a pointwise ``add``
-    drops ``alpha`` (pytorch/pytorch#167313). An inner gradient is such a matrix product (the
-    backward of a linear layer), so a compiled SGD step took ``p - g`` instead of ``p - lr g``
-    (and L2 weight decay added ``p`` instead of ``wd p``). Written as a product and a sum, the
-    compiled graph computes the same value (to rounding: eagerly ``add`` rounds once).
-    """
-    if torch.compiler.is_compiling():
-        return x + a * y
-    return torch.add(x, y, alpha=a)
 
 
 # The four fused forms that torch.optim's kernels use. With a Python-number coefficient they call
@@ -251,7 +236,7 @@ def _add_alpha(x: Tensor, y: Tensor, a: float) -> Tensor:
 def _add_scaled(x: Tensor, y: Tensor, a: Any) -> Tensor:
     """``x + a * y`` (torch: ``x.add(y, alpha=a)``)."""
     if not isinstance(a, Tensor):
-        return _add_alpha(x, y, a)
+        return x.add(y, alpha=a)
     if not a.requires_grad:
         return torch.addcmul(x, y, a)
     fixed = a.detach()

@@ -736,6 +736,13 @@ def unsupported(problem: Problem, mode: str) -> list[Unsupported]:
                 r"`(StepLR|ExponentialLR|LambdaLR)\.__init__` should not be traced",
             )
         )
+    if mode.startswith("compiled") and problem.optimizer == "Adagrad":
+        reasons.append(
+            Unsupported(
+                "torch's Adagrad makes its state (a step-count tensor) at construction, which a graph cannot read",
+                r"step count tensor copied from the torch optimizer",
+            )
+        )
     if mode.startswith("compiled") and problem.model == "rnn":
         reasons.append(Unsupported("dynamo does not trace nn.RNN", r"Attempted to wrap RNN, GRU, or LSTM"))
     if "batched" in mode and problem.model == "rnn":
