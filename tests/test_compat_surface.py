@@ -71,6 +71,8 @@ PATCH = [
     "_ParameterPlaceholder",
     "_modify_internally",
     "_internal_attrs",
+    "_BufferType",
+    "_EncapsulatorType",
 ]
 # ---------------------------------------------------------------------------------------------
 
@@ -254,3 +256,48 @@ def test_state_layout_is_0_2_1s_with_torch_key_names():
     mine = diffopt.state[0][0]
     assert {k: type(v) for k, v in theirs.items()} == {k: type(v) for k, v in mine.items()}
     assert mine["step"].dtype == theirs["step"].dtype
+
+
+def test_a_step_written_against_0_2_1s_private_attributes():
+    """Published code replaces ``DifferentiableOptimizer.step`` with its own, written against
+    0.2.1's private attributes (``_fmodel``, ``_group_to_param_list``, ``_track_higher_grads``,
+    ``_grad_callback``, ``_update``, ``param_groups[g]["params"]``); here as a subclass."""
+
+    class OwnStep(higher.optim.DifferentiableAdam):
+        def step(self, loss, params=None, override=None, grad_callback=None, **kwargs):
+            if override is not None:
+                self._apply_override(override)
+            params = list(self._fmodel.fast_params if params is None else params)
+            grads = torch.autograd.grad(loss, params, create_graph=self._track_higher_grads, allow_unused=True)
+            callback = grad_callback or self._grad_callback
+            if callback is not None:
+                grads = callback(grads)
+            grouped = []
+            for group, indices in zip(self.param_groups, self._group_to_param_list):
+                for i, index in enumerate(indices):
+                    group["params"][i] = params[index]
+                grouped.append([grads[index] for index in indices])
+            self._update(grouped)
+            new = params[:]
+            for group, indices in zip(self.param_groups, self._group_to_param_list):
+                for p, index in zip(group["params"], indices):
+                    new[index] = p if self._track_higher_grads else p.detach().requires_grad_()
+            self._fmodel.update_params(new)
+            return new
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    opt = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.1}])
+    results = []
+    for cls in (OwnStep, higher.optim.DifferentiableAdam):
+        fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+        diffopt = cls(opt, model.parameters(), fmodel=fmodel, grad_callback=lambda gs: [g * 0.5 for g in gs])
+        for _ in range(3):
+            diffopt.step(fmodel(x).pow(2).mean())
+        meta = fmodel(x).pow(2).mean()
+        results.append((list(fmodel.parameters()), torch.autograd.grad(meta, list(model.parameters()))))
+        diffopt._track_higher_grads = False  # written directly, as 0.2.1 code does: the next step cuts the graph
+        assert all(p.is_leaf for p in diffopt.step(fmodel(x).pow(2).mean()))
+    for ours, theirs in zip(*results):
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)

@@ -598,7 +598,9 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         fmodel = self._fmodel
         if fmodel is not None:
             if checked and fmodel._hg_is_root:
-                fmodel._hg_core.push(new_params)
+                # A list of its own: the caller may change the one returned (as in 0.2.1, whose
+                # fmodel copied it), which must not change the fmodel's history.
+                fmodel._hg_core.push(new_params[:])
             else:
                 fmodel.update_params(new_params)
         return new_params

@@ -38,7 +38,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from types import GeneratorType
-from typing import Any, cast
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,67 @@ _ALL_HOOK_DICTS = frozenset(
         "_load_state_dict_post_hooks",
     }
 )
+
+
+# higher 0.2.1's ``_internal_attrs`` as it shipped: the attributes of a module that 0.2.1 did not
+# copy onto its patched module.
+_INTERNAL_ATTRS_0_2_1 = frozenset(
+    {
+        "_backend",
+        "_parameters",
+        "_buffers",
+        "_backward_hooks",
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+        "_modules",
+    }
+)
+
+#: higher 0.2.1's set of the module attributes its patched modules did not take from the module
+#: (a mutable set, read at every patch, as in 0.2.1: programs edit it at import).
+#:
+#: A name *added* to it is left out of the fmodel's replicas of the modules patched afterwards,
+#: as 0.2.1 left it out of its patched modules: a forward reading it finds the class attribute
+#: (or nothing); an attribute of ``nn.Module``'s own (a hook dict, ``training``...) starts as a
+#: fresh ``nn.Module``'s (no hooks of that kind run). The names 0.2.1 shipped in it are handled as
+#: they always are here, in or out of the set: the fmodel always has parameter, buffer and
+#: submodule slots of its own (removing ``_parameters``, ``_buffers`` or ``_modules`` made 0.2.1
+#: share the model's and write fast weights into it; here the model is never written), and the
+#: model's hooks always run (removing ``_forward_pre_hooks`` and the like made 0.2.1 run the
+#: model's hooks of that kind, which is what happens anyway). ``_backend`` is no torch 2.x attribute.
+_internal_attrs: set[str] = set(_INTERNAL_ATTRS_0_2_1)
+
+
+def _left_out() -> frozenset[str]:
+    """The attributes that the edits to ``_internal_attrs`` leave out of new replicas."""
+    if _internal_attrs == _INTERNAL_ATTRS_0_2_1:  # the usual case: one comparison per patch
+        return frozenset()
+    return frozenset(_internal_attrs - _INTERNAL_ATTRS_0_2_1)
+
+
+# A fresh nn.Module's attributes, for a replica whose module's are left out.
+_FRESH_MODULE = nn.Module().__dict__
+
+
+def _leave_out(d: dict[str, Any], left_out: frozenset[str]) -> None:
+    """Take the attributes named in ``left_out`` out of a replica's ``__dict__`` ``d`` (those of
+    ``nn.Module``'s own become a fresh module's: no hooks, ``training=True``)."""
+    for key in left_out:
+        if key not in d or key == _TAG:
+            continue
+        fresh = _FRESH_MODULE.get(key, d)
+        if fresh is d:
+            del d[key]
+        elif key in _ALL_HOOK_DICTS:
+            d[key] = _NO_HOOKS
+        else:
+            d[key] = type(fresh)() if type(fresh) in _OWN_CONTAINERS else fresh
+
+
+def _flatten_parameters() -> None:
+    """``flatten_parameters`` of the fmodel's RNN replicas: nothing to do (see ``_Core._replicate``)."""
 
 
 class _NoHooks(OrderedDict):
@@ -310,6 +371,7 @@ class _Tree:
         self.param_shapes = [p.shape for p in params]
         self.buffers = buffers
         self.tagged = any(_TAG in m.__dict__ for m in modules)
+        self.rnns = [i for i, m in enumerate(modules) if isinstance(m, nn.RNNBase)]
         # Per module: the attributes holding plain containers (a replica copies them), and the
         # children as (key, module index).
         self.containers = [
@@ -438,6 +500,16 @@ class _Core:
         # keeps the entries from before the unroll and the latest, not the steps in between).
         self.history: list[list[Tensor] | None] = []
         self.track_higher_grads = True
+        # Whether lists of the history were handed out (``fmodel.fast_params``, ``_fast_params``)
+        # or taken from the program (``fmodel._fast_params = ...``), as in higher 0.2.1: their
+        # contents may change without the core knowing, so every call compares the latest entry
+        # with the tensors the replicas hold (``filled``), and checks it before using it.
+        self.watched = False
+        self.filled: tuple[Tensor, ...] = ()
+        # The module attributes left out of the replicas (names added to ``_internal_attrs``), and
+        # the aliased attributes to redirect (see ``_Tree.aliases``), less those.
+        self.left_out = _left_out()
+        self.aliases = tree.aliases if not self.left_out else [a for a in tree.aliases if a[1] not in self.left_out]
         # The replicas: the base tree (made now) and the latest copies, one per module index.
         self.replicas = self._replicate()
         self.version = 0  # bumped whenever the buffers or the history entries change in place
@@ -480,6 +552,7 @@ class _Core:
         tree = self.tree
         me = weakref.ref(self)
         set_dict = object.__setattr__
+        left_out = self.left_out
         for i, (m, containers, hook_dicts, hooks_of, no_hooks) in enumerate(
             zip(self.modules, tree.containers, tree.hook_dicts, tree.hooks_of, tree.no_hooks)
         ):
@@ -494,6 +567,8 @@ class _Core:
                         d[key] = source[key].copy()
             for key in containers:
                 d[key] = source[key].copy()
+            if left_out:
+                _leave_out(d, left_out)
             d[_TAG] = _ReplicaTag((me, i))
             set_dict(r, "__dict__", d)  # not nn.Module.__setattr__, which would treat it as an attribute
             replicas.append(r)
@@ -502,6 +577,11 @@ class _Core:
                 slots = r.__dict__["_modules"]
                 for key, c in children:
                     slots[key] = replicas[c]
+        for i in tree.rnns:
+            # As in higher 0.2.1, flatten_parameters() does nothing on the fmodel's RNNs (a forward
+            # calling self.rnn.flatten_parameters() is common): on CUDA, torch's re-points the
+            # storage of the weights in place, which the fast weights must not undergo.
+            replicas[i].__dict__.setdefault("flatten_parameters", _flatten_parameters)
         return replicas
 
     def copy_replicas(self, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
@@ -535,6 +615,19 @@ class _Core:
             )
         realized, version = self._realized
         if realized is not params or version != self.version:
+            if self.watched:  # (then ``realized`` is None: every call comes here)
+                if (
+                    version == self.version
+                    and len(params) == len(self.filled)
+                    and all(map(operator.is_, params, self.filled))
+                ):
+                    return self.replicas  # the replicas hold these tensors already
+                _check_tensors(
+                    "fmodel._fast_params[-1] (the fast weights this call uses)",
+                    params,
+                    self.param_shapes,
+                    self.param_names,
+                )
             if version < 0 or self._unreferenced():
                 # Nothing outside the fmodel refers to the replicas holding tensors (the first
                 # entry's have not even run yet): put the new tensors into their slots in place.
@@ -543,9 +636,20 @@ class _Core:
                 # Something kept a replica (torch.utils.checkpoint keeps the module it recomputes,
                 # a generator its ``self``...): leave those as they are, with the weights they used.
                 self.replicas = self.copy_replicas(params, self._buffers)
-            self._realized = (params, self.version)
+            if self.watched:
+                self.filled = tuple(params)
+                self._realized = (None, self.version)
+            else:
+                self._realized = (params, self.version)
             self._references = self._reference_counts()
         return self.replicas
+
+    def watch(self) -> None:
+        """From now on, check at every call whether the latest fast weights changed in place
+        (a list of the history was handed out or taken in: see ``watched``)."""
+        if not self.watched:
+            self.watched = True
+            self._realized = (None, self._realized[1])
 
     def _reference_counts(self) -> list[int]:
         replicas = self.replicas
@@ -568,7 +672,7 @@ class _Core:
                 slots = d["_buffers"]
                 for key, j in own_buffers:
                     slots[key] = buffers[j]
-        if self.tree.aliases:
+        if self.aliases:
             self._fill_aliases(replicas, params, buffers)
 
     def _fill_aliases(self, replicas: Sequence[nn.Module], params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
@@ -590,7 +694,7 @@ class _Core:
                     return buffers[j]
             return None
 
-        for i, key in tree.aliases:
+        for i, key in self.aliases:
             if (i, key) in self.overrides:
                 continue  # assigned through the fmodel: its own value
             source = self.modules[i].__dict__
@@ -710,6 +814,21 @@ def _check_tensors(what: str, given: Sequence[Any], shapes: Sequence[torch.Size]
                 f"{what}: the tensor for '{name}' has shape {tuple(tensor.shape)}, the parameter has "
                 f"shape {tuple(shape)}."
             )
+
+
+def _well_formed(entry: Sequence[Any], shapes: Sequence[torch.Size]) -> bool:
+    """Whether a history entry holds one tensor of the right shape per parameter."""
+    return len(entry) == len(shapes) and all(isinstance(t, Tensor) and t.shape == s for t, s in zip(entry, shapes))
+
+
+def _malformed(core: _Core, entry: Sequence[Any]) -> ValueError:
+    """The error for a history entry (set by the program through ``fmodel._fast_params`` or
+    ``fmodel.fast_params``) that does not hold one tensor per parameter."""
+    return ValueError(
+        f"a fast-weight history entry (fmodel._fast_params) has {len(entry)} tensors but the module has "
+        f"{len(core.param_shapes)} parameters; give it one tensor per parameter, in fmodel.parameters() order "
+        f"(e.g. fmodel(x, params=[...]) or fmodel.fast_params = [...])."
+    )
 
 
 def _ranges(indices: list[int]) -> str:
@@ -927,7 +1046,13 @@ class FunctionalModule(nn.Module):
 
     # ------------------------------------------------------------------ fast weights and history
     def _hg_slice(self, entry: list[Tensor]) -> list[Tensor]:
-        return [entry[i] for i in self._hg_param_idx]
+        """This view's fast weights in a history entry (the root's: the whole entry, as it is)."""
+        if self.__dict__["_hg_is_root"]:
+            return list(entry)
+        try:
+            return [entry[i] for i in self._hg_param_idx]
+        except IndexError:
+            raise _malformed(self._hg_core, entry) from None
 
     def _hg_entry(self, time: int | None) -> list[Tensor]:
         core = self._hg_core
@@ -969,6 +1094,8 @@ class FunctionalModule(nn.Module):
     ) -> Iterator[tuple[str, Tensor]]:  # type: ignore[override]
         """Names and current fast weights, under the module's own parameter names."""
         entry = self._hg_entry(None)
+        if len(entry) != len(self._hg_core.param_shapes):
+            raise _malformed(self._hg_core, entry)
         dot = f"{prefix}." if prefix else ""
         if not recurse:
             named = list(self._hg_own_params.items())
@@ -992,9 +1119,21 @@ class FunctionalModule(nn.Module):
 
     @property
     def fast_params(self) -> list[Tensor] | None:
-        """The latest fast weights (``None`` before any); setting records a new history entry."""
-        latest = self._hg_core.latest
-        return None if latest is None else self._hg_slice(latest)
+        """The latest fast weights (``None`` before any); setting records a new history entry.
+
+        The root fmodel's is the latest history entry itself, as in higher 0.2.1:
+        ``fmodel.fast_params[i] = t`` replaces that fast weight in place (no new history entry),
+        and the next call, ``parameters()`` and the next optimizer step use ``t``. A submodule's
+        is a new list (changing it changes nothing).
+        """
+        core = self._hg_core
+        latest = core.latest
+        if latest is None:
+            return None
+        if self.__dict__["_hg_is_root"]:
+            core.watch()
+            return latest
+        return self._hg_slice(latest)
 
     @fast_params.setter
     def fast_params(self, value: Iterable[Tensor]) -> None:
@@ -1012,19 +1151,27 @@ class FunctionalModule(nn.Module):
         entry = list(core.latest) if core.latest is not None else None
         if entry is None:
             raise ValueError("set the whole model's fast weights (on the root fmodel) before a submodule's.")
+        if len(entry) != len(core.param_shapes):
+            raise _malformed(core, entry)
         for i, tensor in zip(indices, params):
             entry[i] = tensor
         core.push(entry)
 
     @property
     def init_fast_params(self) -> list[Tensor]:
-        """The fast weights at time 0 (only kept when tracking higher-order gradients)."""
-        if not self._hg_core.track_higher_grads:
+        """The fast weights at time 0 (only kept when tracking higher-order gradients); the root
+        fmodel's is the history entry itself, as ``fast_params``."""
+        core = self._hg_core
+        if not core.track_higher_grads:
             raise ValueError(
                 "init_fast_params is not kept when track_higher_grads=False; use fast_params, or "
                 "patch with track_higher_grads=True."
             )
-        return self._hg_slice(self._hg_entry(0))
+        entry = self._hg_entry(0)
+        if self.__dict__["_hg_is_root"]:
+            core.watch()
+            return entry
+        return self._hg_slice(entry)
 
     @property
     def track_higher_grads(self) -> bool:
@@ -1040,18 +1187,32 @@ class FunctionalModule(nn.Module):
     @property
     def _fast_params(self) -> list[list[Tensor] | None]:
         """The whole history (one list of fast weights per update), as in higher 0.2.1 (``None``: an
-        entry a checkpointed unroll did not keep)."""
-        return self._hg_core.history
+        entry a checkpointed unroll did not keep): the list itself, which the program may change."""
+        core = self._hg_core
+        core.watch()
+        return core.history
 
     @_fast_params.setter
-    def _fast_params(self, value: Iterable[Iterable[Tensor] | None]) -> None:
-        """Replace the whole history, as 0.2.1 code does (``fmodel._fast_params = []`` to clear it)."""
-        history: list[list[Tensor] | None] = [None if entry is None else list(entry) for entry in value]
+    def _fast_params(self, value: Iterable[Iterable[Tensor] | None] | None) -> None:
+        """Replace the whole history, as 0.2.1 code does: ``fmodel._fast_params = []`` clears it,
+        ``fmodel._fast_params = [[]]`` (right after ``make_functional``, then
+        ``track_higher_grads = False``) makes room for the one entry that ``params=`` replaces.
+
+        Stored as given (the list itself, as 0.2.1 stored it), not checked here: a call checks the
+        latest entry before using it, and the history's readers check the entries they read.
+        """
+        if value is None:  # 0.2.1's state before any fast weights
+            history: list[Any] = []
+        elif type(value) is list:
+            history = value
+        else:
+            history = list(value)
+        for i, entry in enumerate(history):
+            if entry is not None and type(entry) is not list:
+                history[i] = list(entry)
         core = self._hg_core
-        for entry in history:
-            if entry is not None:
-                _check_tensors("_fast_params entry", entry, core.param_shapes, core.param_names)
         core.history = history
+        core.watch()
 
     def detach_(self) -> FunctionalModule:
         """Cut the graph: keep only the latest fast weights, detached (same values, same ``requires_grad``).
@@ -1064,9 +1225,11 @@ class FunctionalModule(nn.Module):
         """
         core = self._hg_core
         if core.latest is not None:
-            core.history = [[p.detach().requires_grad_(p.requires_grad) for p in core.latest]]
+            core.history = [
+                [p.detach().requires_grad_(p.requires_grad) if isinstance(p, Tensor) else p for p in core.latest]
+            ]
         core.buffers = [b.detach() for b in core.buffers]
-        if core.latest is not None and not core.batched:
+        if core.latest is not None and not core.batched and _well_formed(core.latest, core.param_shapes):
             core.realize()  # the replicas let go of the old fast weights (and their graph) now
         return self
 
@@ -1131,6 +1294,8 @@ class FunctionalModule(nn.Module):
             latest = self._hg_core.latest
             if latest is None:
                 raise AttributeError(f"'{name}' has no fast weight yet; pass params=[...] to the fmodel first.")
+            if len(latest) != len(self._hg_core.param_shapes):
+                raise _malformed(self._hg_core, latest)
             return latest[own_params[name]]
         if name in d["_hg_own_buffers"]:
             return self._hg_core.buffers[d["_hg_own_buffers"][name]]
@@ -1144,7 +1309,14 @@ class FunctionalModule(nn.Module):
             )
         if isinstance(static, property):
             return self._hg_call(lambda r: functools.partial(getattr, r, name), (), {})
-        return self._hg_views_in(getattr(replica, name))
+        try:
+            value = getattr(replica, name)
+        except AttributeError:
+            compat = _COMPAT_GETTERS.get(name)  # higher 0.2.1's attributes of patched modules
+            if compat is None:
+                raise
+            return compat(self)
+        return self._hg_views_in(value)
 
     def _hg_call(
         self, target: Callable[[nn.Module], Callable[..., Any]], args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -1163,10 +1335,13 @@ class FunctionalModule(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         """Assignments change the fmodel, never the user's module.
 
-        A tensor assigned to a parameter records a new fast weight (one history entry); to a
-        buffer, replaces the fmodel's buffer; any other attribute of the user's module (a tensor
-        or not, e.g. ``fmodel.dropout.p = 0.0``) is set on the fmodel's replica of the module,
-        which its forward reads.
+        A tensor assigned to a parameter records a new fast weight (one history entry; inside
+        ``higher.patch._modify_internally(view)``, as in higher 0.2.1, none: it replaces that
+        fast weight in the latest entry); to a buffer, replaces the fmodel's buffer; any other
+        attribute of the user's module (a tensor or not, e.g. ``fmodel.dropout.p = 0.0``) is set
+        on the fmodel's replica of the module, which its forward reads. higher 0.2.1's attributes
+        of patched modules (``_track_higher_grads``...) keep their meaning where the user's
+        module has no attribute of that name.
         """
         d = self.__dict__
         if "_hg_core" not in d or name in d or isinstance(getattr(type(self), name, None), property):
@@ -1184,8 +1359,13 @@ class FunctionalModule(nn.Module):
                 index = own_params[name]
                 _check_tensors(f"fmodel.{name}", [value], [core.param_shapes[index]], [name])
                 entry = list(core.latest)
+                if len(entry) != len(core.param_shapes):
+                    raise _malformed(core, entry)
                 entry[index] = value
-                core.push(entry)
+                if d.get("_being_modified_internally"):
+                    core.history[-1] = entry  # 0.2.1's internal write: no new history entry
+                else:
+                    core.push(entry)
                 return
             if name in d["_hg_own_buffers"]:
                 core.set_buffer(d["_hg_own_buffers"][name], value)
@@ -1202,10 +1382,14 @@ class FunctionalModule(nn.Module):
                 f"functional module; assign the tensors it is computed from."
             )
         replica = self._hg_replica()
-        if name in replica.__dict__:
+        if name in replica.__dict__ or (name in core.left_out and name in module.__dict__):
             replica.__dict__[name] = value
             if d["_hg_index"] is not None:
                 core.overrides[(d["_hg_index"], name)] = value
+            return
+        compat = _COMPAT_SETTERS.get(name)
+        if compat is not None:
+            compat(self, value)
             return
         super().__setattr__(name, value)
 
@@ -1384,12 +1568,15 @@ class FunctionalModule(nn.Module):
                     f"Error(s) in loading state_dict: the buffer '{name}' has shape {tuple(value.shape)}, the "
                     f"fmodel's has shape {tuple(core.buffers[i].shape)}{per_task}."
                 )
-        entry = list(core.latest)
+        entry: list[Any] = list(core.latest)
+        if len(entry) != len(core.param_shapes):  # set by the program (fmodel._fast_params = [[]]): all of them
+            entry = [None] * len(core.param_shapes)
         for name, i in named_params.items():
             if name in state_dict:
                 value = state_dict[name]
                 if isinstance(value, Tensor) and not value.requires_grad:
-                    value = value.detach().clone().requires_grad_(entry[i].requires_grad)
+                    old = entry[i] if isinstance(entry[i], Tensor) else core.params[i]
+                    value = value.detach().clone().requires_grad_(old.requires_grad)
                 entry[i] = value
         _check_tensors("state_dict", entry, core.param_shapes, core.param_names)
         core.push(entry)
@@ -1424,7 +1611,8 @@ class FunctionalModule(nn.Module):
             if entry is None:  # not kept (checkpointed_unroll)
                 continue
             for i in self._hg_param_idx:
-                entry[i] = convert(entry[i])
+                if i < len(entry) and isinstance(entry[i], Tensor):  # (an entry the program set may hold less)
+                    entry[i] = convert(entry[i])
         buffers = list(core.buffers)
         for _, i in self._hg_buffer_names:
             buffers[i] = fn(buffers[i])
@@ -1611,20 +1799,11 @@ def monkeypatch(
 #: tells an fmodel from a plain module).
 _MonkeyPatchBase = FunctionalModule
 
-#: The ``nn.Module`` attributes 0.2.1 treated as internal (not copied onto patched modules).
-_internal_attrs = frozenset(
-    {
-        "_backend",
-        "_parameters",
-        "_buffers",
-        "_backward_hooks",
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_state_dict_hooks",
-        "_load_state_dict_pre_hooks",
-        "_modules",
-    }
-)
+#: 0.2.1's type of a module's buffer dict.
+_BufferType = dict[str, Optional[Tensor]]
+
+#: 0.2.1's type of ``make_functional``'s ``encapsulator``.
+_EncapsulatorType = Optional[Callable[[FunctionalModule, nn.Module], None]]
 
 
 class _ParameterPlaceholder:
@@ -1637,6 +1816,9 @@ class _ParameterPlaceholder:
         return f'Parameter placeholder ("{self._param_name}")'
 
 
+_ParameterPlaceholder.__name__ = _ParameterPlaceholder.__qualname__ = "ParameterPlaceholder"  # as in 0.2.1
+
+
 def _patched_parameters(self: FunctionalModule, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:
     """0.2.1's ``parameters`` of a patched module, as a function: the fast weights at ``time``."""
     return self.parameters(recurse=recurse, time=time)
@@ -1644,9 +1826,25 @@ def _patched_parameters(self: FunctionalModule, recurse: bool = True, time: int 
 
 @contextlib.contextmanager
 def _modify_internally(fmodule: FunctionalModule) -> Iterator[None]:
-    """0.2.1's guard around its own attribute writes. Ours never writes the user's modules, so
-    there is nothing to guard: kept so that code entering it runs unchanged."""
-    yield
+    """0.2.1's guard around its own writes into a patched module: ``fmodule._being_modified_internally``
+    is ``True`` inside. A tensor assigned to one of ``fmodule``'s parameters there replaces that fast
+    weight in the latest history entry instead of recording a new entry (0.2.1 wrote it into the
+    module's attribute only, without a history entry)."""
+    fmodule._being_modified_internally = True
+    try:
+        yield
+    finally:
+        fmodule._being_modified_internally = False
+
+
+def _slots_of(fmodule: FunctionalModule) -> list[int]:
+    """The index of the fast weight in every parameter slot of ``fmodule``'s subtree, in 0.2.1's
+    order of a params box: depth first, a module's own parameters before its children's, a
+    shared submodule's and a tied parameter's slots once per place they are held."""
+    d = fmodule.__dict__
+    if "_hg_own_params" not in d:
+        fmodule._hg_select()
+    return [i for _, i in d["_hg_all_param_names"]]
 
 
 def _make_functional(
@@ -1655,22 +1853,130 @@ def _make_functional(
     params_offset: int = 0,
     root_patched: FunctionalModule | None = None,
 ) -> tuple[int, FunctionalModule, type]:
-    """0.2.1's builder: ``(params_offset + number of parameters, fmodule, type(fmodule))``.
+    """0.2.1's builder: ``(params_offset + number of parameter slots, fmodule, type(fmodule))``.
 
-    The fmodule is :func:`make_functional`'s; if ``params_box[0]`` holds a list of tensors, the
-    slice starting at ``params_offset`` becomes its fast weights.
+    The fmodule is :func:`make_functional`'s. If ``params_box[0]`` holds a list of tensors (0.2.1's
+    *expanded* list, one per slot, see :func:`_update_patched_params`), the slots from
+    ``params_offset`` on become its fast weights now; 0.2.1 read the box at each call instead,
+    when its root's forward had filled it (pass ``params=`` to the calls for that).
     """
     if root_patched is not None:
         raise ValueError("_make_functional(root_patched=...) is internal to 0.2.1; patch the root module instead.")
     fmodule = make_functional(module)
-    count = len(fmodule._hg_core.param_shapes)
+    count = len(_slots_of(fmodule))
     if params_box is not None and params_box and params_box[0] is not None:
         _update_patched_params(fmodule, params_box, params_offset)
     return params_offset + count, fmodule, type(fmodule)
 
 
 def _update_patched_params(fmodule: FunctionalModule, params_box: Sequence[Any], params_offset: int) -> int:
-    """Adopt ``params_box[0][params_offset:...]`` as ``fmodule``'s fast weights; the next offset."""
-    count = len(fmodule._hg_param_idx)
-    fmodule.update_params(list(params_box[0])[params_offset : params_offset + count])
-    return params_offset + count
+    """Put ``params_box[0][params_offset:]`` (0.2.1's expanded list: one tensor per parameter slot,
+    see :func:`_slots_of`) into ``fmodule``'s slots; returns the offset after its subtree's slots.
+
+    As in 0.2.1 (which called it right after setting the fast weights, with the same tensors) this
+    records no history entry: tensors other than the latest fast weights replace them in the
+    latest entry. A tied parameter must get the same tensor in each of its slots.
+    """
+    slots = _slots_of(fmodule)
+    given = list(params_box[0])[params_offset : params_offset + len(slots)]
+    core = fmodule._hg_core
+    latest = core.latest
+    changes: dict[int, Any] = {}
+    for i, tensor in zip(slots, given):
+        if changes.setdefault(i, tensor) is not tensor:
+            raise ValueError(
+                f"_update_patched_params: the parameter '{core.param_names[i]}' is tied (held in several slots) "
+                f"and got different tensors in its slots; a tied parameter has one fast weight."
+            )
+    if latest is not None and len(latest) != len(core.param_shapes):
+        raise _malformed(core, latest)
+    if latest is not None and all(latest[i] is tensor for i, tensor in changes.items()):
+        return params_offset + len(slots)
+    entry: list[Any] = list(latest) if latest is not None else [None] * len(core.param_shapes)
+    for i, tensor in changes.items():
+        entry[i] = tensor
+    _check_tensors("_update_patched_params", entry, core.param_shapes, core.param_names)
+    if latest is None:
+        core.push(entry)
+    else:
+        core.history[-1] = entry
+    return params_offset + len(slots)
+
+
+# ---------------------------------------------------------------------- 0.2.1's fmodel attributes
+# 0.2.1's patched modules had attributes of their own (``fmodel.root``, ``fmodel._param_mapping``...).
+# A view has them too, unless the user's module has an attribute of that name (``self.root = ...``
+# in a tree model): a view shows the module's own attributes first (see FunctionalModule.__getattr__).
+
+
+def _view_is_root(view: FunctionalModule) -> bool:
+    return bool(view.__dict__["_hg_is_root"])
+
+
+def _view_root(view: FunctionalModule) -> FunctionalModule:
+    core = view._hg_core
+    root = core.view(core.module)
+    assert root is not None
+    return root
+
+
+def _view_root_ref(view: FunctionalModule) -> weakref.ref[FunctionalModule] | None:
+    return None if _view_is_root(view) else weakref.ref(_view_root(view))
+
+
+def _view_param_mapping(view: FunctionalModule) -> list[int]:
+    """0.2.1's ``_param_mapping``: for the root, the fast weight of every parameter slot (a tied
+    parameter's index repeats); ``[]`` for a submodule, as in 0.2.1."""
+    return _slots_of(view) if _view_is_root(view) else []
+
+
+def _expand_params(self: FunctionalModule, params: Sequence[Tensor]) -> list[Tensor]:
+    """0.2.1's ``_expand_params``: one tensor per parameter slot (tied parameters repeated)."""
+    return [params[i] for i in _view_param_mapping(self)]
+
+
+def _refill_params_box(self: FunctionalModule, params: Iterable[Tensor] | None = None) -> None:
+    """0.2.1's ``_refill_params_box``: ``params``, if given, become the latest fast weights (a new
+    history entry); without them, there must be fast weights. Ours has no params box to fill."""
+    if params is not None:
+        self.fast_params = params
+    elif self._hg_core.latest is None:
+        raise ValueError(
+            "params keyword must be provided if patched module not tracking its own fast parameters "
+            "(this functional module has no fast weights yet)."
+        )
+
+
+def _refuse_param_mapping(view: FunctionalModule, value: Any) -> None:
+    raise AttributeError(
+        "_param_mapping cannot be assigned: the fmodel derives which fast weight each parameter slot "
+        "holds from the model (one copy of a shared submodule, one fast weight per tied parameter). "
+        "To tie or untie parameters, change the model and patch it again."
+    )
+
+
+def _set_track_higher_grads(view: FunctionalModule, value: Any) -> None:
+    view._hg_core.track_higher_grads = value  # 0.2.1's attribute behind the property: not checked
+
+
+_COMPAT_GETTERS: dict[str, Callable[[FunctionalModule], Any]] = {
+    "is_root": _view_is_root,
+    "root": _view_root,
+    "_root_ref": _view_root_ref,
+    # True when the module is called by itself rather than from its root's forward: whatever a
+    # program holds is a view, which runs by itself (the forward runs replicas, not views).
+    "direct_submodule_call": lambda view: True,
+    "boxed_forward": lambda view: view.forward,
+    "_refill_params_box": lambda view: types.MethodType(_refill_params_box, view),
+    "_expand_params": lambda view: types.MethodType(_expand_params, view),
+    "_param_mapping": _view_param_mapping,
+    "_being_modified_internally": lambda view: False,  # (set by _modify_internally)
+    "_track_higher_grads": lambda view: view._hg_core.track_higher_grads,
+    "_wrapped_name": lambda view: type(view.__dict__["_hg_module"]).__name__,
+    "_param_names": lambda view: list(view.__dict__["_hg_own_params"]),
+    "_original_params": lambda view: view.__dict__["_hg_module"].parameters(),
+}
+_COMPAT_SETTERS: dict[str, Callable[[FunctionalModule, Any], None]] = {
+    "_param_mapping": _refuse_param_mapping,
+    "_track_higher_grads": _set_track_higher_grads,
+}
