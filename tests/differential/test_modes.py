@@ -12,6 +12,7 @@ meta-loss it computed (finite differences under the same seed).
 
 from __future__ import annotations
 
+import torch
 from harness import (
     applies,
     assert_finite_differences,
@@ -23,10 +24,8 @@ from harness import (
     run,
     unsupported,
 )
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
 
 BOTH = (torch.float64, torch.float32)
 
