@@ -106,3 +106,22 @@ def test_bad_arguments_and_indefinite_hessians():
     linear = lambda p, h: (2 * p[0]).sum()  # noqa: E731
     with pytest.raises(ValueError, match="no Hessian"):
         higher.implicit_hypergradient(linear, outer, [theta], [lam])
+
+
+def test_the_neumann_solver_leaves_the_global_random_generator_alone():
+    """Its power iteration (for the default step size) drew its start vector from torch's global
+    generator, shifting the user's random stream (issue 19); now a private generator, and the
+    result is reproducible whatever the global state."""
+    x, y, xv, yv = _ridge()
+    lam = torch.tensor(3.0)
+    theta, _ = _closed_form(x, y, xv, yv, lam)
+    inner, outer = _objectives(x, y, xv, yv)
+    torch.manual_seed(5)
+    first = higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", iterations=50)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    expected_after = torch.rand(3)
+    assert torch.equal(after, expected_after)
+    torch.manual_seed(123)
+    second = higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", iterations=50)
+    assert torch.equal(first.hypergradients[0], second.hypergradients[0])

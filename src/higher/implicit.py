@@ -133,7 +133,8 @@ def implicit_hypergradient(
         iterations: maximum solver iterations (Neumann: number of series terms after the first).
         tol: stop when the relative residual ``|H v - b| / |b|`` is below it (CG).
         alpha: Neumann step size, below ``2 / lambda_max(H)``; default ``1 / lambda_max`` estimated
-            by 20 power iterations.
+            by 20 power iterations (from a start vector of a private, fixed-seed generator: the global
+            random generator is not used).
 
     Returns:
         An :class:`ImplicitHypergradient` (hypergradients, residual, iterations, inner gradient norm).
@@ -192,7 +193,10 @@ def implicit_hypergradient(
                 rr = new_rr
         else:
             if alpha is None:
-                u = [torch.randn_like(x) for x in b]
+                # A private generator (fixed seed): the power iteration's start vector must not shift the
+                # user's random stream (dropout masks, data order), and the estimate is reproducible.
+                generator = torch.Generator(device=b[0].device).manual_seed(0)
+                u = [torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) for x in b]
                 top = 0.0
                 for _ in range(20):
                     norm = _norm(u)
