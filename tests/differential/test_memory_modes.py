@@ -60,5 +60,5 @@ def test_memory_stays_flat(mode, problem):
 def test_memory_stays_flat_compiled(mode):
     from harness import Problem
 
-    problem = Problem("mlp", "Adam", (("lr", 0.01),), "leaf", None, 1, 2, 2, False, "mse", 0)
+    problem = Problem("mlp", "Adam", (("lr", 0.01),), "leaf", None, 1, 1, 2, False, "mse", 0)  # one step: compiles fast
     _assert_flat(problem, mode, warmup=2, repeats=3)

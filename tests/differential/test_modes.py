@@ -70,7 +70,7 @@ def test_checkpointed_task_batched(problem):
     check_mode(problem, "checkpointed_batched_2")
 
 
-@examples(ci=30, fuzz=1000)
+@examples(ci=15, fuzz=1000)
 @given(problem=problems(hypers=("leaf", "transformed", "unpacked", "per_task", "per_step", "per_parameter"), first_order=(False,), schedulers=(None,)))
 def test_forward_mode(problem):
     check_mode(problem, "forward")
