@@ -73,7 +73,9 @@ def _setup(problem: Convex):
         return h[0].exp() if problem.hyper == "log_scalar" else h[0]
 
     def inner(fmodel, h):
-        return fit(fmodel(x_train), y_train) + 0.5 * (strength(h) * fmodel.weight.squeeze(0) ** 2).sum()
+        # the bias too gets an L2 term (fixed): strongly convex in every parameter, so the loop converges
+        bias = 0.25 * (fmodel.bias**2).sum() if problem.bias else 0.0
+        return fit(fmodel(x_train), y_train) + 0.5 * (strength(h) * fmodel.weight.squeeze(0) ** 2).sum() + bias
 
     def outer(fmodel, h):
         return fit(fmodel(x_val), y_val)
