@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test fuzz typecheck dist check-wheel check-shared bench bench-compiled lint install install-demo install-dev install-bench clean
+.PHONY: demo example test fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install-demo: $(PY)
 
 install-bench: $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+
+install-docs: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
 
 # The main job: MAML on sinusoid regression with the paper's 70,000 iterations, table and PNG
 # (higher-demo.png); see README.
@@ -87,10 +90,15 @@ check-shared:
 bench: install-bench
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
-# Compiled meta-iterations (torch.compile through the public API) against JAX; see README.
+# Compiled meta-iterations (torch.compile through the public API) against JAX; see docs/performance-compiled.md.
 bench-compiled: install-bench
 	$(PY) benchmarks/run.py --setup
 	$(PY) benchmarks/compiled.py $(BENCH_ARGS)
 
+# The documentation site (mkdocs.yml, docs/): into site/, strictly (a broken link, a missing page or an
+# unresolved API reference fails the build). Nothing is downloaded at build time. Open site/index.html.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(WHEEL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .bench
+	rm -rf $(VENV) $(WHEEL_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .bench
