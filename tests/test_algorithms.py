@@ -1,5 +1,7 @@
 """The algorithms of higher.algorithms against hand-written references and finite differences."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,3 +322,22 @@ def test_imaml_learns_a_sine_initialisation_and_checks_its_arguments():
         imaml_step(model, torch.optim.SGD(model[2].parameters(), lr=0.1), fixed, F.mse_loss)
     with pytest.raises(ValueError, match="at least one task"):
         imaml_step(model, inner_opt, [], F.mse_loss)
+
+
+# ------------------------------------------------------------------ algorithms.imaml_step
+@pytest.mark.parametrize("options", [{"weight_decay": 0.5}, {"maximize": True}])
+def test_imaml_refuses_inner_optimizer_options_that_move_the_minimiser(options):
+    """The implicit meta-gradient assumes the inner loop minimises support loss + proximal term. An
+    inner optimizer with weight decay converges elsewhere (maximize: away), and the meta-gradient
+    came out silently wrong (against the closed form of what the loop actually solves)."""
+    from higher.algorithms import imaml_step
+
+    model = nn.Linear(4, 1, bias=False)
+    loss_fn = lambda pred, y: 0.5 * (pred.squeeze(-1) - y).pow(2).sum()  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    tasks = [(torch.randn(6, 4, generator=g), torch.randn(6, generator=g), torch.randn(5, 4, generator=g),
+              torch.randn(5, generator=g))]  # fmt: skip
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.02, **options)
+    with pytest.raises(ValueError, match=next(iter(options))):
+        imaml_step(model, inner_opt, tasks, loss_fn, inner_steps=10, reg=2.0)
+    assert model.weight.grad is None

@@ -5,6 +5,8 @@ test_optim_parity.py) and, for the meta-gradients, against a hand-written
 ``functional_call`` + ``autograd.grad`` unroll.
 """
 
+from __future__ import annotations
+
 import copy
 import math
 
@@ -422,3 +424,18 @@ def test_a_layer_without_a_batching_rule_gets_an_error_naming_the_per_task_loop(
     with higher.innerloop_ctx(model, opt, tasks=2) as (fmodel, _):
         with pytest.raises(RuntimeError, match=r"no batching rule for .*innerloop_ctx without tasks="):
             fmodel(torch.randn(2, 5, 6, 3))
+
+
+# ------------------------------------------------------------------ task-batched mode
+def test_batched_model_reading_a_per_task_number_gets_a_clear_error():
+    """BatchNorm with momentum=None reads num_batches_tracked as a Python number, which vmap cannot
+    do per task: torch's message ("calling .item() on a Tensor ... file a bug report") named
+    neither the cause nor the fix."""
+    model = nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 6, 2)
+    with higher.innerloop_ctx(model, opt, tasks=3) as (fmodel, _):
+        with pytest.raises(RuntimeError, match=r"momentum=None.*without tasks="):
+            fmodel(x)
+        fmodel.eval()  # no statistics update: runs
+        assert fmodel(x).shape == (3, 6, 1)

@@ -123,3 +123,33 @@ def test_monkeypatching_an_fmodel():
     for patch in (higher.monkeypatch, make_functional, lambda m: higher.innerloop_ctx(m, opt).__enter__()):
         with pytest.raises(ValueError, match="already a functional \\(patched\\) module; patch the original"):
             patch(fmodel)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
+
+
+
+
+def test_a_loss_computed_before_the_previous_step_is_named_in_the_error() -> None:
+    """0.2.1 silently took a no-op step; the message must name this cause and its fix."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        loss = mse(fmodel(x), y)
+        diffopt.step(loss)
+        with pytest.raises(ValueError, match=r"before the previous step\(\)"):
+            diffopt.step(loss)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("where", ["inside", "root"])
+def test_torchscript_modules_are_refused_with_a_clear_error(where: str) -> None:
+    """0.2.1 and torch.func.functional_call cannot run them either; ours failed inside torch's
+    ScriptModule internals with an unrelated TypeError."""
+    if where == "inside":
+        model = nn.Sequential(torch.jit.script(nn.Linear(3, 4)), nn.Linear(4, 1))
+    else:
+        model = torch.jit.trace(nn.Linear(3, 1), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="TorchScript"):
+        higher.monkeypatch(model)

@@ -165,3 +165,96 @@ def test_bad_arguments():
         higher.forward_hypergradient(model, opt, [torch.tensor(1)], inner, outer, 2)
     with pytest.raises(ValueError, match="steps"):
         higher.forward_hypergradient(model, opt, [torch.tensor(0.1)], inner, outer, -1)
+
+
+LONG_STEPS = 9
+
+
+def _seeded_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _seeded_data():
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(LONG_STEPS, 5, 3, generator=g),
+        torch.randn(LONG_STEPS, 5, 2, generator=g),
+        torch.randn(6, 3, generator=g),
+        torch.randn(6, 2, generator=g),
+    )
+
+
+def _small_problem():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
+    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
+    return model, opt, inner, outer
+
+
+# ------------------------------------------------------------------ forward_hypergradient
+def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, steps, eps=1e-6):
+    def unroll(values, grad):
+        with higher.innerloop_ctx(model, opt, override=override(values)) as (fmodel, diffopt):
+            for t in range(steps):
+                diffopt.step(inner(fmodel, t))
+            loss = outer(fmodel)
+            return torch.autograd.grad(loss, values) if grad else loss.item()
+
+    reverse = unroll([h.clone().requires_grad_() for h in hyper], True)
+    central = []
+    for i, h in enumerate(hyper):
+        up = [x.clone() for x in hyper]
+        down = [x.clone() for x in hyper]
+        up[i] = h + eps
+        down[i] = h - eps
+        central.append((unroll(up, False) - unroll(down, False)) / (2 * eps))
+    return reverse, central
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "hyper"),
+    [
+        ("ASGD", {"lr": 0.05, "t0": 2}, {"lr": 0.05, "lambd": 1e-3, "alpha": 0.75}),
+        ("NAdam", {"lr": 0.01}, {"momentum_decay": 0.004, "beta1": 0.9}),
+    ],
+)
+def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, options, hyper):
+    xs, ys, xq, yq = _seeded_data()
+    model = _seeded_model()
+    opt = getattr(torch.optim, name)(model.parameters(), **options)
+    names = list(hyper)
+    values = [torch.tensor(v) for v in hyper.values()]
+
+    def override(h):
+        out = {}
+        for key, value in zip(names, h):
+            if key == "beta1":
+                out["betas"] = [(value, 0.999)]
+            else:
+                out[key] = [value]
+        return out
+
+    inner = lambda fm, t: (fm(xs[t]) - ys[t]).pow(2).mean()  # noqa: E731
+    outer = lambda fm: (fm(xq) - yq).pow(2).mean()  # noqa: E731
+    forward = higher.forward_hypergradient(
+        model, opt, values, lambda fm, t, h: inner(fm, t), lambda fm, h: outer(fm), LONG_STEPS, override=override
+    ).hypergradients
+    reverse, central = _reverse_and_finite_differences(model, opt, values, override, inner, outer, LONG_STEPS)
+    for f, r, c in zip(forward, reverse, central):
+        assert abs(r.item() - c) <= 1e-6 * max(1.0, abs(c))  # the reference itself
+        assert abs(f.item() - r.item()) <= 1e-8 * max(1.0, abs(r.item()))
+
+
+
+def test_forward_hypergradient_bad_override_and_outer_loss_get_clear_errors():
+    model, opt, inner, outer = _small_problem()
+    hyper = [torch.tensor(0.1)]
+    step = lambda fm, t, h: inner(fm, h)  # noqa: E731
+    with pytest.raises(TypeError, match="override must be a function of the hyperparameters"):
+        higher.forward_hypergradient(model, opt, hyper, step, outer, 2, override={"lr": [hyper[0]]})
+    with pytest.raises(TypeError, match="outer_loss must return a tensor"):
+        higher.forward_hypergradient(model, opt, hyper, step, lambda fm, h: 1.0, 2)

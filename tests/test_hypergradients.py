@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import higher
 from higher.hypergradients import _logreg_losses, hypergradient, logreg_comparison, logreg_hpo, logreg_problem
 
 # What hypertorch's examples/logistic_regression.ipynb prints (float32 throughout): the inner loss
@@ -198,3 +200,61 @@ def test_hpo_lowers_the_validation_loss_and_refuses_unknown_methods():
     inner, outer = _logreg_losses(*data)
     with pytest.raises(ValueError, match="method must be one of"):
         hypergradient("reversible", model, torch.optim.SGD(model.parameters(), lr=0.1), [], inner, outer, 1)
+
+
+# ------------------------------------------------------------------ torch.no_grad around the calls
+def _small_problem():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
+    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
+    return model, opt, inner, outer
+
+
+@pytest.mark.parametrize("method", ["unrolled", "checkpointed", "forward", "implicit"])
+def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
+    """A hypergradient asked for inside torch.no_grad() (an evaluation block) used to fail with an
+    unrelated error (AttributeError '_sequence_nr' for checkpointed, 'does not depend on any
+    parameter' for forward, a no_grad step error for the others): it computes its own gradients."""
+    from higher.hypergradients import hypergradient
+
+    model, opt, inner, outer = _small_problem()
+    hyper = [torch.tensor(0.05)]
+    expected = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
+    with torch.no_grad():
+        got = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
+        forward = higher.forward_hypergradient(
+            model, opt, hyper, lambda fm, t, h: inner(fm, h), outer, 30
+        ).hypergradients
+    assert expected[0].abs().item() > 0
+    assert torch.equal(got[0], expected[0])
+    if method == "forward":
+        assert torch.equal(forward[0], expected[0])
+
+
+
+# ------------------------------------------------------------------ hypergradient(method="implicit")
+@pytest.mark.parametrize("hyperparameter", ["lr", "weight_decay", "schedule"])
+def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(hyperparameter):
+    """The implicit function theorem sees the inner objective only: through `override`, lr gave a
+    silent zero and weight_decay a wrong hypergradient (the unrolled one is nonzero/different)."""
+    from higher.hypergradients import hypergradient
+
+    model, opt, inner, outer = _small_problem()
+    overrides = {
+        "lr": lambda h: {"lr": [h[0]]},
+        "weight_decay": lambda h: {"weight_decay": [h[0]]},
+        "schedule": lambda h: {"lr": [higher.PerStep(lambda t: h[0] / (1 + t))]},
+    }
+    override = overrides[hyperparameter]
+    hyper = [torch.tensor(0.05)]
+    unrolled = hypergradient("unrolled", model, opt, hyper, inner, outer, 30, override=override).hypergradients
+    assert unrolled[0].abs().item() > 1e-6
+    with pytest.raises(ValueError, match="override"):
+        hypergradient("implicit", model, opt, hyper, inner, outer, 30, override=override)
+    # An override that does not read the hyperparameters is fine.
+    result = hypergradient("implicit", model, opt, hyper, inner, outer, 30, override=lambda h: {"lr": [0.1]})
+    expected = hypergradient("implicit", model, opt, hyper, inner, outer, 30).hypergradients
+    assert torch.equal(result.hypergradients[0], expected[0])

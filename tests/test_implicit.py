@@ -125,3 +125,61 @@ def test_the_neumann_solver_leaves_the_global_random_generator_alone():
     torch.manual_seed(123)
     second = higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", iterations=50)
     assert torch.equal(first.hypergradients[0], second.hypergradients[0])
+
+
+# ------------------------------------------------------------------ implicit_hypergradient
+def _ridge_problem():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 5, generator=g), torch.randn(30, generator=g)
+    xv, yv = torch.randn(20, 5, generator=g), torch.randn(20, generator=g)
+    lam = torch.tensor(0.7)
+    a = x.T @ x + lam * torch.eye(5)
+    theta = torch.linalg.solve(a, x.T @ y)
+    expected = -(theta @ torch.linalg.solve(a, xv.T @ (xv @ theta - yv)))  # the closed form
+    inner = lambda p, h: 0.5 * (x @ p[0] - y).pow(2).sum() + 0.5 * h[0] * p[0].pow(2).sum()  # noqa: E731
+    outer = lambda p, h: 0.5 * (xv @ p[0] - yv).pow(2).sum()  # noqa: E731
+    return theta, lam, expected, inner, outer
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_implicit_with_a_parameter_that_neither_objective_uses(solver):
+    """An extra parameter tensor (an unused head, say) used to crash the Hessian-vector product
+    ('element 0 of tensors does not require grad'); its block of the solve is zero."""
+    theta, lam, expected, inner, outer = _ridge_problem()
+    unused = torch.ones(3)
+    result = higher.implicit_hypergradient(
+        lambda p, h: inner(p[:1], h),
+        lambda p, h: outer(p[:1], h),
+        [theta, unused],
+        [lam],
+        solver=solver,
+        iterations=50 if solver == "cg" else 3000,
+    )
+    assert abs(result.hypergradients[0].item() - expected.item()) <= 1e-9 * max(1.0, abs(expected.item()))
+    assert torch.equal(result.vector[1], torch.zeros(3))
+
+
+def test_implicit_outer_objective_that_reads_nothing_gives_zero():
+    theta, lam, _, inner, _ = _ridge_problem()
+    result = higher.implicit_hypergradient(inner, lambda p, h: torch.tensor(2.0), [theta], [lam])
+    assert torch.equal(result.hypergradients[0], torch.zeros(()))
+
+
+def test_implicit_bad_arguments_get_clear_errors():
+    theta, lam, _, inner, outer = _ridge_problem()
+    with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point tensor"):
+        higher.implicit_hypergradient(inner, outer, theta.tolist(), [lam])
+    with pytest.raises(TypeError, match=r"hyperparameters\[0\] must be a floating-point tensor"):
+        higher.implicit_hypergradient(inner, outer, [theta], [0.7])
+    with pytest.raises(TypeError, match=r"hyperparameters\[0\] must be a floating-point tensor"):
+        higher.implicit_hypergradient(inner, outer, [theta], [torch.tensor(1)])
+    with pytest.raises(TypeError, match="outer_objective must return a tensor"):
+        higher.implicit_hypergradient(inner, lambda p, h: 1.0, [theta], [lam])
+    with pytest.raises(TypeError, match="inner_objective must return a tensor"):
+        higher.implicit_hypergradient(lambda p, h: 1.0, outer, [theta], [lam])
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", alpha=-1.0)
+    with pytest.raises(ValueError, match="tol must be a non-negative number"):
+        higher.implicit_hypergradient(inner, outer, [theta], [lam], tol=-1.0)
+    with pytest.raises(ValueError, match="iterations must be"):
+        higher.implicit_hypergradient(inner, outer, [theta], [lam], iterations=True)

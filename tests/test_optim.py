@@ -789,3 +789,84 @@ def test_a_hyperparameter_tensor_with_dimensions_of_a_wider_dtype_is_refused(kin
         assert all(p.dtype == torch.float32 for p in fmodel.parameters())
         grads = torch.autograd.grad(fmodel(x.float()).pow(2).mean(), lrs if kind == "PerParameter" else [wide])
     assert all(g.dtype == torch.float64 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def _small_problem():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
+    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
+    return model, opt, inner, outer
+
+
+# ------------------------------------------------------------------ diffopt.step under no_grad
+def test_step_under_no_grad_without_tracking_takes_the_plain_step():
+    model, opt, inner, _ = _small_problem()
+    results = []
+    for no_grad in (False, True):
+        with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+            for _ in range(3):
+                loss = inner(fmodel, [0.01])  # computed with gradients enabled
+                if no_grad:
+                    with torch.no_grad():
+                        diffopt.step(loss)
+                else:
+                    diffopt.step(loss)
+            results.append([p.detach() for p in fmodel.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's optimizer is never modified.
+
+
+def test_a_scheduler_on_the_diffopt_leaves_the_torch_optimizers_tensor_lr_alone() -> None:
+    """torch optimizers accept tensor hyperparameters, and torch's schedulers update a tensor
+    ``lr`` in place (``fill_``): the differentiable optimizer must hold its own copy."""
+    model = nn.Linear(3, 1)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    lr, betas = torch.tensor(0.1), (torch.tensor(0.9), torch.tensor(0.99))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=torch.tensor(0.1), betas=(0.9, 0.99))
+    ref_sched = torch.optim.lr_scheduler.ExponentialLR(ref_opt, 0.5)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        sched = torch.optim.lr_scheduler.ExponentialLR(diffopt, 0.5)
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x), y))
+            sched.step()
+            ref_opt.zero_grad()
+            mse(reference(x), y).backward()
+            ref_opt.step()
+            ref_sched.step()
+        for fast, slow in zip(fmodel.parameters(), reference.parameters()):
+            torch.testing.assert_close(fast, slow, atol=1e-15, rtol=1e-14)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.1
+    held = opt.param_groups[0]["betas"]
+    assert held[0].item() == 0.9 and held[1].item() == 0.99
+    assert "initial_lr" not in opt.param_groups[0]
+
+
+def test_a_tensor_hyperparameter_that_requires_grad_in_the_torch_optimizer_still_learns() -> None:
+    """Copying tensor hyperparameters must not cut the hypergradient of one that requires grad."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    lr = torch.tensor(0.1, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = lr  # as a hyperparameter-learning program may set it
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(mse(fmodel(x), y))
+        (grad,) = torch.autograd.grad(mse(fmodel(x), y), lr)
+    w, b = model.weight, model.bias
+    g = torch.autograd.grad(mse(x @ w.t() + b, y), [w, b])
+    lr_ = torch.tensor(0.1, requires_grad=True)
+    (expected,) = torch.autograd.grad(mse(x @ (w - lr_ * g[0]).t() + (b - lr_ * g[1]), y), lr_)
+    torch.testing.assert_close(grad, expected)

@@ -218,7 +218,7 @@ def test_a_loss_from_the_original_model_is_a_clear_error(name):
 )
 def test_step_under_no_grad_is_a_clear_error(mode, track_higher_grads):
     """(Under no_grad with track_higher_grads=False, which records no graph anyway, the step is
-    taken: tests/test_horizon_review.py.)"""
+    taken: tests/test_optim.py.)"""
     model, (x, y) = _model(), _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with higher.innerloop_ctx(model, opt, track_higher_grads=track_higher_grads) as (fmodel, diffopt):

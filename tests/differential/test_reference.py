@@ -4,7 +4,7 @@ Every mode is compared with the per-task unroll (test_modes.py), so the unroll i
 on generated problems, against central finite differences of its own meta-loss along a random
 direction of the model's parameters and the hyperparameter leaves (float64; the random generator
 reseeded for every evaluation, so a dropout model draws the same masks). First-order problems are
-left out: their meta-gradient is by design not the derivative (tests/test_first_order.py checks
+left out: their meta-gradient is by design not the derivative (tests/test_optim_first_order.py checks
 it against a hand-written first-order unroll).
 """
 
