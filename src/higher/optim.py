@@ -24,7 +24,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
-from . import compiled
+from . import _tracing
 from . import rules as _rules
 from .rules import PAIR_HYPERPARAMETERS, UpdateRule
 from .utils import _is_container
@@ -175,7 +175,7 @@ class _Layout:
         """The layout of ``other``'s groups over ``reference`` for a differentiable optimizer of
         class ``kind`` (the cached one if still valid; nothing is cached while torch.compile
         traces: dynamo cannot follow the weak-keyed cache)."""
-        if compiled.tracing():
+        if _tracing.tracing():
             return _Layout(kind, other, reference)
         try:
             layout = _LAYOUTS.get(other)
@@ -454,7 +454,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         itself refuses a scheduler's write into a leaf that requires grad, and an outer optimizer
         updating a learned leaf in place between truncated windows is ordinary use.
         """
-        if compiled.tracing():  # dynamo cannot read a version counter; a compiled step is not checked
+        if _tracing.tracing():  # dynamo cannot read a version counter; a compiled step is not checked
             self._learned_versions = []
             return
         self._learned_versions = [
@@ -552,7 +552,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
         """:meth:`step` without the hooks."""
         if not torch.is_grad_enabled() and not self._steps_without_graph:
             # (dynamo cannot trace is_inference_mode_enabled; a compiled function is not run in inference mode)
-            inference = not compiled.tracing() and torch.is_inference_mode_enabled()
+            inference = not _tracing.tracing() and torch.is_inference_mode_enabled()
             if not self._track_higher_grads and not inference:
                 # It records no graph either way: the same step (its new fast weights are fresh leaves).
                 with torch.enable_grad():
@@ -565,7 +565,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             )
         if override is not None:
             self._apply_override(override)
-        if self._learned_versions and not compiled.tracing():
+        if self._learned_versions and not _tracing.tracing():
             self._check_learned_versions()
         given = params is not None
         params = self._params_to_update(params)
@@ -593,7 +593,7 @@ class DifferentiableOptimizer(torch.optim.Optimizer):
             and not self._shaped_hyperparameters
         )
         if not self._track_higher_grads:
-            new_params = [compiled.fresh_leaf(p, old.requires_grad) for p, old in zip(new_params, params)]
+            new_params = [_tracing.fresh_leaf(p, old.requires_grad) for p, old in zip(new_params, params)]
             self._detach_state()
         fmodel = self._fmodel
         if fmodel is not None:
@@ -947,8 +947,8 @@ def _grad(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> Sequenc
     ):
         ones = torch.ones_like(loss, memory_format=torch.preserve_format)
         return _ENGINE.run_backward((loss,), (ones,), create_graph, create_graph, tuple(inputs), True, False)
-    if compiled.tracing():
-        with compiled.autograd_in_graph():
+    if _tracing.tracing():
+        with _tracing.autograd_in_graph():
             return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
     return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
@@ -978,7 +978,7 @@ def _is_pair(value: Any) -> bool:
 
 def _is_nan(value: Any) -> bool:
     if isinstance(value, Tensor):
-        if not value.is_floating_point() or compiled.tracing():
+        if not value.is_floating_point() or _tracing.tracing():
             return False  # a tensor's values are not known while torch.compile traces
         return bool(torch.isnan(value.detach()).any())
     return isinstance(value, float) and math.isnan(value)

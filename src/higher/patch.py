@@ -1766,11 +1766,33 @@ def monkeypatch(
             ``module.named_parameters()``) to tensors for some of them. They are used as they
             are, so meta-gradients flow back into whatever produced them.
     """
+    _check_shared_buffers(module, share_buffers, device)
+    _check_track_higher_grads(track_higher_grads)
+    return _patched(module, device, copy_initial_weights, track_higher_grads, share_buffers, initial_params)
+
+
+def _check_shared_buffers(module: nn.Module, share_buffers: bool, device: torch.device | str | None) -> None:
     if share_buffers and device is not None:
         if any(b.device != torch.device(device) for b in module.buffers()):
             raise ValueError(
                 "share_buffers=True cannot move the buffers to another device; omit device= or share_buffers."
             )
+
+
+def _check_track_higher_grads(track_higher_grads: Any) -> None:
+    if not isinstance(track_higher_grads, bool):
+        raise ValueError(f"track_higher_grads must be a bool, got {track_higher_grads!r}")
+
+
+def _patched(
+    module: nn.Module,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+    share_buffers: bool,
+    initial_params: Sequence[Tensor] | Mapping[str, Tensor] | None,
+) -> FunctionalModule:
+    """:func:`monkeypatch` with its options already checked."""
 
     def encapsulator(fmodule: FunctionalModule, original: nn.Module) -> None:
         core = fmodule._hg_core
@@ -1785,8 +1807,6 @@ def monkeypatch(
         if not share_buffers:
             core.buffers = [_copy_tensor(b, True, device) for b in core.buffers]  # buffer_sync, same module
 
-    if not isinstance(track_higher_grads, bool):
-        raise ValueError(f"track_higher_grads must be a bool, got {track_higher_grads!r}")
     fmodule = make_functional(module, encapsulator=encapsulator)
     fmodule._hg_core.track_higher_grads = track_higher_grads
     return fmodule
