@@ -27,8 +27,6 @@ def is_ddp(model: Any) -> bool:
     return ddp_class is not None and isinstance(model, ddp_class)
 
 
-
-
 # ---------------------------------------------------------------------------------------- checks
 def _unsupported_options(ddp: Any, constructor: bool = True) -> list[str]:
     """DDP settings whose effect on the gradients this module does not reproduce.

@@ -67,7 +67,9 @@ def _guard_addmm_fusion() -> None:
                     if node.op != "call_function" or node.target is not aten.add.Tensor:
                         continue
                     alpha = node.kwargs.get("alpha", 1)
-                    products = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.target is aten.mm.default]
+                    products = [
+                        a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.target is aten.mm.default
+                    ]
                     if alpha != 1 and products:
                         node.target = aten.sub.Tensor
                         node.kwargs = {**node.kwargs, "alpha": -alpha}

@@ -48,9 +48,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._fmodel.core import _check_tensors
 from ._tracing import _guard_addmm_fusion, autograd_in_graph, fresh_leaf, tracing  # noqa: F401 (re-exported)
 from .batched import BatchedFunctionalModule, _batch_core
-from .patch import _check_tensors, _given_initial_params, make_functional
+from .patch import _given_initial_params, make_functional
 from .utils import _check_task_dimension
 
 __all__ = ["TracedFunctionalModule", "backward", "tracing"]
