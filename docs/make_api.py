@@ -71,12 +71,21 @@ def _fenced(text: str, language: str = "text") -> str:
     return f"```{language}\n{text}\n```"
 
 
-def _is_documented_member(cls: type, name: str, value: object) -> bool:
-    if name.startswith("_") and name not in ("__init__",):
+def _members(cls: type) -> dict[str, object]:
+    """What the class itself defines, with what its private layers define (the bases of higher's
+    named ``_Something``, such as ``higher._fmodel``'s layers of ``FunctionalModule``): the class
+    as its users see it, without what it inherits from torch."""
+    members: dict[str, object] = {}
+    for base in reversed(cls.__mro__):
+        if base is cls or (base.__name__.startswith("_") and base.__module__.startswith("higher.")):
+            members.update(base.__dict__)
+    return members
+
+
+def _is_documented_member(name: str, value: object) -> bool:
+    if name.startswith("_"):
         return False
-    if name == "__init__":
-        return False
-    return name in cls.__dict__ and (inspect.isfunction(value) or isinstance(value, property))
+    return inspect.isfunction(value) or isinstance(value, property)
 
 
 def _render_object(module_name: str, name: str, obj: object) -> list[str]:
@@ -84,8 +93,8 @@ def _render_object(module_name: str, name: str, obj: object) -> list[str]:
     lines = [f"### `{qualified}`", ""]
     if inspect.isclass(obj):
         lines += [_fenced(f"class {name}{_signature(obj)}", "python"), "", _fenced(_doc(obj)), ""]
-        for member_name, member in sorted(obj.__dict__.items()):
-            if not _is_documented_member(obj, member_name, member):
+        for member_name, member in sorted(_members(obj).items()):
+            if not _is_documented_member(member_name, member):
                 continue
             if isinstance(member, property):
                 lines += [f"#### property `{name}.{member_name}`", "", _fenced(_doc(member)), ""]

@@ -84,11 +84,12 @@ def _left_out() -> frozenset[str]:
 class FunctionalModule(_ModuleProtocol):
     """A functional view of a user module (the *fmodel*), or of one of its submodules.
 
-    Created by :func:`monkeypatch` or :func:`make_functional`; see the module docstring. Its layers
-    (``higher._fmodel``): the fast weights and their history (``_FastWeights``), running the
-    module (``_Running``), the rest of ``nn.Module``'s behaviour (``_ModuleProtocol``); this class
-    adds pickling and copying, and higher 0.2.1's ``_fast_params``.
+    Created by :func:`monkeypatch` or :func:`make_functional`; see the module docstring.
     """
+
+    # Its layers (higher._fmodel, bottom to top): the fast weights and their history
+    # (_FastWeights), running the module (_Running), the rest of nn.Module's behaviour
+    # (_ModuleProtocol). This class adds pickling and copying, and higher 0.2.1's _fast_params.
 
     @property
     def _fast_params(self) -> list[list[Tensor] | None]:
