@@ -73,12 +73,17 @@ def _fenced(text: str, language: str = "text") -> str:
 
 def _members(cls: type) -> dict[str, object]:
     """What the class itself defines, with what its private layers define (the bases of higher's
-    named ``_Something``, such as ``higher._fmodel``'s layers of ``FunctionalModule``): the class
-    as its users see it, without what it inherits from torch."""
+    named ``_Something`` right under it, such as ``higher._fmodel``'s layers of
+    ``FunctionalModule``): the class as its users see it, without what it inherits from torch or
+    from a public class of its own (documented there)."""
+    layers = [cls]
+    for base in cls.__mro__[1:]:
+        if not (base.__name__.startswith("_") and base.__module__.startswith("higher.")):
+            break
+        layers.append(base)
     members: dict[str, object] = {}
-    for base in reversed(cls.__mro__):
-        if base is cls or (base.__name__.startswith("_") and base.__module__.startswith("higher.")):
-            members.update(base.__dict__)
+    for layer in reversed(layers):
+        members.update(layer.__dict__)
     return members
 
 
