@@ -1,4 +1,5 @@
-"""The house reads in one direction: no import cycle between the modules of ``higher``.
+"""The house reads in one direction: no import cycle between the modules of ``higher``, and no
+class over about 400 lines.
 
 The import graph is read from the source with ``ast``, not by importing it: every ``import`` and
 ``from ... import`` statement counts, at the top of a module or inside a function (a deferred
@@ -19,6 +20,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "higher"
+MAX_CLASS_LINES = 400
 
 
 def _modules(src: Path = SRC, package: str = PACKAGE) -> dict[str, Path]:
@@ -149,6 +151,13 @@ def test_find_cycle_on_small_graphs() -> None:
     assert find_cycle({"a": {"a": 1}}) == ["a", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"b": 1}}) == ["b", "c", "b"]
     assert find_cycle({"x": {}, "a": {"b": 1}, "b": {"a": 1}}) == ["a", "b", "a"]
+
+
+def test_no_class_over_400_lines() -> None:
+    sizes = class_sizes()
+    assert any(name == "higher.patch:FunctionalModule" for _, name in sizes)
+    too_big = [f"{name}: {lines} lines" for lines, name in sizes if lines > MAX_CLASS_LINES]
+    assert not too_big, f"classes over {MAX_CLASS_LINES} lines (split them by responsibility): {too_big}"
 
 
 if __name__ == "__main__":  # python tests/test_imports.py: the class sizes and the import graph
