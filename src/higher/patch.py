@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ._fmodel.compat import _slots_of
 from ._fmodel.core import _check_tensors, _Core, _malformed
 from ._fmodel.protocol import _ModuleProtocol
-from ._fmodel.weights import TimeIndexError
+from ._fmodel.weights import TimeIndexError, _check_track_higher_grads
 from .utils import _copy_tensor
 
 __all__ = ["FunctionalModule", "TimeIndexError", "make_functional", "monkeypatch", "buffer_sync"]
@@ -266,11 +266,6 @@ def _check_shared_buffers(module: nn.Module, share_buffers: bool, device: torch.
             raise ValueError(
                 "share_buffers=True cannot move the buffers to another device; omit device= or share_buffers."
             )
-
-
-def _check_track_higher_grads(track_higher_grads: Any) -> None:
-    if not isinstance(track_higher_grads, bool):
-        raise ValueError(f"track_higher_grads must be a bool, got {track_higher_grads!r}")
 
 
 def _patched(

@@ -33,6 +33,12 @@ class TimeIndexError(IndexError, ValueError):
 TimeIndexError.__module__ = "higher.patch"  # its public home (and its name in pickles)
 
 
+def _check_track_higher_grads(value: Any) -> None:
+    """The one check of ``track_higher_grads`` (the setter's, ``monkeypatch``'s, ``innerloop_ctx``'s)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"track_higher_grads must be a bool, got {value!r}")
+
+
 def _ranges(indices: list[int]) -> str:
     """``[0, 1, 2, 7]`` as ``"0..2, 7"``."""
     runs: list[list[int]] = []
@@ -257,8 +263,7 @@ class _FastWeights(nn.Module):
 
     @track_higher_grads.setter
     def track_higher_grads(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"track_higher_grads must be a bool, got {value!r}")
+        _check_track_higher_grads(value)
         self._hg_core.track_higher_grads = value
 
     def detach_(self) -> Self:
