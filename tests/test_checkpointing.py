@@ -284,11 +284,18 @@ def test_a_gradient_callback_reading_a_hyperparameter():
 
 # ------------------------------------------------------------------ memory: nothing outlives a meta-iteration
 def _live() -> tuple[int, int]:
-    """Live FunctionalModule objects and tensors, after a garbage collection (by type: no __class__ lookups)."""
+    """Live FunctionalModule objects and tensors, after a garbage collection (by type: no __class__ lookups).
+
+    torch.compile's fake tensors (no storage) are not counted: those of earlier compiled tests are
+    kept by torch's C++ side and freed at a time of its choosing, which made this count fall during
+    the measured iterations after tests/differential/test_memory_modes.py's compiled cases."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     gc.collect()
     objects = gc.get_objects()
     fmodels = sum(issubclass(type(o), higher.patch.FunctionalModule) for o in objects)
-    return fmodels, sum(issubclass(type(o), torch.Tensor) for o in objects)
+    kinds = [type(o) for o in objects]
+    return fmodels, sum(issubclass(k, torch.Tensor) and not issubclass(k, FakeTensor) for k in kinds)
 
 
 @pytest.mark.parametrize("mode", ["backward", "grad", "retain_graph", "tasks", "returned", "never"])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import innerloop_ctx
+from .innerloop import innerloop_ctx
 from .optim import PerParameter
 from .patch import FunctionalModule
 

@@ -56,7 +56,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import optim as _optim
 from . import patch as _patch
-from .compiled import TracedFunctionalModule
 from .utils import _check_task_dimension, _copy_tensor
 
 __all__ = ["BatchedFunctionalModule", "innerloop_ctx", "monkeypatch", "get_diff_optim"]
@@ -69,6 +68,9 @@ class BatchedFunctionalModule(_patch.FunctionalModule):
     on every task at once, vmapped over the leading dimension of the fast weights, the buffers
     and every tensor argument.
     """
+
+    #: An fmodel that can carry a task dimension (see :func:`_task_batched`).
+    _hg_batchable = True
 
     @property
     def tasks(self) -> int:
@@ -216,6 +218,20 @@ def monkeypatch(
     tasks = _check_tasks(tasks)
     if randomness not in ("different", "same", "error"):
         raise ValueError(f"randomness must be 'different', 'same' or 'error', got {randomness!r}")
+    fmodel = _patched(module, tasks, device, copy_initial_weights, True, randomness)
+    fmodel.track_higher_grads = track_higher_grads  # checked by the setter
+    return fmodel
+
+
+def _patched(
+    module: nn.Module,
+    tasks: int,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+    randomness: str,
+) -> BatchedFunctionalModule:
+    """:func:`monkeypatch` with its options already checked."""
     fmodel = _patch.make_functional(module, _view_base=BatchedFunctionalModule)
     core = fmodel._hg_core
     _batch_core(core, tasks, randomness)
@@ -229,7 +245,7 @@ def monkeypatch(
             params.append(initial.expand(tasks, *p.shape))
     core.push(params)
     core.buffers = [_copy_tensor(b, True, device).expand(tasks, *b.shape).clone() for b in core.buffers]
-    fmodel.track_higher_grads = track_higher_grads
+    core.track_higher_grads = track_higher_grads
     assert isinstance(fmodel, BatchedFunctionalModule)
     return fmodel
 
@@ -334,21 +350,40 @@ for _registered in set(_optim._opt_mapping.values()):
 _optim._ON_REGISTER.append(_batched_class)
 
 
+def _task_batched(fmodel: Any) -> bool:
+    """Whether ``fmodel`` is a task-batched fmodel: a :class:`BatchedFunctionalModule`, or the fmodel
+    that :mod:`higher.compiled` traces, with a task dimension (both classes say ``_hg_batchable``)."""
+    return getattr(type(fmodel), "_hg_batchable", False) and fmodel.tasks is not None
+
+
 def get_diff_optim(
     opt: torch.optim.Optimizer,
     reference_params: Sequence[Tensor],
-    fmodel: BatchedFunctionalModule | TracedFunctionalModule,
+    fmodel: BatchedFunctionalModule,
     device: torch.device | str | None = None,
     override: _optim._OverrideType | None = None,
     track_higher_grads: bool = True,
     **kwargs: Any,
 ) -> _optim.DifferentiableOptimizer:
     """The task-batched differentiable optimizer for ``opt`` (its registered class, batched)."""
-    if not isinstance(fmodel, (BatchedFunctionalModule, TracedFunctionalModule)) or fmodel.tasks is None:
+    if not _task_batched(fmodel):
         raise TypeError("the task-batched optimizer needs a task-batched fmodel (higher.batched.monkeypatch).")
+    return _optimizer(opt, reference_params, fmodel, fmodel.tasks, device, override, track_higher_grads, **kwargs)
+
+
+def _optimizer(
+    opt: torch.optim.Optimizer,
+    reference_params: Sequence[Tensor],
+    fmodel: Any,
+    tasks: int,
+    device: torch.device | str | None,
+    override: _optim._OverrideType | None,
+    track_higher_grads: bool,
+    **kwargs: Any,
+) -> _optim.DifferentiableOptimizer:
+    """:func:`get_diff_optim` for a task-batched ``fmodel`` (eager or traced) of ``tasks`` tasks."""
     reference_params = list(reference_params)
     cls = _batched_class(_optim._diff_optim_type(opt))
-    tasks = fmodel.tasks
     attached = cast(_patch.FunctionalModule, fmodel)  # a traced fmodel offers what the optimizer uses
     diffopt = cls(
         opt, reference_params, fmodel=attached, device=device, track_higher_grads=track_higher_grads, **kwargs

@@ -99,8 +99,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ._fmodel.tree import _HOOK_DICTS
 from .optim import DifferentiableOptimizer, PerParameter, PerStep
-from .patch import _HOOK_DICTS, FunctionalModule, make_functional
+from .patch import FunctionalModule, make_functional
 
 __all__ = ["CheckpointedUnroll", "checkpointed_unroll", "default_every"]
 

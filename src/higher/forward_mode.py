@@ -42,6 +42,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from .implicit import _scalar_result
+from .innerloop import innerloop_ctx
 from .patch import FunctionalModule
 from .utils import get_random_state, random_devices, set_random_state
 
@@ -162,7 +163,6 @@ def forward_hypergradient(
         A :class:`ForwardHypergradient`. Memory is that of one inner step; time is one unroll per
         scalar entry of the hyperparameters.
     """
-    from . import innerloop_ctx  # here: higher/__init__ imports this module
 
     hyperparameters = _check(hyperparameters, steps)
     if override is not None and not callable(override):

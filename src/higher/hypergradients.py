@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .checkpointing import checkpointed_unroll
 from .forward_mode import forward_hypergradient
 from .implicit import implicit_hypergradient
+from .innerloop import innerloop_ctx
 from .optim import PerStep
 from .patch import FunctionalModule, monkeypatch
 
@@ -98,8 +99,6 @@ def hypergradient(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    from . import innerloop_ctx
-
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     inner_losses: list[float] = []
@@ -350,8 +349,6 @@ def _validation_loss(
     model: nn.Module, opt: torch.optim.Optimizer, hyper: list[Tensor], inner_loss: Loss, outer_loss: Loss, steps: int
 ) -> float:
     """``outer_loss`` after ``steps`` plain (non-differentiable) steps of ``opt`` on ``inner_loss``."""
-    from . import innerloop_ctx
-
     with innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(inner_loss(fmodel, hyper))
