@@ -187,6 +187,27 @@ def _add_compile_options(parser: argparse.ArgumentParser, suppress: bool) -> Non
     )
 
 
+def _add_algorithm_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """``--algorithm`` / ``--first-order`` (sinusoid only): given on ``demo`` or on ``demo sinusoid``."""
+    default = argparse.SUPPRESS if suppress else None
+    defaults = ", ".join(
+        f"{name} {learner.default_iterations}" for name, learner in sorted(sinusoid.ALGORITHMS.items())
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=sorted(sinusoid.ALGORITHMS),
+        default=default,
+        help="sinusoid: the meta-learning algorithm (default maml). Each fine-tunes the test tasks as it adapts "
+        f"in meta-training; default iterations: {defaults}",
+    )
+    parser.add_argument(
+        "--first-order",
+        action="store_true",
+        default=default,
+        help="sinusoid: first-order MAML instead of second order (= --algorithm fomaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``higher`` command."""
     parser = argparse.ArgumentParser(prog="higher", description="higher: differentiate through optimization loops.")
@@ -205,19 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(demo, suppress=False)
     _add_compile_options(demo, suppress=False)
+    _add_algorithm_options(demo, suppress=False)
     experiments = demo.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     sinusoid_parser = experiments.add_parser("sinusoid", help="MAML on sinusoid regression (the default)")
     _add_common_options(sinusoid_parser, suppress=True)
     _add_compile_options(sinusoid_parser, suppress=True)
-    sinusoid_parser.add_argument(
-        "--algorithm",
-        choices=sorted(sinusoid.ALGORITHMS),
-        default=None,
-        help="the meta-learning algorithm (default maml)",
-    )
-    sinusoid_parser.add_argument(
-        "--first-order", action="store_true", help="first-order MAML instead of second order (= --algorithm fomaml)"
-    )
+    _add_algorithm_options(sinusoid_parser, suppress=True)
     digits_parser = experiments.add_parser(
         "digits", help="few-shot classification of sklearn's digits, MAML vs baseline"
     )
@@ -267,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Options every experiment takes whose defaults are filled in by _resolve (so that it can tell
 #: whether they were given), and those --problem logreg has no use for.
 _COMMON_DEFAULTS: dict[str, Any] = {"seed": 0, "test_tasks": 600, "per_task": False}
+_SINUSOID_ONLY = (("algorithm", "--algorithm"), ("first_order", "--first-order"))
 _NOT_LOGREG = (("shots", "--shots"), ("test_tasks", "--test-tasks"), ("per_task", "--per-task"), ("seed", "--seed"))
 
 
@@ -292,16 +307,22 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
                 f"{', '.join(unused)}: not used by --problem logreg (its data, split and seed are fixed, and it "
                 "has no tasks); leave them out"
             )
-    for name, value in {**_COMMON_DEFAULTS, **DEFAULTS[experiment]}.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, _png_path(value) if name == "out" else value)
     if experiment == "sinusoid":
-        first_order = getattr(args, "first_order", False)
+        first_order = bool(getattr(args, "first_order", None))
         algorithm = getattr(args, "algorithm", None)
         if first_order and algorithm not in (None, "fomaml"):
             raise CliError(f"--first-order is first-order MAML; it cannot be combined with --algorithm {algorithm}")
         args.algorithm = "fomaml" if first_order else (algorithm or "maml")
         args.first_order = args.algorithm == "fomaml"
+        if getattr(args, "iterations", None) is None:  # each algorithm's own (iMAML's is shorter)
+            args.iterations = sinusoid.ALGORITHMS[args.algorithm].default_iterations
+    else:
+        given = [flag for name, flag in _SINUSOID_ONLY if getattr(args, name, None)]
+        if given:
+            raise CliError(f"{', '.join(given)}: an option of the sinusoid demo; demo {experiment} has no algorithms")
+    for name, value in {**_COMMON_DEFAULTS, **DEFAULTS[experiment]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, _png_path(value) if name == "out" else value)
     if experiment != "sinusoid" and getattr(args, "compile", None) is not None:
         flag = "--compile" if args.compile else "--no-compile"
         raise CliError(f"{flag} is an option of the sinusoid demo; demo {experiment} runs eagerly")
