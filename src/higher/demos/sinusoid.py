@@ -230,7 +230,8 @@ class FineTuning:
     :func:`evaluate` runs ``innerloop_ctx(model, inner_opt, override=override)`` and steps on
     the support MSE, plus ``proximal/2 |theta - theta_0|^2`` when ``proximal`` is set (iMAML's
     inner objective), with ``step_override(step)`` (step counted from 0) as the step's
-    ``override`` when given. ``description`` is printed under the table.
+    ``override`` when given (an override holds from its step on, until another replaces it).
+    ``description`` is printed under the table.
     """
 
     model: nn.Module
@@ -494,10 +495,11 @@ class MetaSGDLearner(Learner):
         return batched_query_losses(self.model, opt, batch, self.steps, override=self._override()).mean()
 
     def fine_tuning(self) -> FineTuning:
-        learned, steps = self._override(), self.steps
+        learned, steps, plain = self._override(), self.steps, {"lr": [self.config.inner_lr]}
 
         def step_override(step: int) -> dict[str, Any] | None:
-            return learned if step < steps else None  # then inner_opt's own lr
+            # An override holds from its step on, so the plain rate is given again, not left out.
+            return learned if step < steps else plain
 
         rates = "step 1" if steps == 1 else f"steps 1-{steps}"
         return FineTuning(
