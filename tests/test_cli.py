@@ -108,7 +108,12 @@ def test_demo_algorithm_without_sinusoid_runs_the_sinusoid_demo():
 
 @pytest.mark.parametrize(
     ("argv", "flag"),
-    [(["--algorithm", "imaml", "digits"], "--algorithm"), (["--first-order", "hyper"], "--first-order")],
+    [
+        (["--algorithm", "imaml", "digits"], "--algorithm"),
+        (["digits", "--algorithm", "imaml"], "--algorithm"),
+        (["--first-order", "hyper"], "--first-order"),
+        (["hyper", "--first-order"], "--first-order"),
+    ],
 )
 def test_demo_algorithm_on_another_experiment_says_it_belongs_to_sinusoid(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -187,8 +187,12 @@ def _add_compile_options(parser: argparse.ArgumentParser, suppress: bool) -> Non
     )
 
 
-def _add_algorithm_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """``--algorithm`` / ``--first-order`` (sinusoid only): given on ``demo`` or on ``demo sinusoid``."""
+def _add_algorithm_options(parser: argparse.ArgumentParser, suppress: bool, hidden: bool = False) -> None:
+    """``--algorithm`` / ``--first-order`` (sinusoid only): given on ``demo`` or on ``demo sinusoid``.
+
+    ``hidden``: accepted but not shown in ``--help`` (``demo digits`` and ``demo hyper``), so that
+    ``demo digits --algorithm imaml`` is refused with a message that names the sinusoid demo
+    instead of argparse's "unrecognized arguments"."""
     default = argparse.SUPPRESS if suppress else None
     defaults = ", ".join(
         f"{name} {learner.default_iterations}" for name, learner in sorted(sinusoid.ALGORITHMS.items())
@@ -197,14 +201,18 @@ def _add_algorithm_options(parser: argparse.ArgumentParser, suppress: bool) -> N
         "--algorithm",
         choices=sorted(sinusoid.ALGORITHMS),
         default=default,
-        help="sinusoid: the meta-learning algorithm (default maml). Each fine-tunes the test tasks as it adapts "
+        help=argparse.SUPPRESS
+        if hidden
+        else "sinusoid: the meta-learning algorithm (default maml). Each fine-tunes the test tasks as it adapts "
         f"in meta-training; default iterations: {defaults}",
     )
     parser.add_argument(
         "--first-order",
         action="store_true",
         default=default,
-        help="sinusoid: first-order MAML instead of second order (= --algorithm fomaml)",
+        help=argparse.SUPPRESS
+        if hidden
+        else "sinusoid: first-order MAML instead of second order (= --algorithm fomaml)",
     )
 
 
@@ -236,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "digits", help="few-shot classification of sklearn's digits, MAML vs baseline"
     )
     _add_common_options(digits_parser, suppress=True)
+    _add_algorithm_options(digits_parser, suppress=True, hidden=True)
     digits_parser.add_argument(
         "--ways", type=_positive_int, default=5, help=f"classes per task (default 5, at most {digits.MAX_WAYS})"
     )
@@ -247,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hyper_parser = experiments.add_parser("hyper", help="learn the inner learning rate and momentum by hypergradient")
     _add_common_options(hyper_parser, suppress=True)
+    _add_algorithm_options(hyper_parser, suppress=True, hidden=True)
     hyper_parser.add_argument(
         "--inner-steps",
         "--steps",
