@@ -29,6 +29,11 @@ def sine_tasks(num: int, shots: int = 6, seed: int = 0) -> list[tuple[torch.Tens
     return tasks
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad.clone()
+
+
 def stack(tasks):
     return tuple(torch.stack(parts) for parts in zip(*tasks))
 
@@ -38,7 +43,7 @@ def meta_gradient(optimizer, tasks, batched, **options):
     model = tanh_net()
     inner_opt = optimizer(model.parameters())
     result = imaml_step(model, inner_opt, stack(tasks) if batched else tasks, F.mse_loss, batched=batched, **options)
-    return result, [p.grad.clone() for p in model.parameters()]
+    return result, [grad_of(p) for p in model.parameters()]
 
 
 OPTIMIZERS = {
@@ -103,7 +108,7 @@ def test_damping_gives_the_damped_closed_form():
         given = stack(tasks) if batched else tasks
         options = {"inner_steps": 1500, "reg": reg, "cg_iterations": 20, "cg_damping": damping}
         result = imaml_step(model, inner_opt, given, loss_fn, batched=batched, **options)
-        torch.testing.assert_close(model.weight.grad.squeeze(0), expected, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(grad_of(model.weight).squeeze(0), expected, rtol=1e-8, atol=1e-10)
         assert result.converged and max(result.inner_gradient_norms) < 1e-8
 
 
@@ -144,7 +149,7 @@ def test_the_residual_is_the_residual_of_the_system_solved():
             batched=batched,
             cg_damping=damping,
         )
-        v = [p.grad / (reg + damping) for p in model.parameters()]
+        v = [grad_of(p) / (reg + damping) for p in model.parameters()]
         # the adapted weights: rerun the inner loop
         with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), track_higher_grads=False) as (
             f,

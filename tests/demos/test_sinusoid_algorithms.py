@@ -90,7 +90,7 @@ def test_anil_meta_trains_ten_inner_steps_of_the_head_and_fine_tunes_the_head_on
     assert learner.steps == 10
     tuning = learner.fine_tuning()
     tuned = {id(p) for group in tuning.inner_opt.param_groups for p in group["params"]}
-    assert tuned == {id(p) for p in learner.model[-1].parameters()}
+    assert tuned == {id(p) for p in list(learner.model.children())[-1].parameters()}
     head = len(list(learner.model.parameters())) - 2
     lr = config.inner_lr
 
@@ -160,7 +160,7 @@ def test_imaml_learner_reports_the_conjugate_gradient_and_its_meta_step_is_batch
     )
     assert loss == float(expected)
     for a, b in zip(learner.model.parameters(), model.parameters()):
-        assert torch.equal(a.grad, b.grad)
+        assert a.grad is not None and b.grad is not None and torch.equal(a.grad, b.grad)
     report = learner.report()
     assert report is not None and report["solves"] == 4
     assert report["cg_relative_residual"]["max"] == pytest.approx(expected.max_residual)
