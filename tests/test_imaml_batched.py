@@ -14,7 +14,7 @@ import higher
 from higher.algorithms import IMAMLResult, imaml_step
 
 
-def tanh_net() -> nn.Module:
+def tanh_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
@@ -183,3 +183,34 @@ def test_batched_mode_checks_its_task():
         imaml_step(model, inner_opt, (sx, sy, qx[:1], qy[:1]), F.mse_loss, batched=True)
     with pytest.raises(ValueError, match="cg_damping must be a non-negative number"):
         imaml_step(model, inner_opt, tasks, F.mse_loss, cg_damping=-1.0)
+
+
+class ScaledNet(nn.Module):
+    """A 0-dim parameter (a learned output scale) next to the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tanh_net()
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.net(x)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batched_imaml_step_with_a_scalar_parameter_and_a_frozen_one(frozen):
+    tasks = sine_tasks(3, seed=5)
+    grads = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = ScaledNet()
+        if frozen:
+            model.net[0].weight.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        inner_opt = torch.optim.SGD(trainable, lr=0.1)
+        given = stack(tasks) if batched else tasks
+        imaml_step(model, inner_opt, given, F.mse_loss, inner_steps=3, reg=2.0, cg_iterations=5, batched=batched)
+        grads.append([grad_of(p) for p in trainable])
+        assert (model.net[0].weight.grad is None) is frozen
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

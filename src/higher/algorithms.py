@@ -643,7 +643,7 @@ def _imaml_batched(
     with innerloop_ctx(model, inner_opt, track_higher_grads=False, tasks=num_tasks) as (fmodel, diffopt):
         for _ in range(inner_steps):
             params = list(fmodel.parameters())
-            proximal = sum(((params[i] - f) ** 2).flatten(1).sum(1) for i, f in zip(position, phi))
+            proximal = sum(((params[i] - f) ** 2).reshape(num_tasks, -1).sum(1) for i, f in zip(position, phi))
             diffopt.step(task_loss(fmodel(support_x), support_y) + reg / 2 * proximal)
         adapted = [p.detach() for p in fmodel.parameters()]
     view = batched_api.monkeypatch(model, num_tasks, track_higher_grads=False)
