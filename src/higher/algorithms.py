@@ -484,11 +484,25 @@ def imaml_step(
             ``ValueError`` names the task(s) and asks for a larger ``reg``.
         cg_iterations, tol: conjugate-gradient iterations and relative residual tolerance.
         batched: run all tasks at once (above).
+        cg_damping: ``c >= 0`` added to the solve's diagonal: CG solves ``(H + (reg + c) I) v = g``
+            and the meta-gradient is ``(reg + c) v = (I + H/(reg + c))^-1 g``, the implicit gradient
+            of a stiffer proximal term (the inner loop keeps ``reg``). It keeps the system positive
+            definite where the inner loop stops short of its minimum, at the price of an
+            approximate meta-gradient (``c -> infinity``: the query loss's gradient at the adapted
+            weights, first-order). 0 (the default): exact iMAML.
 
     Returns:
         An :class:`IMAMLResult`: the mean query loss over the tasks after adaptation (a float
         subclass, so code that used the float it returned before is unchanged), whose attributes
-        hold each task's query loss, CG residual and iterations, and inner gradient norm.
+        hold each task's query loss, CG residual and iterations, and inner gradient norm. A solve
+        that stops above ``tol`` (``cg_iterations`` reached) is neither an error nor a warning, as
+        for :func:`higher.implicit_hypergradient`: check ``result.converged`` or
+        ``result.max_residual`` (and ``result.inner_gradient_norms``: the implicit gradient also
+        assumes the inner problem solved)::
+
+            result = imaml_step(model, inner_opt, tasks, loss_fn, batched=False)
+            if result.max_residual > 1e-3:
+                ...  # more cg_iterations, or a larger reg
     """
     _check_steps(inner_steps)
     if not reg > 0:
