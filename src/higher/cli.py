@@ -6,7 +6,9 @@ This module only parses the options and dispatches to the experiments of :mod:`h
   of Finn et al. (2017), 70,000 iterations, task-batched (:mod:`higher.demos.sinusoid`); its
   meta-iteration is compiled with ``torch.compile`` on CPU from 20,000 iterations on, where that
   makes the whole run faster (``--no-compile`` turns it off, ``--compile`` on for shorter runs;
-  see :mod:`higher.demos.sinusoid`).
+  see :mod:`higher.demos.sinusoid`). ``--algorithm maml|fomaml|metasgd|anil|imaml`` (given to
+  ``demo`` or to ``demo sinusoid``) picks the meta-learning algorithm, each with its own default
+  iterations and inner steps.
 * ``higher demo digits`` -- few-shot classification of scikit-learn's bundled digits, MAML against
   a pretrained baseline (:mod:`higher.demos.digits`).
 * ``higher demo hyper`` -- learning the inner loop's learning rate and momentum by hypergradient
