@@ -41,6 +41,7 @@ def test_sinusoid_demo_tiny_run(tmp_path, capsys):
         (["hyper", "--iterations", "2", "--inner-steps", "2", "--test-tasks", "2"], "hyper"),
         (["hyper", "--method", "forward", "--iterations", "1", "--steps", "2", "--test-tasks", "2"], "hyper"),
         (["sinusoid", "--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid"),
+        (["--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid"),
     ],
 )
 def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, tmp_path, capsys):
@@ -91,6 +92,34 @@ def test_algorithm_and_first_order_options():
     assert resolve("sinusoid", "--algorithm", "metasgd").algorithm == "metasgd"
     assert cli.config_of(resolve("sinusoid", "--per-task", "--algorithm", "anil")).per_task is True
     assert resolve().algorithm == "maml" and resolve().first_order is False
+
+
+def test_demo_algorithm_without_sinusoid_runs_the_sinusoid_demo():
+    """``higher demo --algorithm imaml`` (no experiment named) is the sinusoid demo with that algorithm,
+    at that algorithm's default iterations; on another experiment the option is refused by name."""
+    for argv in (("--algorithm", "imaml"), ("sinusoid", "--algorithm", "imaml"), ("--algorithm", "imaml", "sinusoid")):
+        args = resolve(*argv)
+        assert (args.experiment, args.algorithm) == ("sinusoid", "imaml")
+        assert args.iterations == sinusoid.IMAML.default_iterations
+    assert resolve("--algorithm", "imaml", "--iterations", "5").iterations == 5
+    assert resolve("--first-order").algorithm == "fomaml"
+    assert resolve("--algorithm", "anil").iterations == sinusoid.ANIL.default_iterations
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--algorithm", "imaml", "digits"], "--algorithm"),
+        (["digits", "--algorithm", "imaml"], "--algorithm"),
+        (["--first-order", "hyper"], "--first-order"),
+        (["hyper", "--first-order"], "--first-order"),
+    ],
+)
+def test_demo_algorithm_on_another_experiment_says_it_belongs_to_sinusoid(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", *argv])
+    assert exit_info.value.code == 2
+    assert f"{flag}: an option of the sinusoid demo" in capsys.readouterr().err
 
 
 def test_compile_options_reach_the_sinusoid_config():

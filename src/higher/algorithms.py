@@ -29,7 +29,7 @@ tensors) and leave the outer optimizer step to the caller::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ __all__ = [
     "anil_step",
     "unrolled_validation_loss",
     "imaml_step",
+    "IMAMLResult",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -356,16 +357,100 @@ def unrolled_validation_loss(
         return loss_fn(fmodel(validation_x), validation_y), fmodel
 
 
+class IMAMLResult(float):
+    """What :func:`imaml_step` returns: the mean query loss (a ``float``, as before) with the solves' report.
+
+    It *is* the mean query loss over the tasks after adaptation: arithmetic, comparisons,
+    formatting and ``float(result)`` behave as for the plain float that ``imaml_step`` returned
+    before. The attributes say, task by task (in the order of the tasks), how exact each implicit
+    meta-gradient is, as :class:`higher.ImplicitHypergradient` does for one solve:
+
+    Attributes:
+        losses: each task's query loss after adaptation.
+        residuals: each task's relative residual ``|(H + reg I) v - g| / |g|`` of the
+            conjugate-gradient solve (``g`` the query loss's gradient at the adapted weights;
+            0 when ``g = 0``). Far above ``tol``: the solve did not converge in ``cg_iterations``,
+            and that task's meta-gradient is approximate.
+        cg_iterations: the conjugate-gradient iterations each task ran (at most ``cg_iterations``
+            of the call; fewer once its residual fell below ``tol``).
+        inner_gradient_norms: ``|grad support_loss + reg (theta - phi)|`` at each task's adapted
+            weights: how far the inner loop stopped from the proximal problem's solution, which the
+            implicit meta-gradient assumes (0 there).
+        tol: the tolerance the residuals were solved to.
+    """
+
+    losses: list[float]
+    residuals: list[float]
+    cg_iterations: list[int]
+    inner_gradient_norms: list[float]
+    tol: float
+
+    def __new__(
+        cls,
+        losses: Sequence[float],
+        residuals: Sequence[float],
+        cg_iterations: Sequence[int],
+        inner_gradient_norms: Sequence[float],
+        tol: float,
+    ) -> IMAMLResult:
+        result = super().__new__(cls, sum(losses) / len(losses))
+        result.losses, result.residuals = list(losses), list(residuals)
+        result.cg_iterations, result.inner_gradient_norms = list(cg_iterations), list(inner_gradient_norms)
+        result.tol = tol
+        return result
+
+    @property
+    def loss(self) -> float:
+        """The mean query loss, as a plain ``float``."""
+        return float(self)
+
+    @property
+    def max_residual(self) -> float:
+        """The largest relative residual over the tasks."""
+        return max(self.residuals)
+
+    @property
+    def converged(self) -> bool:
+        """Whether every task's solve reached ``tol``."""
+        return all(r <= self.tol for r in self.residuals)
+
+    def __repr__(self) -> str:
+        return (
+            f"IMAMLResult({float(self)!r}, tasks={len(self.losses)}, max_residual={self.max_residual:.3g}, "
+            f"tol={self.tol!r})"
+        )
+
+    def __reduce__(self) -> Any:  # pickling keeps the report
+        args = (self.losses, self.residuals, self.cg_iterations, self.inner_gradient_norms, self.tol)
+        return (IMAMLResult, args)
+
+
+def _curvature_error(tasks: Sequence[int], num_tasks: int, reg: float, damping: float, batched: bool) -> ValueError:
+    which = f"task {tasks[0]}" if len(tasks) == 1 else f"tasks {', '.join(str(t) for t in tasks)}"
+    where = "index in the task dimension" if batched else "position in tasks"
+    return ValueError(
+        f"imaml_step: conjugate gradient met non-positive curvature on {which} (of {num_tasks}; {where}, from 0): "
+        f"the support loss's Hessian plus {'(reg + cg_damping)' if damping else 'reg'} times the identity is not "
+        f"positive definite at that task's adapted weights (the inner loop stopped where the support loss curves "
+        f"down more steeply than {'reg + cg_damping' if damping else 'reg'} = {reg + damping}), so the solve has no "
+        f"answer there. Increase reg (now {reg}), or cg_damping (now {damping}), so that it dominates the negative "
+        f"curvature, or solve the inner problem more exactly (at its minimum the Hessian plus reg is never negative)."
+    )
+
+
 def imaml_step(
     model: nn.Module,
     inner_opt: torch.optim.Optimizer,
-    tasks: Iterable[TaskLike],
+    tasks: Iterable[TaskLike] | TaskLike,
     loss_fn: LossFn,
     inner_steps: int = 10,
     reg: float = 1.0,
     cg_iterations: int = 10,
     tol: float = 1e-10,
-) -> float:
+    *,
+    batched: bool = False,
+    cg_damping: float = 0.0,
+) -> IMAMLResult:
     """Accumulate the iMAML meta-gradient of a batch of tasks into ``model.parameters()``' ``.grad``.
 
     Implicit MAML (Rajeswaran, Finn, Kakade & Levine 2019, "Meta-Learning with Implicit
@@ -376,28 +461,56 @@ def imaml_step(
     ``(I + H/reg)^-1 grad query_loss(theta)``, ``H`` the support loss's Hessian, solved by
     conjugate gradient with Hessian-vector products (:func:`higher.implicit_hypergradient`).
     Memory and time do not grow with ``inner_steps`` beyond the steps themselves; the result is
-    exact when the inner problem is solved exactly (and CG converges).
+    exact when the inner problem is solved exactly (and CG converges). Whether it did is reported
+    in the returned :class:`IMAMLResult` (residual, CG iterations and inner gradient norm per task).
+
+    Task-batched mode (``batched=True``): ``tasks`` is *one* ``(support_x, support_y, query_x,
+    query_y)`` whose tensors have a leading task dimension ``T`` (``support_x`` ``[T, n, ...]``),
+    as for ``innerloop_ctx(..., tasks=T)``. The inner loops of all tasks run as one
+    (``innerloop_ctx(..., tasks=T)``, ``loss_fn`` applied to each task by ``torch.func.vmap``), and
+    so does conjugate gradient: one solve per task, vectorised (per-task inner products and step
+    sizes, one batched Hessian-vector product per iteration for all tasks; a task stops once its
+    residual is below ``tol``). Task by task, it computes what the per-task path computes (to
+    rounding), much faster for small models.
 
     Args:
         model: the model whose weights are meta-learned (never modified here).
         inner_opt: a ``torch.optim`` optimizer over *all* of ``model``'s trainable parameters,
             without weight decay or ``maximize`` (they would move its fixed point).
-        tasks, loss_fn: as for :func:`maml_step`.
+        tasks, loss_fn: as for :func:`maml_step` (``batched=True``: one stacked task, above).
         inner_steps: steps of the inner optimizer on the proximal objective.
-        reg: the proximal regularisation strength (iMAML's lambda).
+        reg: the proximal regularisation strength (iMAML's lambda). Conjugate gradient needs
+            ``H + reg I`` positive definite at every task's adapted weights; where it is not, a
+            ``ValueError`` names the task(s) and asks for a larger ``reg``.
         cg_iterations, tol: conjugate-gradient iterations and relative residual tolerance.
+        batched: run all tasks at once (above).
+        cg_damping: ``c >= 0`` added to the solve's diagonal: CG solves ``(H + (reg + c) I) v = g``
+            and the meta-gradient is ``(reg + c) v = (I + H/(reg + c))^-1 g``, the implicit gradient
+            of a stiffer proximal term (the inner loop keeps ``reg``). It keeps the system positive
+            definite where the inner loop stops short of its minimum, at the price of an
+            approximate meta-gradient (``c -> infinity``: the query loss's gradient at the adapted
+            weights, first-order). 0 (the default): exact iMAML.
 
     Returns:
-        The mean query loss over the tasks after adaptation (a float).
-    """
-    from .implicit import implicit_hypergradient
-    from .patch import monkeypatch
+        An :class:`IMAMLResult`: the mean query loss over the tasks after adaptation (a float
+        subclass, so code that used the float it returned before is unchanged), whose attributes
+        hold each task's query loss, CG residual and iterations, and inner gradient norm. A solve
+        that stops above ``tol`` (``cg_iterations`` reached) is neither an error nor a warning, as
+        for :func:`higher.implicit_hypergradient`: check ``result.converged`` or
+        ``result.max_residual`` (and ``result.inner_gradient_norms``: the implicit gradient also
+        assumes the inner problem solved)::
 
+            result = imaml_step(model, inner_opt, tasks, loss_fn, batched=False)
+            if result.max_residual > 1e-3:
+                ...  # more cg_iterations, or a larger reg
+    """
     _check_steps(inner_steps)
     if not reg > 0:
         raise ValueError(
             f"reg must be positive (the proximal term makes the inner problem strongly convex), got {reg!r}"
         )
+    if isinstance(cg_damping, bool) or not isinstance(cg_damping, (int, float)) or not cg_damping >= 0:
+        raise ValueError(f"cg_damping must be a non-negative number, got {cg_damping!r}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     tracked = {id(p) for group in inner_opt.param_groups for p in group["params"]}
     if {id(p) for p in trainable} != tracked:
@@ -414,13 +527,52 @@ def imaml_step(
                 f"meta-gradient assumes; build inner_opt with weight_decay=0 and maximize=False (add an L2 term to "
                 f"loss_fn for weight decay)."
             )
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("imaml_step needs at least one task")
     position = [i for i, p in enumerate(model.parameters()) if p.requires_grad]
+    if batched:
+        stacked = _unpack(tasks)  # type: ignore[arg-type]
+        if not all(isinstance(t, Tensor) and t.dim() > 0 for t in stacked):
+            raise ValueError(
+                "imaml_step(batched=True) takes one task (support_x, support_y, query_x, query_y) of tensors with a "
+                "leading task dimension"
+            )
+        sizes = {t.shape[0] for t in stacked}
+        if len(sizes) != 1 or 0 in sizes:
+            shapes = ", ".join(str(tuple(t.shape)) for t in stacked)
+            raise ValueError(
+                f"imaml_step(batched=True): support_x, support_y, query_x and query_y need the same leading task "
+                f"dimension, at least 1; got shapes {shapes}"
+            )
+        return _imaml_batched(
+            model, inner_opt, stacked, loss_fn, inner_steps, reg, cg_iterations, tol, float(cg_damping), position
+        )
+    task_list = list(cast("Iterable[TaskLike]", tasks))
+    if not task_list:
+        raise ValueError("imaml_step needs at least one task")
+    return _imaml_per_task(
+        model, inner_opt, task_list, loss_fn, inner_steps, reg, cg_iterations, tol, float(cg_damping), position
+    )
+
+
+def _imaml_per_task(
+    model: nn.Module,
+    inner_opt: torch.optim.Optimizer,
+    tasks: list[TaskLike],
+    loss_fn: LossFn,
+    inner_steps: int,
+    reg: float,
+    cg_iterations: int,
+    tol: float,
+    damping: float,
+    position: list[int],
+) -> IMAMLResult:
+    """:func:`imaml_step` task by task: one :func:`higher.implicit_hypergradient` per task."""
+    from .implicit import implicit_hypergradient
+    from .patch import monkeypatch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
     view = monkeypatch(model, track_higher_grads=False)  # runs the model with the weights given to it
-    total = 0.0
-    for task in tasks:
+    losses, residuals, iterations, inner_norms = [], [], [], []
+    for index, task in enumerate(tasks):
         support_x, support_y, query_x, query_y = _unpack(task)
         phi = [p.detach() for p in trainable]
         with innerloop_ctx(model, inner_opt, track_higher_grads=False) as (fmodel, diffopt):
@@ -436,9 +588,20 @@ def imaml_step(
                 weights[i] = t
             return weights
 
-        def inner(theta: list[Tensor], meta: list[Tensor], x: Tensor = support_x, y: Tensor = support_y) -> Tensor:
+        def inner(
+            theta: list[Tensor],
+            meta: list[Tensor],
+            x: Tensor = support_x,
+            y: Tensor = support_y,
+            adapted: list[Tensor] = adapted,
+        ) -> Tensor:
             proximal = sum(((t - m) ** 2).sum() for t, m in zip(theta, meta))
-            return loss_fn(view(x, params=full(theta)), y) + reg / 2 * proximal
+            objective = loss_fn(view(x, params=full(theta)), y) + reg / 2 * proximal
+            if damping:  # damping I in the Hessian; no gradient at the adapted weights, none towards phi
+                objective = objective + damping / 2 * sum(
+                    ((t - adapted[i]) ** 2).sum() for i, t in zip(position, theta)
+                )
+            return objective
 
         def outer(theta: list[Tensor], meta: list[Tensor], x: Tensor = query_x, y: Tensor = query_y) -> Tensor:
             return loss_fn(view(x, params=full(theta)), y)
@@ -448,14 +611,112 @@ def imaml_step(
                 inner, outer, [adapted[i] for i in position], phi, solver="cg", iterations=cg_iterations, tol=tol
             )
         except ValueError as error:
-            if "positive definite" not in str(error):
+            if "non-positive curvature" not in str(error):
                 raise
-            raise ValueError(
-                f"imaml_step: {error} For iMAML the matrix is the support loss's Hessian plus reg times the "
-                f"identity: increase reg (now {reg}) so that it dominates the negative curvature."
-            ) from error
+            raise _curvature_error([index], len(tasks), reg, damping, batched=False) from error
         for p, g in zip(trainable, result.hypergradients):
-            g = g / len(tasks)
+            # implicit_hypergradient gives reg v; the damped Jacobian is (reg + damping) v (see imaml_step).
+            g = (g if not damping else g * ((reg + damping) / reg)) / len(tasks)
             p.grad = g.clone() if p.grad is None else p.grad + g
-        total += float(result.outer_loss)
-    return total / len(tasks)
+        losses.append(float(result.outer_loss))
+        residuals.append(result.residual)
+        iterations.append(result.iterations)
+        inner_norms.append(result.inner_gradient_norm)
+    return IMAMLResult(losses, residuals, iterations, inner_norms, tol)
+
+
+def _imaml_batched(
+    model: nn.Module,
+    inner_opt: torch.optim.Optimizer,
+    task: tuple[Tensor, Tensor, Tensor, Tensor],
+    loss_fn: LossFn,
+    inner_steps: int,
+    reg: float,
+    cg_iterations: int,
+    tol: float,
+    damping: float,
+    position: list[int],
+) -> IMAMLResult:
+    """:func:`imaml_step` with all tasks at once: a task-batched inner loop and conjugate gradient.
+
+    Every quantity of the per-task solve gets a leading task dimension: the fast weights
+    ``theta`` ``[T, ...]``, the right-hand side ``g`` (the query loss's gradient, per task), the
+    CG iterates. The tasks' losses do not interact, so the gradient of their sum is each task's
+    gradient, and one double backward gives every task's Hessian-vector product at once. The
+    scalars of CG (residual norms, curvature ``d'(H + reg I)d``, step sizes) are per task (shape
+    ``[T]``); a task whose residual fell below ``tol`` is frozen (step 0) while the others go on.
+    """
+    from . import batched as batched_api
+    from .implicit import _grads
+
+    support_x, support_y, query_x, query_y = task
+    num_tasks = support_x.shape[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    phi = [p.detach() for p in trainable]  # broadcasts against the [T, ...] fast weights
+    task_loss = torch.func.vmap(loss_fn)  # one loss per task: [T]
+    with innerloop_ctx(model, inner_opt, track_higher_grads=False, tasks=num_tasks) as (fmodel, diffopt):
+        for _ in range(inner_steps):
+            params = list(fmodel.parameters())
+            proximal = sum(((params[i] - f) ** 2).reshape(num_tasks, -1).sum(1) for i, f in zip(position, phi))
+            diffopt.step(task_loss(fmodel(support_x), support_y) + reg / 2 * proximal)
+        adapted = [p.detach() for p in fmodel.parameters()]
+    view = batched_api.monkeypatch(model, num_tasks, track_higher_grads=False)
+    theta = [adapted[i].clone().requires_grad_() for i in position]
+
+    def full(values: list[Tensor]) -> list[Tensor]:
+        weights = list(adapted)
+        for i, t in zip(position, values):
+            weights[i] = t
+        return weights
+
+    sizes = [t[0].numel() for t in theta]
+
+    def flat(tensors: Sequence[Tensor]) -> Tensor:  # [T, ...] per parameter -> one [T, P]
+        return torch.cat([x.reshape(num_tasks, -1) for x in tensors], dim=1)
+
+    def unflat(vector: Tensor) -> list[Tensor]:
+        return [x.reshape(t.shape) for x, t in zip(vector.split(sizes, dim=1), theta)]
+
+    with torch.enable_grad():
+        query = task_loss(view(query_x, params=full(theta)), query_y)
+        b = flat(_grads(query.sum(), theta))
+        support = task_loss(view(support_x, params=full(theta)), support_y)
+        support_grad = _grads(support.sum(), theta, create_graph=True)
+
+        def hvp(vector: Tensor) -> Tensor:
+            hessian = flat(_grads(support_grad, theta, grad_outputs=unflat(vector), retain_graph=True))
+            return hessian + (reg + damping) * vector
+
+        # Conjugate gradient, one solve per task: every scalar of the per-task solve is a [T] tensor.
+        b_norm = b.norm(dim=1)
+        v, r, d = torch.zeros_like(b), b.clone(), b.clone()
+        rr = (r * r).sum(1)
+        active = b_norm > 0
+        steps = torch.zeros(num_tasks, dtype=torch.long, device=b.device)
+        for _ in range(cg_iterations):
+            if not bool(active.any()):
+                break
+            hd = hvp(d)
+            curvature = (d * hd).sum(1)
+            bad = active & ~(curvature > 0)
+            if bool(bad.any()):
+                raise _curvature_error(bad.nonzero().flatten().tolist(), num_tasks, reg, damping, batched=True)
+            step = torch.where(active, rr / torch.where(active, curvature, torch.ones_like(curvature)), 0.0)
+            v = v + step[:, None] * d
+            r = r - step[:, None] * hd
+            steps += active.long()
+            new_rr = (r * r).sum(1)
+            active = active & ~(new_rr.sqrt() <= tol * b_norm)
+            beta = torch.where(active, new_rr / torch.where(active, rr, torch.ones_like(rr)), 0.0)
+            d = torch.where(active[:, None], r + beta[:, None] * d, d)
+            rr = torch.where(active, new_rr, rr)
+        error = (hvp(v) - b).norm(dim=1)  # the residual of the system solved (damping included)
+        residual = torch.where(b_norm > 0, error / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)), 0.0)
+        inner_grad = flat([g.detach() + reg * (t.detach() - f) for g, t, f in zip(support_grad, theta, phi)])
+        inner_norm = inner_grad.norm(dim=1)
+    # d meta-loss / d phi = -(d^2 f / d phi d theta) v = reg v per task (the query loss does not
+    # depend on phi directly), (reg + damping) v with damping (see imaml_step); the mean over tasks.
+    for p, x in zip(trainable, unflat(v)):
+        g = ((reg + damping) * x).sum(0) / num_tasks
+        p.grad = g if p.grad is None else p.grad + g
+    return IMAMLResult(query.detach().tolist(), residual.tolist(), steps.tolist(), inner_norm.tolist(), tol)

@@ -6,7 +6,9 @@ This module only parses the options and dispatches to the experiments of :mod:`h
   of Finn et al. (2017), 70,000 iterations, task-batched (:mod:`higher.demos.sinusoid`); its
   meta-iteration is compiled with ``torch.compile`` on CPU from 20,000 iterations on, where that
   makes the whole run faster (``--no-compile`` turns it off, ``--compile`` on for shorter runs;
-  see :mod:`higher.demos.sinusoid`).
+  see :mod:`higher.demos.sinusoid`). ``--algorithm maml|fomaml|metasgd|anil|imaml`` (given to
+  ``demo`` or to ``demo sinusoid``) picks the meta-learning algorithm, each with its own default
+  iterations and inner steps.
 * ``higher demo digits`` -- few-shot classification of scikit-learn's bundled digits, MAML against
   a pretrained baseline (:mod:`higher.demos.digits`).
 * ``higher demo hyper`` -- learning the inner loop's learning rate and momentum by hypergradient
@@ -187,6 +189,35 @@ def _add_compile_options(parser: argparse.ArgumentParser, suppress: bool) -> Non
     )
 
 
+def _add_algorithm_options(parser: argparse.ArgumentParser, suppress: bool, hidden: bool = False) -> None:
+    """``--algorithm`` / ``--first-order`` (sinusoid only): given on ``demo`` or on ``demo sinusoid``.
+
+    ``hidden``: accepted but not shown in ``--help`` (``demo digits`` and ``demo hyper``), so that
+    ``demo digits --algorithm imaml`` is refused with a message that names the sinusoid demo
+    instead of argparse's "unrecognized arguments"."""
+    default = argparse.SUPPRESS if suppress else None
+    defaults = ", ".join(
+        f"{name} {learner.default_iterations}" for name, learner in sorted(sinusoid.ALGORITHMS.items())
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=sorted(sinusoid.ALGORITHMS),
+        default=default,
+        help=argparse.SUPPRESS
+        if hidden
+        else "sinusoid: the meta-learning algorithm (default maml). Each fine-tunes the test tasks as it adapts "
+        f"in meta-training; default iterations: {defaults}",
+    )
+    parser.add_argument(
+        "--first-order",
+        action="store_true",
+        default=default,
+        help=argparse.SUPPRESS
+        if hidden
+        else "sinusoid: first-order MAML instead of second order (= --algorithm fomaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``higher`` command."""
     parser = argparse.ArgumentParser(prog="higher", description="higher: differentiate through optimization loops.")
@@ -205,23 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(demo, suppress=False)
     _add_compile_options(demo, suppress=False)
+    _add_algorithm_options(demo, suppress=False)
     experiments = demo.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     sinusoid_parser = experiments.add_parser("sinusoid", help="MAML on sinusoid regression (the default)")
     _add_common_options(sinusoid_parser, suppress=True)
     _add_compile_options(sinusoid_parser, suppress=True)
-    sinusoid_parser.add_argument(
-        "--algorithm",
-        choices=sorted(sinusoid.ALGORITHMS),
-        default=None,
-        help="the meta-learning algorithm (default maml)",
-    )
-    sinusoid_parser.add_argument(
-        "--first-order", action="store_true", help="first-order MAML instead of second order (= --algorithm fomaml)"
-    )
+    _add_algorithm_options(sinusoid_parser, suppress=True)
     digits_parser = experiments.add_parser(
         "digits", help="few-shot classification of sklearn's digits, MAML vs baseline"
     )
     _add_common_options(digits_parser, suppress=True)
+    _add_algorithm_options(digits_parser, suppress=True, hidden=True)
     digits_parser.add_argument(
         "--ways", type=_positive_int, default=5, help=f"classes per task (default 5, at most {digits.MAX_WAYS})"
     )
@@ -233,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hyper_parser = experiments.add_parser("hyper", help="learn the inner learning rate and momentum by hypergradient")
     _add_common_options(hyper_parser, suppress=True)
+    _add_algorithm_options(hyper_parser, suppress=True, hidden=True)
     hyper_parser.add_argument(
         "--inner-steps",
         "--steps",
@@ -267,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Options every experiment takes whose defaults are filled in by _resolve (so that it can tell
 #: whether they were given), and those --problem logreg has no use for.
 _COMMON_DEFAULTS: dict[str, Any] = {"seed": 0, "test_tasks": 600, "per_task": False}
+_SINUSOID_ONLY = (("algorithm", "--algorithm"), ("first_order", "--first-order"))
 _NOT_LOGREG = (("shots", "--shots"), ("test_tasks", "--test-tasks"), ("per_task", "--per-task"), ("seed", "--seed"))
 
 
@@ -292,16 +319,22 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
                 f"{', '.join(unused)}: not used by --problem logreg (its data, split and seed are fixed, and it "
                 "has no tasks); leave them out"
             )
-    for name, value in {**_COMMON_DEFAULTS, **DEFAULTS[experiment]}.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, _png_path(value) if name == "out" else value)
     if experiment == "sinusoid":
-        first_order = getattr(args, "first_order", False)
+        first_order = bool(getattr(args, "first_order", None))
         algorithm = getattr(args, "algorithm", None)
         if first_order and algorithm not in (None, "fomaml"):
             raise CliError(f"--first-order is first-order MAML; it cannot be combined with --algorithm {algorithm}")
         args.algorithm = "fomaml" if first_order else (algorithm or "maml")
         args.first_order = args.algorithm == "fomaml"
+        if getattr(args, "iterations", None) is None:  # each algorithm's own (iMAML's is shorter)
+            args.iterations = sinusoid.ALGORITHMS[args.algorithm].default_iterations
+    else:
+        given = [flag for name, flag in _SINUSOID_ONLY if getattr(args, name, None)]
+        if given:
+            raise CliError(f"{', '.join(given)}: an option of the sinusoid demo; demo {experiment} has no algorithms")
+    for name, value in {**_COMMON_DEFAULTS, **DEFAULTS[experiment]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, _png_path(value) if name == "out" else value)
     if experiment != "sinusoid" and getattr(args, "compile", None) is not None:
         flag = "--compile" if args.compile else "--no-compile"
         raise CliError(f"{flag} is an option of the sinusoid demo; demo {experiment} runs eagerly")

@@ -76,3 +76,28 @@ def test_progress_prints_lines_with_the_rate_without_a_bar(capsys):
     quiet = common.Progress(5, enabled=True, label="q", quiet=True)
     quiet.update(1, 2.0)
     assert quiet.running == 2.0 and capsys.readouterr().out == ""
+
+
+def test_summarize_counts_diverged_values_and_averages_the_others():
+    values = [0.5, 1.5, math.nan, 2.0, math.inf, 1e6, 4.0]
+    summary = common.summarize(values, diverged_above=100.0)
+    assert (summary.diverged, summary.tasks) == (3, 7)
+    assert (summary.mean, summary.ci95) == common.mean_interval([0.5, 1.5, 2.0, 4.0])
+    assert common.summarize([1.0, 2.0], diverged_above=100.0) == (*common.mean_interval([1.0, 2.0]), 0, 2)
+    everything = common.summarize([math.nan, 1e9], diverged_above=100.0)
+    assert everything.diverged == everything.tasks == 2 and math.isnan(everything.mean)
+
+
+def test_format_table_and_json_say_how_many_tasks_diverged():
+    rows = {
+        "MAML": [common.Summary(3.0, 0.2, 0, 5), common.Summary(0.4, 0.05, 2, 5)],
+        "Meta-SGD": [common.Summary(3.0, 0.2, 0, 5), common.Summary(math.nan, math.nan, 5, 5)],
+        "pretrained": [(3.0, 0.21), (2.5, 0.18)],
+    }
+    lines = common.format_table("title", ["0 steps", "10 steps"], rows, digits=3).splitlines()
+    assert lines[2].split() == ["MAML", "3.000", "±", "0.200", "0.400", "±", "0.050", "(2", "diverged)"]
+    assert lines[3].split() == ["Meta-SGD", "3.000", "±", "0.200", "all", "5", "diverged"]
+    assert "diverged" not in lines[4]
+    numbers = common.table_json(["0 steps", "10 steps"], rows)
+    assert numbers["MAML"]["10 steps"] == {"mean": 0.4, "ci95": 0.05, "diverged": 2, "tasks": 5}
+    assert numbers["pretrained"]["10 steps"] == {"mean": 2.5, "ci95": 0.18}

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,6 +23,8 @@ __all__ = [
     "TEST_SEED",
     "Progress",
     "mean_interval",
+    "Summary",
+    "summarize",
     "format_table",
     "table_json",
     "pyplot",
@@ -99,19 +101,57 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(variance / n)
 
 
+class Summary(NamedTuple):
+    """A table cell: mean and 95% half-width over the tasks that did not diverge, and how many did."""
+
+    mean: float
+    ci95: float
+    diverged: int = 0
+    tasks: int = 0
+
+
+def summarize(values: Sequence[float], diverged_above: float) -> Summary:
+    """:func:`mean_interval` over the values that are finite and at most ``diverged_above``.
+
+    The others are counted as diverged (a fine-tuning that blew up on that task) instead of
+    being averaged in, where a single one would make the mean meaningless (``inf``, ``nan`` or
+    1e12). When every value diverged, the mean and half-width are NaN (the table says so in
+    words).
+    """
+    kept = [v for v in values if math.isfinite(v) and v <= diverged_above]
+    diverged = len(values) - len(kept)
+    if not kept:
+        return Summary(math.nan, math.nan, diverged, len(values))
+    mean, half = mean_interval(kept)
+    return Summary(mean, half, diverged, len(values))
+
+
 def format_table(
-    title: str, columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float]]], digits: int
+    title: str,
+    columns: Sequence[str],
+    rows: Mapping[str, Sequence[tuple[float, float] | Summary]],
+    digits: int,
 ) -> str:
     """A text table of ``mean ± half-width`` cells, one row per method.
 
     Numbers print with ``digits`` decimals, in scientific notation from 10,000 on (a run whose
-    fine-tuning diverged on some task has an enormous mean, which would widen every column).
+    fine-tuning diverged on some task has an enormous mean, which would widen every column). A
+    :class:`Summary` cell with diverged tasks prints ``(k diverged)`` after its numbers (which are
+    then over the other tasks), or ``all k diverged``.
     """
 
     def number(value: float) -> str:
         return f"{value:.{digits}e}" if math.isfinite(value) and abs(value) >= 1e4 else f"{value:.{digits}f}"
 
-    cells = {name: [f"{number(m)} ± {number(h)}" for m, h in values] for name, values in rows.items()}
+    def cell(value: tuple[float, float] | Summary) -> str:
+        mean, half = value[0], value[1]
+        diverged = value.diverged if isinstance(value, Summary) else 0
+        if isinstance(value, Summary) and diverged and diverged == value.tasks:
+            return f"all {diverged} diverged"
+        text = f"{number(mean)} ± {number(half)}"
+        return f"{text} ({diverged} diverged)" if diverged else text
+
+    cells = {name: [cell(value) for value in values] for name, values in rows.items()}
     width = max(len(c) for c in [*columns, *(c for row in cells.values() for c in row)])
     name_width = max(len("method"), *(len(n) for n in rows))
     lines = [title, "  ".join(["method".ljust(name_width)] + [c.rjust(width) for c in columns])]
@@ -121,13 +161,19 @@ def format_table(
 
 
 def table_json(
-    columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float]]]
+    columns: Sequence[str], rows: Mapping[str, Sequence[tuple[float, float] | Summary]]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """The table's numbers: ``{method: {column: {"mean": m, "ci95": h}}}``."""
-    return {
-        name: {column: {"mean": m, "ci95": h} for column, (m, h) in zip(columns, values)}
-        for name, values in rows.items()
-    }
+    """The table's numbers: ``{method: {column: {"mean": m, "ci95": h}}}``.
+
+    A :class:`Summary` cell also gives ``"diverged"`` (tasks left out of the mean) and ``"tasks"``.
+    """
+
+    def entry(value: tuple[float, float] | Summary) -> dict[str, float]:
+        if isinstance(value, Summary):
+            return {"mean": value.mean, "ci95": value.ci95, "diverged": value.diverged, "tasks": value.tasks}
+        return {"mean": value[0], "ci95": value[1]}
+
+    return {name: {column: entry(value) for column, value in zip(columns, values)} for name, values in rows.items()}
 
 
 def pyplot() -> Any:
