@@ -153,7 +153,9 @@ class _Ranks:
                 try:
                     records.append(torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False))
                 except EOFError:
-                    raise AssertionError(f"rank {r} died without a result (exit code {self.procs[r].exitcode})") from None
+                    raise AssertionError(
+                        f"rank {r} died without a result (exit code {self.procs[r].exitcode})"
+                    ) from None
         finally:
             if len(records) < WORLD or not all(record["ok"] for record in records):
                 self.close(wait_s=0)  # a failed collective leaves the group unusable: the next test starts anew
