@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
+.PHONY: demo example test coverage fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,18 @@ demo: install-demo
 example: install
 	$(PY) examples/copy_initial_weights.py
 
+# The suite runs on every core (pytest-xdist, one worker per core; --dist loadgroup keeps each
+# xdist_group, such as tests/test_benchmarks_compiled.py's shared inductor cache, on one worker).
+PYTEST_XDIST ?= -n auto --dist loadgroup
 test: install-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_XDIST)
 	$(MAKE) typecheck VENV=$(VENV)
+
+# The suite under coverage.py (pytest-cov, on every core as make test): the line coverage of each file of
+# src/higher and the total. (What runs in the tests' subprocesses, such as the gloo ranks, is not counted.)
+coverage: install-dev
+	$(PY) -m pytest -q $(PYTEST_XDIST) --cov=src/higher --cov-report=term
 
 # The differential-testing harness (tests/differential) on fresh random problems instead of the fixed sample
 # that `make test` runs, and many more of them: FUZZ=k draws k times the default counts (about 40 minutes
@@ -101,4 +109,4 @@ docs: install-docs
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(WHEEL_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .bench
+	rm -rf $(VENV) $(WHEEL_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .bench .coverage .coverage.*

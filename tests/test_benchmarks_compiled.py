@@ -10,6 +10,8 @@ installed, its workloads' meta-gradients are checked against the torch reference
 conv layers (convolution, batch-statistics BatchNorm, max-pool, cross-entropy) on a small net.
 """
 
+from __future__ import annotations
+
 import copy
 import json
 import os
@@ -35,19 +37,33 @@ SCRIPT = ROOT / "benchmarks" / "compiled.py"
 TINY = ["--tiny", "--workloads", "sine", "--rounds", "1", "--warmup", "0", "--quiet", "--no-cache-times"]
 
 
-def _run(tmp_path: Path, *args: str) -> dict:
+# The module's runs share one inductor cache (the main process's and the memory processes'), so that the
+# sine workload's graphs are compiled once, not by each test and each memory process; on one xdist worker.
+pytestmark = pytest.mark.xdist_group("benchmarks_compiled")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("inductor")
+
+
+def _run(tmp_path: Path, *args: str, cache: Path | None = None) -> dict:
+    """compiled.py on the tiny setting; its inductor cache ``cache`` (by default a private, empty one)."""
     out = tmp_path / "compiled.json"
     command = [sys.executable, str(SCRIPT), *TINY, *args, "--json", str(out)]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    cache = cache or tmp_path / "inductor"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "HIGHER_BENCH_CACHE_DIR": str(cache)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| workload | optimizer | variant | median ms |" in result.stdout
     return json.loads(out.read_text())
 
 
-def test_compiled_benchmark_checks_and_times_without_jax(tmp_path):
+def test_compiled_benchmark_checks_and_times_without_jax(tmp_path, shared_cache):
     variants = "jax,tfunc_compiled,ours_compiled_batched,ours_batched"
-    results = _run(tmp_path, "--optimizers", "sgd", "--variants", variants, "--no-jax", "--no-memory")
+    results = _run(
+        tmp_path, "--optimizers", "sgd", "--variants", variants, "--no-jax", "--no-memory", cache=shared_cache
+    )
     (record,) = results["results"]
     assert "jax" not in record["names"] and results["skipped"] == ["JAX: --no-jax"]
     # The compiled torch.func meta-iteration is timed, its first call (the compile) reported apart.
@@ -62,8 +78,9 @@ def test_compiled_benchmark_checks_and_times_without_jax(tmp_path):
         assert record["check"][ours]["float32_error"] < 1e-5 and record["median_ms"][ours] > 0
 
 
-def test_memory_is_measured_after_the_compile(tmp_path):
-    results = _run(tmp_path, "--optimizers", "sgd", "--variants", "tfunc_compiled,tfunc_eager", "--no-jax")
+def test_memory_is_measured_after_the_compile(tmp_path, shared_cache):
+    args = ["--optimizers", "sgd", "--variants", "tfunc_compiled,tfunc_eager", "--no-jax"]
+    results = _run(tmp_path, *args, cache=shared_cache)
     (record,) = results["results"]
     for name in ("tfunc_compiled", "tfunc_eager"):
         memory = record["memory"][name]

@@ -38,7 +38,7 @@ def sine_mlp() -> nn.Module:
 
 def deep_mlp() -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(1, 8), nn.Tanh()]
-    for _ in range(6):
+    for _ in range(3):
         layers += [nn.Linear(8, 8), nn.Tanh()]
     return nn.Sequential(*layers, nn.Linear(8, 1))
 
@@ -145,7 +145,7 @@ def test_no_recompilation_over_meta_iterations(make_model):
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def run(data, lr):
-        return batched_meta_iteration(model, opt, data, steps=3, lr=lr)
+        return batched_meta_iteration(model, opt, data, steps=2, lr=lr)
 
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     for iteration in range(4):
@@ -339,7 +339,7 @@ def test_every_optimizer_compiles_to_one_graph_with_eager_meta_gradients(name):
     opt = make_optimizer(name, model)
     data = sine_tasks(3)
 
-    def run():
+    def run():  # 3 inner steps (with 2, RMSprop's float32 rounding exceeds TOLERANCE on one entry)
         return batched_meta_iteration(model, opt, data, steps=3)
 
     expected = gradients(run, model)
@@ -430,7 +430,7 @@ def test_parameter_groups_frozen_and_unused_parameters_as_eagerly(batched):
     data = sine_tasks(3)
 
     def run():
-        return iteration(model, opt, data, steps=3)
+        return iteration(model, opt, data, steps=2)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
 

@@ -1,7 +1,10 @@
 """DistributedDataParallel models in inner loops (higher.distributed), on 2 gloo ranks.
 
-Each test starts 2 processes (forkserver), each with a gloo process group whose timeout is short, so a
-failing rank can never hang the suite; every rank writes its result (or its error) to a file.
+The module starts 2 processes (forkserver) once, each with a gloo process group whose timeout is short,
+so a failing rank can never hang the suite; each test sends them the name of a function of this module
+(the ``ranks`` fixture), and every rank sends back its result (or its error). A rank that fails or hangs
+ends the pair, and the next test starts a fresh one. The tests that make a rank fail on purpose start
+their own 2 processes (``_run``), each writing its result (or its error) to a file.
 The reference is one process running the whole meta-batch without DDP.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import io
 import multiprocessing
 import os
 import socket
@@ -43,25 +47,129 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> None:
+def _call(fn_name: str, rank: int, args: tuple) -> dict:
+    """``fn_name(rank, *args)`` in a rank, as its record: the result, or the error."""
+    try:
+        return {"ok": True, "result": _function(fn_name)(rank, *args)}
+    except BaseException as error:  # noqa: BLE001 - reported to the test
+        return {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}
+
+
+def _init_rank(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # as tests/conftest.py does for the test process
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+    )
+
+
+def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> None:
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
-        )
+        _init_rank(rank, port)
         try:
-            result = _function(fn_name)(rank, *args)
+            record = _call(fn_name, rank, args)
         finally:
             torch.distributed.destroy_process_group()
-        torch.save({"ok": True, "result": result}, path)
     except BaseException as error:  # noqa: BLE001 - reported to the test
-        torch.save(
-            {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}, path
-        )
-        raise SystemExit(1) from None
+        record = {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}
+    torch.save(record, path)
+    if not record["ok"]:
+        raise SystemExit(1)
+
+
+def _pool_entry(rank: int, port: int, conn: Any) -> None:
+    """A rank of the module's pair: runs the functions it is sent, on one process group, until told to stop."""
+    _init_rank(rank, port)
+    seed = torch.initial_seed()
+    try:
+        while True:
+            message = conn.recv()
+            if message is None:
+                break
+            fn_name, args = message
+            torch.set_default_dtype(torch.float64)  # each function starts as in a fresh rank
+            torch.manual_seed(seed)
+            record = _call(fn_name, rank, args)
+            buffer = io.BytesIO()
+            torch.save(record, buffer)
+            conn.send_bytes(buffer.getvalue())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _context(fn_name: str = "") -> Any:
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports torch once; each rank is then a fork of it (a clean, single-threaded process).
+    module = fn_name.rpartition(":")[0]
+    ctx.set_forkserver_preload(["torch", "higher", "test_distributed", *([module] if module else [])])
+    return ctx
+
+
+class _Ranks:
+    """2 ranks started once, with their process group, that run this module's functions by name."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+
+    def _start(self) -> None:
+        ctx = _context()
+        port = _free_port()
+        for r in range(WORLD):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_pool_entry, args=(r, port, child), daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    def close(self, wait_s: float = 10.0) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self.procs:
+            proc.join(wait_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+    def run(self, fn_name: str, *args: Any) -> list[dict]:
+        """Each rank's record of ``fn_name(rank, *args)`` (as :func:`_run`, on the module's ranks)."""
+        if not self.procs:
+            self._start()
+        for conn in self.conns:
+            conn.send((fn_name, args))
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        records: list[Any] = []
+        try:
+            for r, conn in enumerate(self.conns):
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise AssertionError(f"rank {r} did not finish within {JOIN_TIMEOUT_S} s")
+                try:
+                    records.append(torch.load(io.BytesIO(conn.recv_bytes()), weights_only=False))
+                except EOFError:
+                    raise AssertionError(
+                        f"rank {r} died without a result (exit code {self.procs[r].exitcode})"
+                    ) from None
+        finally:
+            if len(records) < WORLD or not all(record["ok"] for record in records):
+                self.close(wait_s=0)  # a failed collective leaves the group unusable: the next test starts anew
+        return records
+
+    def results(self, fn_name: str, *args: Any) -> list[Any]:
+        return _checked(self.run(fn_name, *args))
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pair = _Ranks()
+    yield pair
+    pair.close()
 
 
 def _function(fn_name: str) -> Any:
@@ -72,10 +180,7 @@ def _function(fn_name: str) -> Any:
 
 def _run(fn_name: str, *args: Any) -> list[dict]:
     """Run ``fn_name(rank, *args)`` on 2 ranks; returns each rank's record (result or error)."""
-    ctx = multiprocessing.get_context("forkserver")
-    # The server imports torch once; each rank is then a fork of it (a clean, single-threaded process).
-    module = fn_name.rpartition(":")[0]
-    ctx.set_forkserver_preload(["torch", "higher", "test_distributed", *([module] if module else [])])
+    ctx = _context(fn_name)
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
         procs = [ctx.Process(target=_entry, args=(r, port, out_dir, fn_name, args)) for r in range(WORLD)]
@@ -99,7 +204,11 @@ def _run(fn_name: str, *args: Any) -> list[dict]:
 
 
 def _results(fn_name: str, *args: Any) -> list[Any]:
-    records = _run(fn_name, *args)
+    """The results of ``fn_name(rank, *args)`` on 2 ranks of their own (see :func:`_run`)."""
+    return _checked(_run(fn_name, *args))
+
+
+def _checked(records: list[dict]) -> list[Any]:
     for r, record in enumerate(records):
         assert record["ok"], f"rank {r} failed:\n{record['tb']}"
     return [record["result"] for record in records]
@@ -247,8 +356,8 @@ def _model_bytes(kind: str, dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------------------- the tests
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_meta_gradient_equals_single_process(dtype):
-    results = _results("_distributed_worker", "mlp", "batched", dtype, False, {})
+def test_batched_meta_gradient_equals_single_process(dtype, ranks):
+    results = ranks.results("_distributed_worker", "mlp", "batched", dtype, False, {})
     _check_against_single(results, _single("mlp", "batched", dtype, False), dtype)
     # one all-reduce of one model's gradients per meta-iteration (a single bucket: < 1 MiB)
     for result in results:
@@ -258,8 +367,8 @@ def test_batched_meta_gradient_equals_single_process(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_per_task_no_sync_equals_single_process(dtype):
-    results = _results("_distributed_worker", "mlp", "per_task", dtype, False, {})
+def test_per_task_no_sync_equals_single_process(dtype, ranks):
+    results = ranks.results("_distributed_worker", "mlp", "per_task", dtype, False, {})
     _check_against_single(results, _single("mlp", "per_task", dtype, False), dtype)
     # no_sync(): 3 (rank 0) or 2 (rank 1) backward passes per meta-iteration, one all-reduce
     for result in results:
@@ -271,17 +380,17 @@ def _first_order_worker(rank: int) -> Any:
     return {mode: _distributed_worker(rank, "mlp", mode, torch.float64, True, {}) for mode in ("batched", "per_task")}
 
 
-def test_first_order_both_paths():
-    results = _results("_first_order_worker")
+def test_first_order_both_paths(ranks):
+    results = ranks.results("_first_order_worker")
     for mode in ("batched", "per_task"):
         _check_against_single([r[mode] for r in results], _single("mlp", mode, torch.float64, True), torch.float64)
 
 
-def test_batchnorm_buffers_and_small_buckets():
+def test_batchnorm_buffers_and_small_buckets(ranks):
     """A BatchNorm model: buffers untouched by the fmodel (and broadcast once per sync), several buckets."""
     reference = _single("bn", "per_task", torch.float64, False)
     model_bytes = _model_bytes("bn", torch.float64)
-    results = _results("_distributed_worker", "bn", "per_task", torch.float64, False, {"bucket_cap_mb": 1e-4})
+    results = ranks.results("_distributed_worker", "bn", "per_task", torch.float64, False, {"bucket_cap_mb": 1e-4})
     _check_against_single(results, reference, torch.float64)
     fresh = _model("bn", torch.float64)
     for result in results:
@@ -307,9 +416,9 @@ def _shared_buffers_worker(rank: int) -> Any:
     return [b.clone() for b in model.buffers()]
 
 
-def test_shared_buffers_take_rank_0s_after_the_all_reduce():
+def test_shared_buffers_take_rank_0s_after_the_all_reduce(ranks):
     """share_buffers=True: each rank's inner loop updates its model's BatchNorm statistics; then rank 0's win."""
-    results = _results("_shared_buffers_worker")
+    results = ranks.results("_shared_buffers_worker")
     alone = _model("bn", torch.float64)
     _shared_buffers_step(alone, alone, 0)  # rank 0's inner loop in one process
     moved = [not torch.equal(b, b0) for b, b0 in zip(alone.buffers(), _model("bn", torch.float64).buffers())]
@@ -343,8 +452,8 @@ def _no_sync_decided_at_forward(rank: int) -> Any:
     return {"counts": counts, "local": local, "synced": [p.grad.clone() for p in model.parameters()], "hooks": hooks}
 
 
-def test_no_sync_follows_the_forward():
-    results = _results("_no_sync_decided_at_forward")
+def test_no_sync_follows_the_forward(ranks):
+    results = ranks.results("_no_sync_decided_at_forward")
     for result in results:
         assert result["counts"] == [0, 1]
         assert all(not h for h in result["hooks"])
@@ -376,12 +485,12 @@ def _unused_worker(rank: int, find_unused: bool) -> Any:
     return {"grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()]}
 
 
-def test_unused_parameters_follow_ddp():
-    records = _run("_unused_worker", False)
+def test_unused_parameters_follow_ddp(ranks):
+    records = _run("_unused_worker", False)  # both ranks fail on purpose: 2 processes of their own
     for record in records:
         assert not record["ok"]
         assert "find_unused_parameters=True" in record["message"] and "spare.weight" in record["message"]
-    results = _results("_unused_worker", True)
+    results = ranks.results("_unused_worker", True)
     for result in results:
         body, spare = result["grads"][:4], result["grads"][4:]
         assert all(g is not None for g in body) and all(g is None for g in spare)
@@ -449,8 +558,8 @@ def _options_worker(rank: int) -> Any:
     return errors
 
 
-def test_unsupported_options_raise():
-    for result in _results("_options_worker"):
+def test_unsupported_options_raise(ranks):
+    for result in ranks.results("_options_worker"):
         assert "register_comm_hook" in result["comm_hook"]
         assert result["synced"] == 1
         assert result["after_copy"] == 1 and result["hooks_after_copy"] == 0
@@ -503,7 +612,7 @@ def _maml_step_worker(rank: int) -> Any:
     return {"losses": losses, "params": [p.detach().clone() for p in model.parameters()], "stats": hd.sync_stats(net)}
 
 
-def test_distributed_maml_step_equals_maml_step():
+def test_distributed_maml_step_equals_maml_step(ranks):
     from higher.algorithms import maml_step
     from higher.data import SinusoidTasks
 
@@ -517,7 +626,7 @@ def test_distributed_maml_step_equals_maml_step():
         meta_opt.zero_grad()
         losses.append(maml_step(model, inner_opt, tasks, F.mse_loss, inner_steps=2))
         meta_opt.step()
-    for result in _results("_maml_step_worker"):
+    for result in ranks.results("_maml_step_worker"):
         assert result["losses"] == pytest.approx(losses, rel=1e-12)
         _assert_close(result["params"], [p.detach() for p in model.parameters()], torch.float64)
         assert result["stats"]["all_reduces"] == OUTER_STEPS  # one per meta-iteration, 3 or 2 tasks per rank
