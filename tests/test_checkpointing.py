@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
+from small_problems import LONG_STEPS, seeded_data, seeded_model, small_problem
 
 STEPS = 7
 
@@ -780,40 +781,12 @@ def test_an_override_given_by_a_step_hook_leaves_nothing_behind():
 
 
 # ------------------------------------------------------------------ misuse and interruption
-LONG_STEPS = 9
-
-
-def _seeded_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
-
-
-def _seeded_data():
-    g = torch.Generator().manual_seed(1)
-    return (
-        torch.randn(LONG_STEPS, 5, 3, generator=g),
-        torch.randn(LONG_STEPS, 5, 2, generator=g),
-        torch.randn(6, 3, generator=g),
-        torch.randn(6, 2, generator=g),
-    )
-
-
-def _small_problem():
-    g = torch.Generator().manual_seed(3)
-    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
-    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
-    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
-    return model, opt, inner, outer
-
-
 # ------------------------------------------------------------------ checkpointed_unroll
 def test_second_derivatives_through_a_checkpointed_unroll_are_refused_not_wrong():
     """create_graph=True through the segment nodes used to give a silently wrong second derivative
     (-2.65 against the plain unroll's 14.4): the recomputation differentiates without a graph."""
-    xs, ys, xq, yq = _seeded_data()
-    model = _seeded_model()
+    xs, ys, xq, yq = seeded_data()
+    model = seeded_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     lr = torch.tensor(0.1, requires_grad=True)
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]}) as (fmodel, diffopt):
@@ -834,8 +807,8 @@ def test_an_interrupted_checkpointed_unroll_leaves_the_loop_connected_to_the_mod
     """A KeyboardInterrupt inside a checkpointed segment used to leave detached copies as the fast
     weights: continuing the loop then gave no meta-gradient at all (grads None). Now the fmodel and
     optimizer are back at the start of the interrupted segment, connected to the model."""
-    xs, ys, xq, yq = _seeded_data()
-    model = _seeded_model()
+    xs, ys, xq, yq = seeded_data()
+    model = seeded_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step_loss = lambda fm, t: F.mse_loss(fm(xs[t]), ys[t])  # noqa: E731
 
@@ -864,7 +837,7 @@ def test_an_interrupted_checkpointed_unroll_leaves_the_loop_connected_to_the_mod
 
 
 def test_checkpointed_unroll_under_no_grad_gets_a_clear_error():
-    model, opt, inner, _ = _small_problem()
+    model, opt, inner, _ = small_problem()
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
             higher.checkpointed_unroll(fmodel, diffopt, lambda fm, t: inner(fm, [0.0]), 9)
@@ -873,8 +846,8 @@ def test_checkpointed_unroll_under_no_grad_gets_a_clear_error():
 def test_checkpointed_unroll_inputs_one_tensor_or_a_sequence_of_tensors():
     """inputs=tensor used to be iterated over (a 1-d tensor became its elements, and the error then
     asked for the very tensor given); a non-tensor raised AttributeError 'grad_fn'."""
-    xs, ys, xq, yq = _seeded_data()
-    model = _seeded_model()
+    xs, ys, xq, yq = seeded_data()
+    model = seeded_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     log_scale = torch.zeros(2, requires_grad=True)
     scale = log_scale.exp()  # non-leaf, computed before the unroll

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
+from small_problems import LONG_STEPS, seeded_data, seeded_model, small_problem
 
 STEPS = 6
 
@@ -167,34 +168,6 @@ def test_bad_arguments():
         higher.forward_hypergradient(model, opt, [torch.tensor(0.1)], inner, outer, -1)
 
 
-LONG_STEPS = 9
-
-
-def _seeded_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
-
-
-def _seeded_data():
-    g = torch.Generator().manual_seed(1)
-    return (
-        torch.randn(LONG_STEPS, 5, 3, generator=g),
-        torch.randn(LONG_STEPS, 5, 2, generator=g),
-        torch.randn(6, 3, generator=g),
-        torch.randn(6, 2, generator=g),
-    )
-
-
-def _small_problem():
-    g = torch.Generator().manual_seed(3)
-    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
-    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
-    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
-    return model, opt, inner, outer
-
-
 # ------------------------------------------------------------------ forward_hypergradient
 def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, steps, eps=1e-6):
     def unroll(values, grad):
@@ -223,8 +196,8 @@ def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, s
     ],
 )
 def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, options, hyper):
-    xs, ys, xq, yq = _seeded_data()
-    model = _seeded_model()
+    xs, ys, xq, yq = seeded_data()
+    model = seeded_model()
     opt = getattr(torch.optim, name)(model.parameters(), **options)
     names = list(hyper)
     values = [torch.tensor(v) for v in hyper.values()]
@@ -251,7 +224,7 @@ def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, op
 
 
 def test_forward_hypergradient_bad_override_and_outer_loss_get_clear_errors():
-    model, opt, inner, outer = _small_problem()
+    model, opt, inner, outer = small_problem()
     hyper = [torch.tensor(0.1)]
     step = lambda fm, t, h: inner(fm, h)  # noqa: E731
     with pytest.raises(TypeError, match="override must be a function of the hyperparameters"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import higher
 from higher.hypergradients import _logreg_losses, hypergradient, logreg_comparison, logreg_hpo, logreg_problem
+from small_problems import small_problem
 
 # What hypertorch's examples/logistic_regression.ipynb prints (float32 throughout): the inner loss
 # at t = 0, 10, ..., 90, 99 (the loss at w_t, after t gradient steps), the validation loss at
@@ -203,16 +203,6 @@ def test_hpo_lowers_the_validation_loss_and_refuses_unknown_methods():
 
 
 # ------------------------------------------------------------------ torch.no_grad around the calls
-def _small_problem():
-    g = torch.Generator().manual_seed(3)
-    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
-    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
-    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
-    return model, opt, inner, outer
-
-
 @pytest.mark.parametrize("method", ["unrolled", "checkpointed", "forward", "implicit"])
 def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
     """A hypergradient asked for inside torch.no_grad() (an evaluation block) used to fail with an
@@ -220,7 +210,7 @@ def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
     parameter' for forward, a no_grad step error for the others): it computes its own gradients."""
     from higher.hypergradients import hypergradient
 
-    model, opt, inner, outer = _small_problem()
+    model, opt, inner, outer = small_problem()
     hyper = [torch.tensor(0.05)]
     expected = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
     with torch.no_grad():
@@ -242,7 +232,7 @@ def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(h
     silent zero and weight_decay a wrong hypergradient (the unrolled one is nonzero/different)."""
     from higher.hypergradients import hypergradient
 
-    model, opt, inner, outer = _small_problem()
+    model, opt, inner, outer = small_problem()
     overrides = {
         "lr": lambda h: {"lr": [h[0]]},
         "weight_decay": lambda h: {"weight_decay": [h[0]]},

@@ -22,6 +22,7 @@ from higher.optim import (
     get_trainable_opt_params,
 )
 from higher.rules import RULES
+from small_problems import small_problem
 
 SHAPES = [(4, 3), (4,), (2, 4), (2,)]
 
@@ -791,19 +792,9 @@ def test_a_hyperparameter_tensor_with_dimensions_of_a_wider_dtype_is_refused(kin
     assert all(g.dtype == torch.float64 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def _small_problem():
-    g = torch.Generator().manual_seed(3)
-    model = nn.Linear(3, 1)  # with the L2 term below, a strongly convex inner problem (for "implicit")
-    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    inner = lambda fm, h: (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())  # noqa: E731
-    outer = lambda fm, h: (fm(x) - y).pow(2).mean()  # noqa: E731
-    return model, opt, inner, outer
-
-
 # ------------------------------------------------------------------ diffopt.step under no_grad
 def test_step_under_no_grad_without_tracking_takes_the_plain_step():
-    model, opt, inner, _ = _small_problem()
+    model, opt, inner, _ = small_problem()
     results = []
     for no_grad in (False, True):
         with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):

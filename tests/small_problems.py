@@ -1,0 +1,43 @@
+"""Small seeded problems that tests of several modules share (checkpointing, forward mode,
+hypergradients, the optimizer's no_grad step)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LONG_STEPS = 9
+
+
+def seeded_model() -> nn.Module:
+    """A 3-8-2 tanh MLP with fixed initial weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def seeded_data():
+    """``LONG_STEPS`` support batches for :func:`seeded_model`, and one query batch."""
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(LONG_STEPS, 5, 3, generator=g),
+        torch.randn(LONG_STEPS, 5, 2, generator=g),
+        torch.randn(6, 3, generator=g),
+        torch.randn(6, 2, generator=g),
+    )
+
+
+def small_problem():
+    """A linear model, its SGD optimizer, an inner objective with an L2 term weighted by the
+    hyperparameter ``h[0]`` (strongly convex, so the implicit method applies) and an outer one."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def inner(fm, h):
+        return (fm(x) - y).pow(2).mean() + h[0] * sum(p.pow(2).sum() for p in fm.parameters())
+
+    def outer(fm, h):
+        return (fm(x) - y).pow(2).mean()
+
+    return model, opt, inner, outer
