@@ -37,9 +37,10 @@ SCRIPT = ROOT / "benchmarks" / "compiled.py"
 TINY = ["--tiny", "--workloads", "sine", "--rounds", "1", "--warmup", "0", "--quiet", "--no-cache-times"]
 
 
-# The module's runs share one inductor cache (the main process's and the memory processes'), so that the
-# sine workload's graphs are compiled once, not by each test and each memory process; on one xdist worker.
-pytestmark = pytest.mark.xdist_group("benchmarks_compiled")
+# The two runs of the sine workload share one inductor cache (the main process's and the memory
+# processes'), so that its graphs are compiled once, not by each test and each memory process; the two
+# tests therefore run on one xdist worker (the group), the module's other tests on any.
+SHARES_THE_SINE_CACHE = pytest.mark.xdist_group("benchmarks_compiled_sine_cache")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def _run(tmp_path: Path, *args: str, cache: Path | None = None) -> dict:
     return json.loads(out.read_text())
 
 
+@SHARES_THE_SINE_CACHE
 def test_compiled_benchmark_checks_and_times_without_jax(tmp_path, shared_cache):
     variants = "jax,tfunc_compiled,ours_compiled_batched,ours_batched"
     results = _run(
@@ -78,6 +80,7 @@ def test_compiled_benchmark_checks_and_times_without_jax(tmp_path, shared_cache)
         assert record["check"][ours]["float32_error"] < 1e-5 and record["median_ms"][ours] > 0
 
 
+@SHARES_THE_SINE_CACHE
 def test_memory_is_measured_after_the_compile(tmp_path, shared_cache):
     args = ["--optimizers", "sgd", "--variants", "tfunc_compiled,tfunc_eager", "--no-jax"]
     results = _run(tmp_path, *args, cache=shared_cache)
