@@ -50,9 +50,10 @@ def test_first_order_gradient_differs_from_second_order():
 def test_anil_adapts_the_head_only_and_metasgd_learns_rates():
     config = sinusoid.SinusoidConfig(iterations=1)
     anil = sinusoid.ANIL(sinusoid.sinusoid_model(), config)
-    model, opt, override = anil.adaptation()
-    tuned = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert tuned == {id(p) for p in model[-1].parameters()} and override is None
+    tuning = anil.fine_tuning()
+    tuned = {id(p) for group in tuning.inner_opt.param_groups for p in group["params"]}
+    assert tuned == {id(p) for p in tuning.model[-1].parameters()}
+    assert tuning.override is None and tuning.step_override is None and tuning.proximal == 0.0
     meta_sgd = sinusoid.MetaSGDLearner(sinusoid.sinusoid_model(), config)
     names = {n for n, _ in meta_sgd.meta_sgd.named_parameters()}
     assert any(n.startswith("lrs.") for n in names) and len(list(meta_sgd.meta_parameters())) == 12

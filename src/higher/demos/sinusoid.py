@@ -287,13 +287,6 @@ class Learner:
         """How a test task is fine-tuned: SGD (``inner_lr``) on the whole network, as in the inner loop."""
         return FineTuning(self.model, self.inner_opt, f"SGD (lr {self.config.inner_lr}), whole network")
 
-    def adaptation(self) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any] | None]:
-        """``(model, inner optimizer, override)`` of the first fine-tuning step (kept for callers of the
-        earlier API; :meth:`fine_tuning` says how every step is taken, and whether a proximal term is added)."""
-        tuning = self.fine_tuning()
-        override = tuning.override if tuning.step_override is None else tuning.step_override(0)
-        return tuning.model, tuning.inner_opt, override
-
     def report(self) -> dict[str, Any] | None:
         """What the run prints and records (``--json``) about meta-training beyond the loss, if anything."""
         return None
