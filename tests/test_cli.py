@@ -269,71 +269,69 @@ def test_hyper_methods_print_the_same_first_hypergradient_on_the_sinusoid_proble
     torch.testing.assert_close(first["forward"], first["unrolled"], rtol=1e-8, atol=0)
 
 
-def test_hyper_logreg_all_four_methods_agree(tmp_path, capsys):
-    """hypertorch's problem (float64 always), T=100: the four first hypergradients and the learning.
+def _logreg_validation_after_descent(lam: torch.Tensor, steps: int) -> float:
+    """hypertorch's validation loss after ``steps`` steps of gradient descent (lr 0.1) at ``lam``, written out."""
+    import torch.nn.functional as F
 
-    Checkpointed and forward mode compute the unrolled hypergradient exactly (1e-10 and 1e-8
-    relative). The implicit one is exact at the inner minimiser; after T=100 steps the inner
-    gradient norm |grad f| is about 7.5e-7, and the conjugate-gradient residual about 4e-14, so its
-    error is dominated by the distance to the minimiser, |theta_T - theta*| <= |grad f| / mu with
-    mu >= 1 (the L2 term at lambda = 1 makes the Hessian at least the identity): the test allows
-    10 |grad f| (measured difference 5.7e-7 at |grad f| = 7.5e-7, on entries up to 0.017). Every
-    method starts from the published validation loss at lambda = 1 (hypertorch's notebook, float32:
-    0.5743989944458008; ours in float64 within one float32 ulp).
+    from higher.hypergradients import logreg_problem
+
+    _, x, y, x_val, y_val = logreg_problem()
+    w = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w.pow(2)).sum()
+        (g,) = torch.autograd.grad(loss, w)
+        w = (w - 0.1 * g).detach().requires_grad_()
+    return float(F.binary_cross_entropy_with_logits(x_val @ w, y_val).detach())
+
+
+def test_hyper_logreg_runs_each_method_as_the_library_does(tmp_path, capsys):
+    """hypertorch's problem (float64 always), through the CLI, T=20, one outer step per method.
+
+    Each method's first hypergradient is the one :func:`higher.hypergradients.hypergradient` computes
+    for that method (the CLI passes the method, steps and problem through, nothing else), every run
+    starts from the validation loss after 20 steps of gradient descent at lambda = 1 (written out
+    here; the published value at T=100 is checked by the next test) and the outer step lowers it.
+    Checkpointed and forward mode equal the unrolled hypergradient to rounding; the implicit one is
+    exact only at the inner minimiser, which 20 steps do not reach (that the four agree once the
+    inner loop has converged, T=100, is tests/test_hypergradients.py's
+    test_four_methods_agree_on_the_published_problem).
     """
     from higher.hypergradients import _logreg_losses, hypergradient, logreg_problem
 
-    first, records = {}, {}
+    first = {}
     for method in hyper.ALL_METHODS:
-        argv = ["--problem", "logreg", "--method", method, "--iterations", "2", "--steps", "100"]
-        records[method], printed = _hyper_json(argv, tmp_path, capsys)
-        first[method] = torch.tensor(records[method]["hypergradient"]["first"], dtype=torch.float64)
+        argv = ["--problem", "logreg", "--method", method, "--iterations", "1", "--steps", "20"]
+        record, printed = _hyper_json(argv, tmp_path, capsys)
+        first[method] = torch.tensor(record["hypergradient"]["first"], dtype=torch.float64)
         assert first[method].shape == (20,) and f"{method} hypergradient at the first" in printed
-        losses = records[method]["history"]["validation loss"]  # after 0, 1 and 2 outer steps
-        assert len(losses) == 3 and losses[2] < losses[1] < losses[0]
-        assert abs(losses[0] - 0.5743989944458008) < 2.0**-24
+        losses = record["history"]["validation loss"]  # after 0 and 1 outer steps
+        assert len(losses) == 2 and losses[1] < losses[0]
+        assert losses[0] == pytest.approx(_logreg_validation_after_descent(torch.ones(20), 20), rel=1e-12)
+        model, x_train, y_train, x_val, y_val = logreg_problem()
+        inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        expected = hypergradient(method, model, opt, [torch.ones(20, dtype=torch.float64)], inner, outer, 20)
+        torch.testing.assert_close(first[method], expected.hypergradients[0], rtol=1e-12, atol=1e-15)
     reference = first["unrolled"]
+    assert reference.abs().max() > 1e-2
     torch.testing.assert_close(first["checkpointed"], reference, rtol=1e-10, atol=0)
     torch.testing.assert_close(first["forward"], reference, rtol=1e-8, atol=1e-14)
-    model, x_train, y_train, x_val, y_val = logreg_problem()
-    inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
-    implicit = hypergradient(
-        "implicit",
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        [torch.ones(20, dtype=torch.float64)],
-        inner,
-        outer,
-        100,
-    )
-    torch.testing.assert_close(implicit.hypergradients[0], first["implicit"], rtol=1e-12, atol=1e-15)
-    assert implicit.extra["residual"] < 1e-10
-    gap = float((first["implicit"] - reference).abs().max())
-    assert 0 < gap <= 10 * implicit.extra["inner_gradient_norm"]
-    assert implicit.extra["inner_gradient_norm"] < 1e-5  # near the minimiser: the first-order bound applies
+    assert (first["implicit"] - reference).abs().max() > 1e-6  # not converged after 20 steps: not the same
 
 
 def test_hyper_logreg_prints_the_loss_after_the_last_step_and_records_only_its_options(tmp_path, capsys):
     """The final validation loss is the one at the learned lambda (was the one before the last update),
     and --json lists only the options --problem logreg uses (no shots, query, initial lr or momentum,
-    test tasks, per-task or seed)."""
-    import torch.nn.functional as F
-
-    from higher.hypergradients import logreg_problem
-
+    test tasks, per-task or seed). It starts from the published validation loss at lambda = 1 (hypertorch's
+    notebook, T=100, float32: 0.5743989944458008; ours in float64 within one float32 ulp)."""
     argv = ["--problem", "logreg", "--iterations", "1", "--steps", "100"]
     record, printed = _hyper_json(argv, tmp_path, capsys)
     losses = record["history"]["validation loss"]  # after 0 and 1 outer steps
     assert len(losses) == 2 and len(record["history"]["seconds"]) == 1
     before, after = losses
-    _, x, y, x_val, y_val = logreg_problem()
+    assert abs(before - 0.5743989944458008) < 2.0**-24
     lam = torch.tensor(record["final_lambda"], dtype=torch.float64)
-    w = torch.zeros(20, dtype=torch.float64, requires_grad=True)
-    for _ in range(100):  # gradient descent at the learned lambda, written out
-        loss = F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w.pow(2)).sum()
-        (g,) = torch.autograd.grad(loss, w)
-        w = (w - 0.1 * g).detach().requires_grad_()
-    assert after == pytest.approx(float(F.binary_cross_entropy_with_logits(x_val @ w, y_val).detach()), rel=1e-12)
+    assert after == pytest.approx(_logreg_validation_after_descent(lam, 100), rel=1e-12)
     assert after < before
     assert f"validation BCE {before:.7f} (lambda = 1) -> {after:.7f} after 1 outer steps" in printed
     assert "validation BCE 0.5743990 (lambda = 1)" in printed  # hypertorch's 0.5743989944458008
