@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import types
 import warnings
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
+from live_objects import growth
 from small_problems import LONG_STEPS, seeded_data, seeded_model, small_problem
 
 STEPS = 7
@@ -284,21 +284,6 @@ def test_a_gradient_callback_reading_a_hyperparameter():
 
 
 # ------------------------------------------------------------------ memory: nothing outlives a meta-iteration
-def _live() -> tuple[int, int]:
-    """Live FunctionalModule objects and tensors, after a garbage collection (by type: no __class__ lookups).
-
-    torch.compile's fake tensors (no storage) are not counted: those of earlier compiled tests are
-    kept by torch's C++ side and freed at a time of its choosing, which made this count fall during
-    the measured iterations after tests/differential/test_memory_modes.py's compiled cases."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    gc.collect()
-    objects = gc.get_objects()
-    fmodels = sum(issubclass(type(o), higher.patch.FunctionalModule) for o in objects)
-    kinds = [type(o) for o in objects]
-    return fmodels, sum(issubclass(k, torch.Tensor) and not issubclass(k, FakeTensor) for k in kinds)
-
-
 @pytest.mark.parametrize("mode", ["backward", "grad", "retain_graph", "tasks", "returned", "never"])
 def test_meta_iterations_leave_nothing_behind(mode):
     """Issue 18, item 2: every inner loop leaked (4 FunctionalModules per meta-iteration in the issue's
@@ -344,10 +329,7 @@ def test_meta_iterations_leave_nothing_behind(mode):
 
     for _ in range(2):  # warm-up: caches, lazily made objects
         meta_iteration()
-    before = _live()
-    for _ in range(5):
-        meta_iteration()
-    assert _live() == before
+    assert growth(meta_iteration, 5) == (0, 0)
     if mode != "never":
         assert lr.grad is not None or mode == "grad"
 
@@ -773,11 +755,7 @@ def test_an_override_given_by_a_step_hook_leaves_nothing_behind():
 
     for _ in range(2):
         meta_iteration()
-    before = _live()
-    for _ in range(3):
-        meta_iteration()
-    fmodels, tensors = _live()
-    assert fmodels <= before[0] and tensors <= before[1]  # (objects of earlier tests may go meanwhile)
+    assert growth(meta_iteration, 3) == (0, 0)
 
 
 # ------------------------------------------------------------------ misuse and interruption

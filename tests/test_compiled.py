@@ -446,6 +446,43 @@ def test_parameter_groups_frozen_and_unused_parameters_as_eagerly(batched):
             torch.testing.assert_close(a, e, **TOLERANCE)
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_task"])
+def test_tied_weights_shared_submodules_and_buffers_as_eagerly(batched):
+    """A parameter registered under two names (weight tying), a submodule reached by two attributes
+    and BatchNorm's running statistics: the traced fmodel puts each fast weight into every place the
+    model holds it, as the eager fmodel does, and leaves the model's own tensors in place."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode = nn.Linear(4, 4, bias=False)
+            self.decode = nn.Linear(4, 4, bias=False)
+            self.decode.weight = self.encode.weight  # tied: one Parameter, two names
+            self.mix = nn.Linear(4, 4)
+            self.again = self.mix  # one submodule, two attributes
+            self.norm = nn.BatchNorm1d(4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.norm(self.encode(x.expand(*x.shape[:-1], 4))))
+            return self.head(self.decode(torch.tanh(self.again(self.mix(h)))))
+
+    model = Net()
+    originals = {name: t for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    iteration = batched_meta_iteration if batched else per_task_meta_iteration
+    data = sine_tasks(2)
+
+    def run():
+        return iteration(model, opt, data, steps=2)
+
+    expected = gradients(run, model)
+    assert_close_lists(gradients(torch.compile(run, fullgraph=True, backend="aot_eager"), model), expected)
+    assert unique_graphs() == 1
+    now = {name: t for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+    assert now.keys() == originals.keys() and all(now[k] is originals[k] for k in now)
+
+
 def test_backward_inside_the_compiled_function():
     """higher.compiled.backward(loss) in the compiled function: eager's meta-gradients in .grad,
     accumulated as loss.backward() accumulates them, with the hypergradient of an override tensor."""

@@ -73,3 +73,26 @@ def test_dropped_fmodel_and_optimizer_are_freed_without_the_cycle_collector():
         assert [r() for r in refs] == [None] * len(refs)
     finally:
         gc.enable()
+
+
+def test_the_growth_count_sees_a_leak_and_not_replaced_objects_or_freed_ones():
+    """tests/live_objects.py's growth(), which the leak checks of checkpointing and of every mode use."""
+    from live_objects import growth
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kept, older = [], [torch.zeros(2) for _ in range(50)]
+
+    def iteration(leak: bool):
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            diffopt.step(fmodel(torch.ones(1, 3)).sum())
+            if leak:
+                kept.append(fmodel)
+        model.weight.grad = torch.ones(1, 3)  # replaced by every call: left alive, but not more each time
+        if older:
+            older.pop()  # objects made before the calls, freed during them
+
+    iteration(False)
+    assert growth(lambda: iteration(False), 4) == (0, 0)
+    fmodels, tensors = growth(lambda: iteration(True), 4)
+    assert fmodels == 3 and tensors > 0

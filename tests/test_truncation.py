@@ -20,7 +20,7 @@ _WORKLOAD = textwrap.dedent(
     torch.manual_seed(0)
     windows = int(sys.argv[1])
     model = nn.Sequential(nn.Linear(128, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 128))
-    x, y = torch.randn(256, 128), torch.randn(256, 128)
+    x, y = torch.randn(32, 128), torch.randn(32, 128)  # small batch: the fast weights dominate memory
     lr = torch.tensor(0.05, requires_grad=True)
     meta_opt = torch.optim.SGD([lr], lr=1e-4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

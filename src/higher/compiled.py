@@ -14,9 +14,9 @@ A meta-iteration written with the public API compiles as it is, into one graph::
 traces such a function, :func:`higher.innerloop_ctx` yields a :class:`TracedFunctionalModule`
 instead of the eager fmodel. The eager fmodel runs the user's module on a private replica of the
 module tree, kept up to date with Python bookkeeping (reference counts, weak references,
-per-call copies) that dynamo cannot follow; the traced one runs the user's own module through
-:func:`torch.func.functional_call` with the fast weights, which dynamo traces without ever
-writing the user's module. The differentiable optimizer is the same object in both modes (the
+per-call copies) that dynamo cannot follow; the traced one runs the user's own module with the fast weights put into its parameter and
+buffer tables for the call, as :func:`torch.func.functional_call` does, which dynamo traces
+without ever writing the user's module (it restores every entry before the graph ends). The differentiable optimizer is the same object in both modes (the
 same rules of :mod:`higher.rules`, options, ``override`` tensors and hypergradients), and the
 numbers are the same.
 
@@ -42,11 +42,10 @@ a torch optimizer that has stepped splits the graph at its tensor ``step``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ._fmodel.core import _check_tensors
 from ._tracing import _guard_addmm_fusion, autograd_in_graph, fresh_leaf, tracing  # noqa: F401 (re-exported)
@@ -86,8 +85,8 @@ class TracedFunctionalModule:
     """The fmodel of an inner loop traced by ``torch.compile`` (see the module docstring).
 
     Args:
-        module: the user's model; only read (``torch.func.functional_call`` under dynamo never
-            writes it).
+        module: the user's model; only read (the tensors it is run with are swapped into its tables
+            only symbolically, while dynamo traces).
         params: the initial fast weights, one per ``module.named_parameters()`` entry.
         buffers: the buffers the forward uses, one per ``module.named_buffers()`` entry.
         track_higher_grads: ``False`` keeps only the latest fast weights.
@@ -106,10 +105,14 @@ class TracedFunctionalModule:
         track_higher_grads: bool = True,
         tasks: int | None = None,
         randomness: str = "different",
+        _tables: _Tables | None = None,
     ) -> None:
+        tables = _tables if _tables is not None else _module_tables(module)
         self._hg_module = module
-        self._hg_param_names = [name for name, _ in module.named_parameters()]
-        self._hg_buffer_names = [name for name, _ in module.named_buffers()]
+        self._hg_param_names = tables.param_names
+        self._hg_buffer_names = tables.buffer_names
+        self._hg_slots = tables.slots
+        self._hg_originals = tables.params  # the model's own parameters (the optimizer's reference)
         self._hg_shapes = [p.shape for p in params]
         self._hg_history: list[list[Tensor]] = [list(params)]
         self._hg_buffers = list(buffers)
@@ -130,16 +133,15 @@ class TracedFunctionalModule:
     def _hg_run(self, params: Sequence[Tensor], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if not tracing():
             return self._hg_run_eagerly(params, args, kwargs)
-        module = self._hg_module
-        names = self._hg_param_names + self._hg_buffer_names
+        module, slots = self._hg_module, self._hg_slots
         if self._hg_tasks is None:
-            return functional_call(module, dict(zip(names, [*params, *self._hg_buffers])), tuple(args), dict(kwargs))
+            return _call_with(module, slots, [*params, *self._hg_buffers], tuple(args), dict(kwargs))
         _check_task_dimension([*args, *kwargs.values()], self._hg_tasks)
         args_dims = tuple(0 if isinstance(a, Tensor) else None for a in args)
         kwargs_dims = {k: 0 if isinstance(v, Tensor) else None for k, v in kwargs.items()}
 
         def one_task(tensors: list[Tensor], task_args: tuple[Any, ...], task_kwargs: dict[str, Any]) -> Any:
-            return functional_call(module, dict(zip(names, tensors)), task_args, task_kwargs)
+            return _call_with(module, slots, tensors, task_args, task_kwargs)
 
         return torch.func.vmap(one_task, in_dims=(0, args_dims, kwargs_dims), randomness=self._hg_randomness)(
             [*params, *self._hg_buffers], tuple(args), dict(kwargs)
@@ -237,6 +239,64 @@ class TracedFunctionalModule:
         raise TypeError(_eager_only("iter(fmodel)"))
 
 
+#: Where one parameter or buffer of a module lives: the owning submodule's ``_parameters`` or
+#: ``_buffers`` table, its key there, and its index in ``[*parameters, *buffers]``.
+_Slot = tuple[dict[str, Any], str, int]
+
+
+class _Tables(NamedTuple):
+    """A module's parameters and buffers (``named_parameters()``/``named_buffers()`` order and names) and
+    every table entry that holds one (:data:`_Slot`)."""
+
+    param_names: list[str]
+    params: list[Tensor]
+    buffer_names: list[str]
+    buffers: list[Tensor]
+    slots: list[_Slot]
+
+
+def _module_tables(module: nn.Module) -> _Tables:
+    """``module``'s :class:`_Tables`, from one walk of its tree.
+
+    Tied names are included: a tensor registered under two names (weight tying, a submodule in two
+    places) takes the fast weight of its first name in both, as with ``functional_call(tie_weights=True)``.
+    Resolved once per inner loop, so that each call of the traced fmodel swaps tensors in a flat loop:
+    ``functional_call`` walks the module tree on every call, and dynamo traces each walk again (with
+    ``named_parameters()`` and the like, the walks were half of the bytecode dynamo steps through in a
+    per-task meta-iteration).
+    """
+    walk = list(module.named_modules(remove_duplicate=False))
+    found: list[tuple[list[str], list[Tensor]]] = [([], []), ([], [])]
+    seen: dict[Tensor, None] = {}  # (keyed by identity, as tensors hash)
+    slots: list[tuple[dict[str, Any], str, Tensor]] = []
+    for kind, (names, tensors) in zip(("_parameters", "_buffers"), found):
+        for prefix, sub in walk:
+            table = getattr(sub, kind)
+            for key, tensor in table.items():
+                if tensor is None:
+                    continue
+                if tensor not in seen:
+                    seen[tensor] = None
+                    names.append(f"{prefix}.{key}" if prefix else key)
+                    tensors.append(tensor)
+                slots.append((table, key, tensor))
+    (param_names, params), (buffer_names, buffers) = found
+    index = {t: i for i, t in enumerate([*params, *buffers])}
+    return _Tables(param_names, params, buffer_names, buffers, [(t, k, index[x]) for t, k, x in slots])
+
+
+def _call_with(module: nn.Module, slots: list[_Slot], tensors: Sequence[Tensor], args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` with ``tensors`` as its parameters and buffers, its own put back after."""
+    saved = [table[key] for table, key, _ in slots]
+    for table, key, i in slots:
+        table[key] = tensors[i]
+    try:
+        return module(*args, **kwargs)
+    finally:
+        for (table, key, _), tensor in zip(slots, saved):
+            table[key] = tensor
+
+
 def _eager_only(name: str) -> str:
     """The error for an fmodel feature the traced fmodel does not offer."""
     return (
@@ -270,9 +330,10 @@ def traced_innerloop(
     tasks: int | None,
 ) -> TracedFunctionalModule:
     """The traced fmodel of ``model``, with the initial fast weights and buffers ``innerloop_ctx`` gives."""
-    named = list(model.named_parameters())
+    tables = _module_tables(model)
+    names = tables.param_names
     params: list[Tensor] = []
-    for _, p in named:
+    for p in tables.params:
         q = p if device is None else p.to(device)
         if copy_initial_weights:
             q = fresh_leaf(q.expand(tasks, *q.shape) if tasks is not None else q, p.requires_grad)
@@ -282,13 +343,15 @@ def traced_innerloop(
             q = q.clone() if tasks is None else q.expand(tasks, *q.shape).contiguous()
         params.append(q)
     if initial_params is not None:  # (refused in task-batched mode by innerloop_ctx)
-        params = _given_initial_params([name for name, _ in named], params, initial_params)
-        _check_tensors("initial_params", params, [p.shape for _, p in named], [name for name, _ in named])
+        params = _given_initial_params(names, params, initial_params)
+        _check_tensors("initial_params", params, [p.shape for p in tables.params], names)
     buffers = []
-    for _, b in model.named_buffers():
+    for b in tables.buffers:
         if share_buffers:
             buffers.append(b)
             continue
         c = (b if device is None else b.to(device)).detach()
         buffers.append((c.expand(tasks, *c.shape) if tasks is not None else c).clone())
-    return TracedFunctionalModule(model, params, buffers, track_higher_grads=track_higher_grads, tasks=tasks)
+    return TracedFunctionalModule(
+        model, params, buffers, track_higher_grads=track_higher_grads, tasks=tasks, _tables=tables
+    )

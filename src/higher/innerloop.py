@@ -219,7 +219,7 @@ def _traced(
         initial_params=options.initial_params,
         tasks=options.tasks,
     )
-    reference = list(model.parameters())
+    reference = traced._hg_originals
     if options.tasks is None:
         diffopt = get_diff_optim(
             opt,

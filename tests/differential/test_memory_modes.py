@@ -9,24 +9,13 @@ whose fast weights hold the node) shows up here as a count growing by the same a
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
 from harness import META_LOSS, _backward, _dtype_and_seed, _forward_mode, build, examples, problems, unsupported
 from hypothesis import given
 
-import higher
+from live_objects import growth
 
 EAGER_MODES = ["per_task", "batched", "checkpointed_1", "checkpointed_2", "checkpointed_batched_2", "forward"]
-
-
-def _live() -> tuple[int, int]:
-    gc.collect()
-    objects = gc.get_objects()
-    tensors = sum(1 for o in objects if isinstance(o, torch.Tensor))
-    fmodels = sum(1 for o in objects if isinstance(o, higher.patch.FunctionalModule))
-    return tensors, fmodels
 
 
 def _assert_flat(problem, mode: str, warmup: int = 2, repeats: int = 3) -> None:
@@ -39,12 +28,8 @@ def _assert_flat(problem, mode: str, warmup: int = 2, repeats: int = 3) -> None:
             iteration = lambda: _backward(built, meta_loss)  # noqa: E731
         for _ in range(warmup):
             iteration()
-        before = _live()
-        for _ in range(repeats):
-            iteration()
-        after = _live()
-    # (fewer is fine: objects of earlier tests, such as compiled code, may be freed meanwhile)
-    assert after[0] <= before[0] and after[1] <= before[1], f"{mode}: live (tensors, fmodels) {before} -> {after} over {repeats} meta-iterations: {problem.describe()}"
+        grown = growth(iteration, repeats)
+    assert grown == (0, 0), f"{mode}: {grown} more (fmodels, tensors) alive after {repeats} meta-iterations than after one: {problem.describe()}"
 
 
 @pytest.mark.parametrize("mode", EAGER_MODES)
