@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test coverage fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
+.PHONY: demo example test test-torch coverage fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,19 @@ coverage: install-dev
 FUZZ ?= 1
 fuzz: install-dev
 	HIGHER_FUZZ=$(FUZZ) $(PY) -m pytest -q tests/differential -p no:cacheprovider
+
+# The whole suite under another torch release: `make test-torch TORCH=2.11.0`. Its virtual environment
+# (TORCH_VENV, outside the repository, kept between runs) gets that torch from the package index (releases
+# other than the pinned CPU build come as CUDA builds, a few GB; they run on the CPU) and the [dev] extra's
+# tools; the suite imports the package from src/ (PYTHONPATH), so nothing is installed into the checkout.
+TORCH ?= 2.11.0
+TORCH_VENV ?= $(HOME)/.cache/higher/venv-torch-$(TORCH)
+test-torch:
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q "torch==$(TORCH)" \
+	  $$($(TORCH_VENV)/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev'])")
+	$(TORCH_VENV)/bin/python -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)', torch.__version__"
+	PYTHONPATH=$(CURDIR)/src $(TORCH_VENV)/bin/python -m pytest -q $(PYTEST_XDIST) -p no:cacheprovider
 
 # ruff over the repository (declared phony before, but had no rule: `make lint` did nothing).
 lint: install-dev
