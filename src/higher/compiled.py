@@ -14,11 +14,12 @@ A meta-iteration written with the public API compiles as it is, into one graph::
 traces such a function, :func:`higher.innerloop_ctx` yields a :class:`TracedFunctionalModule`
 instead of the eager fmodel. The eager fmodel runs the user's module on a private replica of the
 module tree, kept up to date with Python bookkeeping (reference counts, weak references,
-per-call copies) that dynamo cannot follow; the traced one runs the user's own module with the fast weights put into its parameter and
-buffer tables for the call, as :func:`torch.func.functional_call` does, which dynamo traces
-without ever writing the user's module (it restores every entry before the graph ends). The differentiable optimizer is the same object in both modes (the
-same rules of :mod:`higher.rules`, options, ``override`` tensors and hypergradients), and the
-numbers are the same.
+per-call copies) that dynamo cannot follow; the traced one runs the user's own module with the
+fast weights put into its parameter and buffer tables for the call, as
+:func:`torch.func.functional_call` does, which dynamo traces without ever writing the user's
+module (every entry is restored before the graph ends). The differentiable optimizer is the same
+object in both modes (the same rules of :mod:`higher.rules`, options, ``override`` tensors and
+hypergradients), and the numbers are the same.
 
 Inner gradients. ``diffopt.step(loss)`` (or torch.optim's ``step(closure)`` form) takes the
 gradient with ``torch.autograd.grad``, which dynamo traces into the graph only when its option
