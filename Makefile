@@ -37,8 +37,8 @@ demo: install-demo
 example: install
 	$(PY) examples/copy_initial_weights.py
 
-# The suite runs on every core (pytest-xdist, one worker per core; --dist loadgroup keeps each
-# xdist_group, such as tests/test_benchmarks_compiled.py's shared inductor cache, on one worker).
+# The suite runs on every core (pytest-xdist, one worker per core; --dist loadgroup would keep the tests
+# of one xdist_group on one worker, for a fixture they must share: none needs it today).
 PYTEST_XDIST ?= -n auto --dist loadgroup
 test: install-dev
 	$(PY) -m ruff check .

@@ -75,8 +75,8 @@ from typing import Callable
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-# The cold/warm and memory processes' cache; HIGHER_BENCH_CACHE_DIR moves it (the tests: out of the checkout,
-# one per test session, shared with the main process so that the memory processes load its compiled graphs).
+# The cold/warm and memory processes' cache; HIGHER_BENCH_CACHE_DIR moves it (the tests: a private one per
+# test, out of the checkout).
 CACHE_DIR = Path(os.environ.get("HIGHER_BENCH_CACHE_DIR") or ROOT / ".bench" / "inductor-cache")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # this process: a private, empty cache
     _private_cache = tempfile.mkdtemp(prefix="inductor-cache-")

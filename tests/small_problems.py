@@ -1,5 +1,5 @@
 """Small seeded problems that tests of several modules share (checkpointing, forward mode,
-hypergradients, the optimizer's no_grad step)."""
+hypergradients, the optimizer's no_grad step, the CLI's hyper demo)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,17 @@ def small_problem():
         return (fm(x) - y).pow(2).mean()
 
     return model, opt, inner, outer
+
+
+def logreg_validation_after_descent(lam: torch.Tensor, steps: int) -> float:
+    """hypertorch's validation loss after ``steps`` steps of gradient descent (lr 0.1) at the per-feature
+    L2 coefficients ``lam``, written out (the reference for the hyperparameter searches' final losses)."""
+    from higher.hypergradients import logreg_problem
+
+    _, x, y, x_val, y_val = logreg_problem()
+    w = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+    for _ in range(steps):
+        loss = nn.functional.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w.pow(2)).sum()
+        (g,) = torch.autograd.grad(loss, w)
+        w = (w - 0.1 * g).detach().requires_grad_()
+    return float(nn.functional.binary_cross_entropy_with_logits(x_val @ w, y_val).detach())

@@ -9,6 +9,7 @@ import torch
 
 from higher import cli
 from higher.demos import digits, hyper, sinusoid
+from small_problems import logreg_validation_after_descent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -275,21 +276,6 @@ def test_hyper_methods_print_the_same_first_hypergradient_on_the_sinusoid_proble
     torch.testing.assert_close(first["forward"], first["unrolled"], rtol=1e-8, atol=0)
 
 
-def _logreg_validation_after_descent(lam: torch.Tensor, steps: int) -> float:
-    """hypertorch's validation loss after ``steps`` steps of gradient descent (lr 0.1) at ``lam``, written out."""
-    import torch.nn.functional as F
-
-    from higher.hypergradients import logreg_problem
-
-    _, x, y, x_val, y_val = logreg_problem()
-    w = torch.zeros(20, dtype=torch.float64, requires_grad=True)
-    for _ in range(steps):
-        loss = F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w.pow(2)).sum()
-        (g,) = torch.autograd.grad(loss, w)
-        w = (w - 0.1 * g).detach().requires_grad_()
-    return float(F.binary_cross_entropy_with_logits(x_val @ w, y_val).detach())
-
-
 def test_hyper_logreg_runs_each_method_as_the_library_does(tmp_path, capsys):
     """hypertorch's problem (float64 always), through the CLI, T=20, one outer step per method.
 
@@ -312,7 +298,7 @@ def test_hyper_logreg_runs_each_method_as_the_library_does(tmp_path, capsys):
         assert first[method].shape == (20,) and f"{method} hypergradient at the first" in printed
         losses = record["history"]["validation loss"]  # after 0 and 1 outer steps
         assert len(losses) == 2 and losses[1] < losses[0]
-        assert losses[0] == pytest.approx(_logreg_validation_after_descent(torch.ones(20), 20), rel=1e-12)
+        assert losses[0] == pytest.approx(logreg_validation_after_descent(torch.ones(20), 20), rel=1e-12)
         model, x_train, y_train, x_val, y_val = logreg_problem()
         inner, outer = _logreg_losses(x_train, y_train, x_val, y_val)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -337,7 +323,7 @@ def test_hyper_logreg_prints_the_loss_after_the_last_step_and_records_only_its_o
     before, after = losses
     assert abs(before - 0.5743989944458008) < 2.0**-24
     lam = torch.tensor(record["final_lambda"], dtype=torch.float64)
-    assert after == pytest.approx(_logreg_validation_after_descent(lam, 100), rel=1e-12)
+    assert after == pytest.approx(logreg_validation_after_descent(lam, 100), rel=1e-12)
     assert after < before
     assert f"validation BCE {before:.7f} (lambda = 1) -> {after:.7f} after 1 outer steps" in printed
     assert "validation BCE 0.5743990 (lambda = 1)" in printed  # hypertorch's 0.5743989944458008
