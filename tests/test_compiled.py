@@ -584,5 +584,8 @@ def test_submodule_views_by_index_raise_the_clear_error_under_compile(use):
 
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         uses[use](fmodel)  # eagerly these are the Sequential's own
-    with pytest.raises(Exception, match="not available while torch.compile traces the inner loop"):
+    expected = "not available while torch.compile traces the inner loop"
+    if use == "iterate" and torch.__version__ < "2.13":  # dynamo 2.11 refuses list() of an object, its own words
+        expected = "does not know how to trace builtin operator `list` with argument types .'TracedFunctionalModule'"
+    with pytest.raises(Exception, match=expected):
         torch.compile(run, fullgraph=True, backend="aot_eager")(torch.randn(2, 1))

@@ -31,6 +31,7 @@ import re
 import socket
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -167,7 +168,9 @@ def test_code_blocks_run(page, tmp_path, monkeypatch, capsys):
     assert not problems, "\n".join(problems)
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     monkeypatch.syspath_prepend(str(tmp_path))
-    namespace: dict = {"__name__": "docs_page"}
+    page_module = types.ModuleType("docs_page")  # a real module, as a user's script is: dynamo (torch 2.11)
+    monkeypatch.setitem(sys.modules, "docs_page", page_module)  # imports the module of the code it traces
+    namespace = page_module.__dict__
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     real_compile = torch.compile
     try:

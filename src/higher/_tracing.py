@@ -16,15 +16,36 @@ import torch
 from torch import Tensor
 
 
+#: The first torch release whose dynamo traces ``torch.autograd.grad`` into a graph (its option
+#: ``trace_autograd_ops``), which compiling an inner loop needs: every inner step differentiates.
+COMPILE_NEEDS_TORCH = "2.11"
+
+
+def compile_supported() -> bool:
+    """Whether this torch can compile an inner loop (see :data:`COMPILE_NEEDS_TORCH`); imports dynamo."""
+    from torch._dynamo import config
+
+    return hasattr(config, "trace_autograd_ops")
+
+
 def _allow_patching_trace_autograd_ops() -> bool:
     """Let ``torch._dynamo.patch_dynamo_config`` accept ``trace_autograd_ops`` (see :func:`autograd_in_graph`),
     and guard inductor against pytorch/pytorch#167313 (see :func:`_guard_addmm_fusion`).
 
     Marked as a constant result (what ``torch.compiler.assume_constant_result`` marks, set here
     without importing dynamo, which would double ``import higher``'s time): dynamo runs it for
-    real when it meets it while tracing, before the patch below is checked.
+    real when it meets it while tracing, before the patch below is checked. On a torch without
+    the option it raises the error that names the release needed (dynamo passes it on).
     """
     from torch._dynamo import decorators
+
+    if not compile_supported():
+        raise RuntimeError(
+            f"torch.compile of an inner loop needs torch >= {COMPILE_NEEDS_TORCH} (its dynamo traces "
+            f"torch.autograd.grad into the graph: the option trace_autograd_ops); this is torch "
+            f"{torch.__version__}. Run the inner loop without torch.compile (everything else in higher "
+            f"works on this torch), or upgrade torch."
+        )
 
     allowed = decorators._allowed_config_patches
     if "trace_autograd_ops" not in allowed:
@@ -102,6 +123,12 @@ def autograd_in_graph() -> Any:
     """
     _allow_patching_trace_autograd_ops()
     return torch._dynamo.patch_dynamo_config(trace_autograd_ops=True)
+
+
+def require_compile_support() -> None:
+    """While dynamo traces an inner loop: refuse, naming the release needed, on a torch older than
+    :data:`COMPILE_NEEDS_TORCH` (at ``innerloop_ctx``, before the first step would fail inside dynamo)."""
+    _allow_patching_trace_autograd_ops()
 
 
 def tracing() -> bool:

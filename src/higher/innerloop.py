@@ -155,6 +155,7 @@ def _mode_for(ddp: bool, options: _Options) -> _Mode:
                 "innerloop_ctx of a DistributedDataParallel model cannot be traced by torch.compile; compile "
                 "the inner loop of ddp.module (and all-reduce the meta-gradients outside), or run it eagerly."
             )
+        _tracing.require_compile_support()
         return _traced
     if ddp:
         return _data_parallel
