@@ -162,21 +162,27 @@ def write_outputs(report: dict, out: Path) -> None:
 
 
 def run_step(
-    name: str, report: dict, out: Path, budget: Budget, needs_s: float, body: Callable[[dict], str | None]
+    name: str,
+    report: dict,
+    out: Path,
+    budget: Budget,
+    needs_s: float,
+    body: Callable[[dict], str | None],
+    skip: tuple[str, ...] | set[str] = (),
 ) -> dict:
-    """Run one step, recording its status, seconds and outcome; never raises.
+    """Run one step, recording its status, seconds and outcome; never raises (but on Ctrl-C).
 
     ``body(record)`` fills ``record`` and returns ``None`` (ok) or the reason it did nothing
     (``"skipped"``); an exception marks the step ``"failed"`` with its message and traceback. A step
-    that needs more than the ``needs_s`` seconds left is skipped without starting.
+    named in ``skip`` (``--skip``), or that needs more than the ``needs_s`` seconds left, is skipped
+    without starting.
     """
     record: dict[str, Any] = {"status": "running"}
     report["steps"][name] = record
     left = budget.left()
-    if left < needs_s:
-        record.update(
-            status="skipped", seconds=0.0, reason=f"time budget: {left:.0f} s left, needs about {needs_s:.0f} s"
-        )
+    if name in skip or left < needs_s:
+        reason = f"--skip {name}" if name in skip else f"time budget: {left:.0f} s left, needs about {needs_s:.0f} s"
+        record.update(status="skipped", seconds=0.0, reason=reason)
         write_outputs(report, out)
         return record
     print(f"[gpu-check] {name} ({budget.elapsed():.0f} s in, {left:.0f} s left)", flush=True)
@@ -246,12 +252,13 @@ def jax_source() -> str | None:
 
 
 def jax_environment(device: torch.device) -> dict[str, str]:
-    """The JAX child processes' environment: JAX from :func:`jax_source`, on ``device``'s platform."""
+    """The JAX child processes' environment: JAX from :func:`jax_source`, on ``device``'s platform; on
+    CPU pinned to one core, as torch runs on one thread here."""
     from benchmarks import competitors
 
-    return competitors.jax_environment(
-        platform="cpu" if device.type == "cpu" else device.type, bundled=jax_source() == "bench"
-    )
+    on_cpu = device.type == "cpu"
+    core = max(os.sched_getaffinity(0)) if on_cpu and hasattr(os, "sched_getaffinity") else None
+    return competitors.jax_environment(core, platform="cpu" if on_cpu else device.type, bundled=jax_source() == "bench")
 
 
 _JAX_PROBE = """
@@ -259,8 +266,13 @@ import json
 from benchmarks import competitors
 jax = competitors.load_jax()
 devices = jax.devices()
+try:
+    import optax
+    optax = optax.__version__
+except ImportError:
+    optax = None
 print(json.dumps({"version": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in devices],
-                  "device_kind": devices[0].device_kind}))
+                  "device_kind": devices[0].device_kind, "optax": optax}))
 """
 
 
@@ -277,7 +289,7 @@ def step_environment(record: dict, device: torch.device, use_jax: bool) -> None:
     record["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     record["higher"] = higher.__version__
     record["higher_file"] = higher.__file__
-    for module in ("numpy", "pytest", "matplotlib", "tqdm", "optax"):
+    for module in ("numpy", "pytest", "matplotlib", "tqdm"):
         record[module] = _version(module)
     record["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
@@ -288,7 +300,7 @@ def step_environment(record: dict, device: torch.device, use_jax: bool) -> None:
         record["gpu_memory_gib"] = round(properties.total_memory / 2**30, 1)
         record["gpu_count"] = torch.cuda.device_count()
     if shutil.which("nvidia-smi"):
-        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_mode", "--format=csv,noheader"]
         try:
             record["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as error:
@@ -305,18 +317,21 @@ def step_environment(record: dict, device: torch.device, use_jax: bool) -> None:
     elif source is None:
         record["jax"] = None
     else:
-        probe = subprocess.run(
-            [sys.executable, "-c", _JAX_PROBE],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=jax_environment(device),
-        )
-        if probe.returncode == 0:
-            record["jax"] = json.loads(probe.stdout.strip().splitlines()[-1])
-        else:
-            record["jax"] = {"error": _tail(probe.stderr, 3)[-500:]}
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-c", _JAX_PROBE],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=jax_environment(device),
+            )
+            if probe.returncode == 0:
+                record["jax"] = json.loads(probe.stdout.strip().splitlines()[-1])
+            else:
+                record["jax"] = {"error": _one_line(_tail(probe.stderr, 3), 500)}
+        except subprocess.TimeoutExpired:
+            record["jax"] = {"error": "no answer within 120 s"}
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch.cuda.is_available() is False")
 
@@ -369,16 +384,22 @@ def step_tests(record: dict, args: argparse.Namespace, out: Path, budget: Budget
     if junit.exists():
         record.update(summarize_junit(junit))
     counts = record.get("counts", {})
+    notes = []
     if status == 5:  # pytest: no tests collected (a CPU machine: no test has cuda in its id)
-        record["note"] = f"no test matches -k {args.keyword}: none found"
-    elif timed_out:
+        notes.append(f"no test matches -k {args.keyword}: none found")
+    if counts.get("collection_errors"):  # a module needing what the image lacks (hypothesis, say): not a failure
+        notes.append(f"{counts['collection_errors']} test modules could not be collected (see collection_errors)")
+    if notes:
+        record["note"] = "; ".join(notes)
+    if timed_out:
         record["status"] = "failed"
         record["error"] = f"stopped after {timeout:.0f} s (--tests-timeout); counts are those run until then"
-    elif status != 0 or counts.get("failed") or counts.get("errors"):
+    elif counts.get("failed") or counts.get("errors"):
         record["status"] = "failed"
-        record["error"] = f"pytest exit status {status}"
-    if counts.get("collection_errors"):
-        record["note"] = f"{counts['collection_errors']} test modules could not be collected (see collection_errors)"
+        record["error"] = f"{counts.get('failed', 0)} failed, {counts.get('errors', 0)} errors"
+    elif status not in (0, 5) and not (status == 1 and counts.get("collection_errors")):
+        record["status"] = "failed"
+        record["error"] = f"pytest exit status {status}: {_one_line(_tail(output, 2), 300)}"
     return None
 
 
@@ -466,19 +487,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _full_float32(device: torch.device) -> None:
-    """float32 matmuls and convolutions without TF32 (torch's default for cuDNN convolutions)."""
+def _full_float32(device: torch.device) -> dict[str, bool] | None:
+    """float32 matmuls and convolutions without TF32 (torch's default for cuDNN convolutions); returns the
+    flags as torch reads them back.
+
+    Through the ``allow_tf32`` flags: in torch 2.11 and 2.13 the newer ``fp32_precision`` setters leave
+    the flags in a state that reading ``torch.backends.cudnn.allow_tf32`` afterwards refuses
+    (``RuntimeError``: "a mix of the legacy and new APIs"), which other code may read.
+    """
     import torch
 
     if device.type != "cuda":
-        return
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # the API of torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        cudnn_conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32}
 
 
 def _builder(name: str, backend: str) -> Callable:
@@ -669,6 +692,7 @@ def measure_workload(
                     if not isinstance(error, (Exception, CompileTimeout)):
                         raise
                     row["grad_recheck_error"] = _short(error)
+                    row["grad_ok"] = None  # unchecked, not known wrong
                     torch._dynamo.reset()
         _time_rounds(timers, rows, args, end, hard_end)
         for name, peak in memories.items():
@@ -779,7 +803,7 @@ def _rounds(
 def step_timings(record: dict, args: argparse.Namespace, device: torch.device, budget: Budget) -> None:
     import torch
 
-    _full_float32(device)
+    record["tf32"] = _full_float32(device)
     chosen = workloads(args.quick)
     names = [name.strip() for name in args.workloads.split(",") if name.strip()]
     unknown = [name for name in names if name not in chosen]
@@ -793,7 +817,9 @@ def step_timings(record: dict, args: argparse.Namespace, device: torch.device, b
         backend=args.backend,
         warmup=args.warmup,
         rounds=args.rounds,
-        precision="float32, TF32 off (torch and JAX)" if device.type == "cuda" else "float32",
+        precision="float32, TF32 off (torch and JAX)"
+        if device.type == "cuda"
+        else "float32, torch on one thread, JAX pinned to one core",
         jax_source="--no-jax" if args.no_jax else jax_source(),
         workloads=[],
     )
@@ -873,7 +899,8 @@ def step_demo(record: dict, args: argparse.Namespace, device: torch.device, out:
     png = out / "demo.png"
     record.update(requested_iterations=requested, device=str(device))
     if importlib.util.find_spec("matplotlib") is None or args.demo_no_plot:
-        record["note"] = "matplotlib is not importable: the demo ran with its plot left out (no demo.png)"
+        why = "--demo-no-plot" if args.demo_no_plot else "matplotlib is not importable"
+        record["note"] = f"{why}: the demo ran with its plot left out (no demo.png)"
     iterations = requested
     if requested > PROBE_ITERATIONS and not args.quick:
         probe, output, wall, error = _run_demo(
@@ -889,7 +916,9 @@ def step_demo(record: dict, args: argparse.Namespace, device: torch.device, out:
         (out / "demo-probe.png").unlink(missing_ok=True)
         iterations = fit_demo_iterations(requested, budget.left() - 10, probe, wall)
         if iterations == 0:
-            record.update(iterations=PROBE_ITERATIONS, table=probe.get("table"), timings=probe.get("timings"))
+            record.update(
+                iterations=PROBE_ITERATIONS, wall_s=wall, table=probe.get("table"), timings=probe.get("timings")
+            )
             record["reduced"] = f"only the {PROBE_ITERATIONS}-iteration probe fitted in the time budget"
             record["table_text"] = _demo_table_text(output)
             return None
@@ -898,10 +927,13 @@ def step_demo(record: dict, args: argparse.Namespace, device: torch.device, out:
                 f"{iterations:,} of the {requested:,} iterations: as many as fit in the {budget.left():.0f} s left "
                 f"(measured {probe['timings']['per_iteration_ms']:.2f} ms per meta-iteration in the probe)"
             )
+    probe_output = output if "probe" in record else ""
     result, output, wall, error = _run_demo(args, device, iterations, png, budget.left() - 5, out / "demo.log")
     record.update(iterations=iterations, wall_s=wall, output_tail=_tail(output, 12))
     if error is not None:
         record.update(status="failed", error=error)
+        if probe_output:  # the probe's table is still worth showing
+            record["table_text"] = f"(the {PROBE_ITERATIONS}-iteration probe's)\n" + _demo_table_text(probe_output)
         return None
     assert result is not None
     record.update(
@@ -977,7 +1009,6 @@ def markdown(report: dict) -> str:
             "jax",
             "jax_source",
             "numpy",
-            "optax",
             "pytest",
             "matplotlib",
             "tqdm",
@@ -992,7 +1023,7 @@ def markdown(report: dict) -> str:
                     value = ", ".join(f"{k} {v}" for k, v in value.items())
                 lines.append(f"| {key} | {'' if value is None else str(value).replace('|', '/')} |")
     tests = steps.get("tests", {})
-    if tests:
+    if "command" in tests:
         lines += ["", "## Device tests", ""]
         if "command" in tests:
             lines.append(
@@ -1043,6 +1074,8 @@ def markdown(report: dict) -> str:
                     grad += f" (float64 recheck failed: {row['grad_recheck_error']})"
                 if row.get("grad_ok") is False:
                     grad += " WRONG"
+                elif row.get("grad_recheck_error"):
+                    grad += " UNCHECKED"
                 peak = row.get("peak_mib")
                 status = row.get("status", "")
                 if row.get("reason"):
@@ -1150,38 +1183,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     device = torch.device(args.device)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-
-    def skipped(name: str) -> Callable[[dict], str]:
-        return lambda record: f"--skip {name}"
-
     run_step("environment", report, out, budget, 0, lambda record: step_environment(record, device, not args.no_jax))
+    run_step("tests", report, out, budget, 30, lambda record: step_tests(record, args, out, budget), skip)
+    timings_need = args.demo_reserve + 30
     run_step(
-        "tests",
-        report,
-        out,
-        budget,
-        30,
-        skipped("tests") if "tests" in skip else lambda record: step_tests(record, args, out, budget),
-    )
-    run_step(
-        "timings",
-        report,
-        out,
-        budget,
-        args.demo_reserve + 30,
-        skipped("timings") if "timings" in skip else lambda record: step_timings(record, args, device, budget),
+        "timings", report, out, budget, timings_need, lambda record: step_timings(record, args, device, budget), skip
     )
     gc.collect()
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the demo's process gets the memory this one cached
-    run_step(
-        "demo",
-        report,
-        out,
-        budget,
-        20,
-        skipped("demo") if "demo" in skip else lambda record: step_demo(record, args, device, out, budget),
-    )
+    run_step("demo", report, out, budget, 20, lambda record: step_demo(record, args, device, out, budget), skip)
     write_outputs(report, out)
     print(markdown(report))
     print(f"[gpu-check] wrote {out / 'gpu-check.json'} and {out / 'gpu-check.md'}", flush=True)
