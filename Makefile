@@ -7,7 +7,7 @@ WHEEL_VENV ?= .venv-wheel
 SHARED ?= ../shared
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo example test test-torch coverage fuzz typecheck dist check-wheel check-shared bench bench-compiled lint docs install install-demo install-dev install-bench install-docs clean
+.PHONY: demo example test test-torch coverage fuzz typecheck dist check-wheel check-shared bench bench-compiled gpu-check lint docs install install-demo install-dev install-bench install-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -116,10 +116,24 @@ bench-compiled: install-bench
 	$(PY) benchmarks/run.py --setup
 	$(PY) benchmarks/compiled.py $(BENCH_ARGS)
 
+# One prepared run for a lent GPU (benchmarks/gpu_check.py; docs/gpu.md), at most 9 minutes: the environment, the
+# device tests (pytest -k cuda), meta-iterations per task / task-batched / compiled against the hand-written loop,
+# vmap and JAX on the device, and the demo; gpu-check.json and gpu-check.md into $(OUT) (default .gpu-check/).
+# The GPU image has torch and JAX but no package index, so nothing is installed: no virtual environment, no
+# `pip install -e .` (with build isolation pip would fetch setuptools); the package is imported from src/. Its
+# python is $(PYTHON) there; here, where .venv exists, .venv's. `make gpu-check DEVICE=cpu QUICK=1`: the dry run
+# on CPU with small sizes (the suite runs it: tests/test_benchmarks_gpu_check.py).
+DEVICE ?= cuda
+QUICK ?= 0
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONPATH="src:.$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) \
+	  $(if $(filter 1,$(QUICK)),--quick) $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
+
 # The documentation site (mkdocs.yml, docs/): into site/, strictly (a broken link, a missing page or an
 # unresolved API reference fails the build). Nothing is downloaded at build time. Open site/index.html.
 docs: install-docs
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(WHEEL_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .bench .coverage .coverage.*
+	rm -rf $(VENV) $(WHEEL_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .bench .coverage .coverage.* .gpu-check

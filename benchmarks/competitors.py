@@ -9,6 +9,8 @@ JAX (``jax``, ``jaxlib``, ``optax`` for CPU, and their pure dependencies that th
 lacks) goes into ``.bench/jax``; numpy and scipy are the environment's own (``--no-deps``, so pip
 never installs a second numpy, nor torch). JAX is only ever imported in a child process that
 :func:`jax_environment` sets up (the CPU backend, pinned to one core): see ``benchmarks/jax_workloads.py``.
+On a GPU machine whose environment has JAX (``benchmarks/gpu_check.py``), the child process imports
+that one instead, on the GPU.
 """
 
 from __future__ import annotations
@@ -79,37 +81,59 @@ def setup(quiet: bool = True, jax: bool = True) -> None:
 ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def jax_environment(cpu: int | None = None, xla_flags: str = "") -> dict[str, str]:
-    """The environment of a process that imports JAX: ``.bench/jax`` on its path, the CPU backend.
+#: Set by :func:`jax_environment` for the process it starts: where :func:`load_jax` takes JAX from,
+#: ``"bench"`` (``.bench/jax``, the pinned version) or ``"environment"`` (the interpreter's own ``jax``).
+JAX_SOURCE_VARIABLE = "HIGHER_BENCH_JAX"
+
+
+def jax_environment(
+    cpu: int | None = None, xla_flags: str = "", platform: str = "cpu", bundled: bool = True
+) -> dict[str, str]:
+    """The environment of a process that imports JAX: by default ``.bench/jax`` on its path, the CPU backend.
 
     ``cpu``: the one core the process pins itself to before importing JAX (``BENCH_CPU``), so
     that XLA runs on one core whatever its thread pools; ``xla_flags``: ``XLA_FLAGS``. XLA reads
     both when JAX is first imported, which is why JAX runs in a child process.
+
+    ``platform``: ``JAX_PLATFORMS`` (``"cuda"`` on a GPU machine: ``benchmarks/gpu_check.py``);
+    ``bundled=False``: the interpreter's own ``jax`` (a GPU image's CUDA build) instead of
+    ``.bench/jax``. Off the CPU, JAX does not take 75% of the GPU memory at start
+    (``XLA_PYTHON_CLIENT_PREALLOCATE=false``: torch shares the GPU) and computes float32 matmuls and
+    convolutions in full float32 (``JAX_DEFAULT_MATMUL_PRECISION=highest``; its GPU default is
+    TF32), as the torch side does: the same arithmetic for the timings and the meta-gradient check.
     """
-    path = os.pathsep.join(p for p in (str(JAX_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags, "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(JAX_DIR) if bundled else "", os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": platform, "XLA_FLAGS": xla_flags, "OMP_NUM_THREADS": "1"}
+    env[JAX_SOURCE_VARIABLE] = "bench" if bundled else "environment"
+    if platform != "cpu":
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     if cpu is not None:
         env["BENCH_CPU"] = str(cpu)
     return env
 
 
 def load_jax() -> ModuleType:
-    """JAX 0.10.2 from ``.bench/jax``, in a process started with :func:`jax_environment`.
+    """JAX in a process started with :func:`jax_environment`: 0.10.2 from ``.bench/jax``, or the environment's.
 
     Pins the process to the core ``BENCH_CPU`` names (if any) before the first import of JAX.
     """
-    if os.environ.get("JAX_PLATFORMS") != "cpu":
+    source = os.environ.get(JAX_SOURCE_VARIABLE)
+    if source not in ("bench", "environment"):
         raise RuntimeError("JAX must be imported in a process started with competitors.jax_environment()")
     if "jax" not in sys.modules and os.environ.get("BENCH_CPU"):
         os.sched_setaffinity(0, {int(os.environ["BENCH_CPU"])})
-    if str(JAX_DIR) not in sys.path:
+    if source == "bench" and str(JAX_DIR) not in sys.path:
         sys.path.append(str(JAX_DIR))  # appended: numpy and scipy stay the environment's
     import jax
 
-    if jax.__version__ != "0.10.2":
+    if source == "bench" and jax.__version__ != "0.10.2":
         raise ImportError(
             f"expected JAX 0.10.2, found {jax.__version__} at {jax.__file__}; run benchmarks/run.py --setup"
         )
+    precision = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION")
+    if precision:  # read from the environment by JAX too; set again in case this version does not
+        jax.config.update("jax_default_matmul_precision", precision)
     return jax
 
 

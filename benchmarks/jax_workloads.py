@@ -3,7 +3,8 @@
 ``jax.jit(jax.value_and_grad(meta_loss))`` where ``meta_loss`` is the mean over tasks
 (``jax.vmap``, or ``jax.lax.map``: a loop over tasks in the compiled function, which XLA's CPU
 convolutions run faster than the grouped convolutions that ``vmap`` of per-task weights gives) of the query loss after ``inner_steps`` differentiable inner steps taken with
-``jax.grad`` (second order): plain SGD (``optax.sgd``), or Adam written by hand with
+``jax.grad`` (second order): plain SGD (``optax.sgd``; written out, ``p - lr * g``, where optax is
+not installed: the same float32 numbers), or Adam written by hand with
 torch.optim.Adam's math, exactly as ``benchmarks/implementations.adam_update`` (bias-corrected
 moments, eps added after the bias correction, the same betas and eps; optax's ``adam`` is the same
 math with other roundings). As there, the meta-gradient check uses a ``sqrt`` whose derivative at
@@ -18,7 +19,8 @@ Tanh; the loss is the mean squared error (sine, deep) or the cross-entropy with 
 (conv: ``-log_softmax`` at the label, averaged).
 
 JAX runs in a child process (``python benchmarks/jax_workloads.py --serve FILE``, started by
-:class:`JaxRunner` with :func:`competitors.jax_environment`: CPU, one thread), so that the XLA flags
+:class:`JaxRunner` with :func:`competitors.jax_environment`: CPU, one thread, unless told otherwise:
+``benchmarks/gpu_check.py`` runs it on the GPU), so that the XLA flags
 are set before JAX is imported and JAX never shares a process with torch. The parent hands it
 the very weights and data of the torch benchmark (an ``.npz`` file: torch's ``nn.Linear``
 initialisation, the same synthetic tasks), so that its meta-gradient can be compared with the
@@ -27,6 +29,8 @@ torch reference's to float32 precision. The child then answers one line per requ
 - at start: ``{"compile_s", "loss", "grads"}``: the first call (trace + XLA compile + run) and
   its result, the meta-gradient flattened in the torch parameters' order;
 - ``time``: runs one meta-iteration (jitted call + ``block_until_ready``) and answers its seconds;
+- ``memory``: answers ``{"peak_bytes", "bytes_in_use"}`` of the device's allocator (``null`` where
+  the backend keeps no statistics: CPU);
 - ``quit``: exits.
 
 This lets the parent interleave JAX's timed rounds with torch's, one at a time.
@@ -36,8 +40,10 @@ from __future__ import annotations
 
 import json
 import math
+import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,36 +137,64 @@ def export(
 
 
 class JaxRunner:
-    """The JAX child process of one workload: compiles at start, then times one call per request."""
+    """The JAX child process of one workload: compiles at start, then times one call per request.
 
-    def __init__(self, npz: Path, cpu: int | None = None, xla_flags: str = ""):
+    ``environment``: the child's environment (default :func:`competitors.jax_environment` of ``cpu``
+    and ``xla_flags``); ``timeout``: seconds to wait for the first answer (the compile) before the
+    child is stopped and :class:`TimeoutError` raised (default: no limit). The child's stderr goes
+    to a temporary file (read back on failure), so that a chatty XLA never fills a pipe and blocks it.
+    """
+
+    def __init__(
+        self,
+        npz: Path,
+        cpu: int | None = None,
+        xla_flags: str = "",
+        environment: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ):
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(npz)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
-            env=competitors.jax_environment(cpu, xla_flags),
+            env=environment if environment is not None else competitors.jax_environment(cpu, xla_flags),
         )
-        first = self._read()
+        try:
+            first = self._read(timeout)
+        except BaseException:
+            self.kill()
+            raise
         self.compile_s: float = first["compile_s"]
         self.loss: float = first["loss"]
         self.grads: list[float] = first["grads"]
 
-    def _read(self) -> dict:
+    def _read(self, timeout: float | None = None) -> dict:
         assert self.process.stdout is not None
+        if timeout is not None and not select.select([self.process.stdout], [], [], max(timeout, 0))[0]:
+            raise TimeoutError(f"the JAX child process did not answer within {timeout:.0f} s")
         line = self.process.stdout.readline()
         if not line:
-            error = self.process.stderr.read() if self.process.stderr else ""
-            raise RuntimeError("the JAX child process failed:\n" + error[-3000:])
+            self.process.wait(timeout=60)
+            self.stderr.seek(0)
+            raise RuntimeError("the JAX child process failed:\n" + self.stderr.read()[-3000:])
         return json.loads(line)
+
+    def _ask(self, request: str) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return self._read()
 
     def time_one(self) -> float:
         """Seconds of one meta-iteration in the child."""
-        assert self.process.stdin is not None
-        self.process.stdin.write("time\n")
-        self.process.stdin.flush()
-        return self._read()["seconds"]
+        return self._ask("time")["seconds"]
+
+    def memory(self) -> dict:
+        """The child's device allocator: ``{"peak_bytes", "bytes_in_use"}``, ``None`` values on CPU."""
+        return self._ask("memory")
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -168,6 +202,14 @@ class JaxRunner:
             self.process.stdin.write("quit\n")
             self.process.stdin.flush()
             self.process.wait(timeout=60)
+        self.stderr.close()
+
+    def kill(self) -> None:
+        """Stop the child at once (a compile past its time, or a failed start)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=60)
+        self.stderr.close()
 
 
 # ------------------------------------------------------------------ child side (JAX)
@@ -177,8 +219,12 @@ def build(config: dict, arrays: dict):
     if config["x64"]:
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    import optax
     from jax import lax
+
+    try:
+        import optax
+    except ImportError:  # a GPU image may have JAX without optax: SGD written out (optax.sgd's numbers)
+        optax = None
 
     layers, steps, lr = config["layers"], config["steps"], config["lr"]
     n_param = sum(1 for layer in layers if "param" in layer)
@@ -244,16 +290,25 @@ def build(config: dict, arrays: dict):
         )
         return fast, (m, v)
 
-    sgd = optax.sgd(lr)
+    sgd = optax.sgd(lr) if optax is not None else None
+
+    def sgd_init(params):
+        return sgd.init(params) if sgd is not None else ()
+
+    def sgd_step(fast, grads, state):
+        if sgd is None:  # optax.sgd's update is -lr * g, added to p: p - lr * g
+            return jax.tree.map(lambda p, g: p - lr * g, fast, grads), state
+        assert optax is not None
+        updates, state = sgd.update(grads, state, fast)
+        return optax.apply_updates(fast, updates), state
 
     def task_query_loss(params, sx, sy, qx, qy):
         fast = params
-        state = sgd.init(params) if config["optimizer"] == "sgd" else jax.tree.map(jnp.zeros_like, (params, params))
+        state = sgd_init(params) if config["optimizer"] == "sgd" else jax.tree.map(jnp.zeros_like, (params, params))
         for step in range(1, steps + 1):
             grads = jax.grad(loss)(fast, sx, sy)
             if config["optimizer"] == "sgd":
-                updates, state = sgd.update(grads, state, fast)
-                fast = optax.apply_updates(fast, updates)
+                fast, state = sgd_step(fast, grads, state)
             else:
                 fast, state = adam(fast, grads, state, step)
         return loss(fast, qx, qy)
@@ -271,6 +326,8 @@ def build(config: dict, arrays: dict):
 def serve(npz: str) -> None:
     import numpy as np
 
+    jax = competitors.load_jax()
+
     arrays = dict(np.load(npz))
     config = json.loads(str(arrays.pop("config")))
     meta_step, params, data = build(config, arrays)
@@ -283,6 +340,11 @@ def serve(npz: str) -> None:
     for line in sys.stdin:
         if line.strip() == "quit":
             break
+        if line.strip() == "memory":
+            stats = jax.devices()[0].memory_stats() or {}
+            answer = {"peak_bytes": stats.get("peak_bytes_in_use"), "bytes_in_use": stats.get("bytes_in_use")}
+            print(json.dumps(answer), flush=True)
+            continue
         start = time.perf_counter()
         loss, grads = meta_step(params, *data)
         loss.block_until_ready()

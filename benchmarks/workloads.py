@@ -36,7 +36,9 @@ class Workload:
     lr: dict[str, float] = field(default_factory=lambda: {"sgd": 0.01, "adam": 0.001})
 
 
-def _sine_data(tasks: int, support: int, query: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+def _sine_data(
+    tasks: int, support: int, query: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     amplitude = torch.empty(tasks, 1, 1).uniform_(0.1, 5.0, generator=generator)
     phase = torch.empty(tasks, 1, 1).uniform_(0.0, math.pi, generator=generator)
     x = torch.empty(tasks, support + query, 1).uniform_(-5.0, 5.0, generator=generator)
