@@ -813,7 +813,6 @@ def test_an_interrupted_checkpointed_unroll_leaves_the_loop_connected_to_the_mod
         assert (a - b).abs().max().item() <= 1e-12
 
 
-
 def test_checkpointed_unroll_under_no_grad_gets_a_clear_error():
     model, opt, inner, _ = small_problem()
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):

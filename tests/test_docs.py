@@ -267,7 +267,9 @@ def test_every_public_module_has_an_api_reference_page():
             directives[module] = page.name
     missing = [m for m in _public_modules() if m not in directives]
     assert not missing, f"public modules without an API reference page (docs/reference/, '::: module'): {missing}"
-    for path in directives:  # a module or an object in one: mkdocstrings fails the build on a name that does not resolve
+    for (
+        path
+    ) in directives:  # a module or an object in one: mkdocstrings fails the build on a name that does not resolve
         try:
             importlib.import_module(path)
         except ModuleNotFoundError:

@@ -129,8 +129,6 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-
-
 def test_a_loss_computed_before_the_previous_step_is_named_in_the_error() -> None:
     """0.2.1 silently took a no-op step; the message must name this cause and its fix."""
     model = nn.Linear(3, 1)

@@ -222,7 +222,6 @@ def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, op
         assert abs(f.item() - r.item()) <= 1e-8 * max(1.0, abs(r.item()))
 
 
-
 def test_forward_hypergradient_bad_override_and_outer_loss_get_clear_errors():
     model, opt, inner, outer = small_problem()
     hyper = [torch.tensor(0.1)]

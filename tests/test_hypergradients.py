@@ -217,7 +217,6 @@ def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
         assert torch.equal(forward[0], expected[0])
 
 
-
 # ------------------------------------------------------------------ hypergradient(method="implicit")
 @pytest.mark.parametrize("hyperparameter", ["lr", "weight_decay", "schedule"])
 def test_implicit_method_refuses_hyperparameters_that_only_the_optimizer_reads(hyperparameter):

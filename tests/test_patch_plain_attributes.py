@@ -22,7 +22,6 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Modules that reach their submodules or parameters other than through their registered slots.
 # torch.optim (and torch.func.functional_call, which swaps tensors into the module itself) sees
@@ -306,5 +305,3 @@ def test_a_parameter_resized_in_place_between_episodes() -> None:
             ]
             for a, b in zip(new, ref):
                 torch.testing.assert_close(a, b)
-
-

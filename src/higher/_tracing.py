@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 #: The first torch release whose dynamo traces ``torch.autograd.grad`` into a graph (its option
 #: ``trace_autograd_ops``), which compiling an inner loop needs: every inner step differentiates.
 COMPILE_NEEDS_TORCH = "2.11"

@@ -132,9 +132,7 @@ def _batchnorm_mlp() -> nn.Module:
 
 
 def _conv() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
-    )
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
 
 
 def _dropout() -> nn.Module:
@@ -198,7 +196,9 @@ OPTIONS: dict[str, Any] = {
         )
     ),
     "Adadelta": st.fixed_dictionaries(
-        dict(lr=st.sampled_from([1.0, 0.5]), rho=st.sampled_from([0.9, 0.8]), eps=EPS, weight_decay=DECAY, maximize=FLAG)
+        dict(
+            lr=st.sampled_from([1.0, 0.5]), rho=st.sampled_from([0.9, 0.8]), eps=EPS, weight_decay=DECAY, maximize=FLAG
+        )
     ),
     "Adamax": st.fixed_dictionaries(dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY, maximize=FLAG)),
     "ASGD": st.fixed_dictionaries(

@@ -93,7 +93,11 @@ def _reference(model, opt, hyper, inner, outer):
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         for _ in range(STEPS):
             diffopt.step(inner(fmodel, leaves))
-        gradient_norm = float(torch.cat([g.flatten() for g in torch.autograd.grad(inner(fmodel, leaves), list(fmodel.parameters()))]).norm())
+        gradient_norm = float(
+            torch.cat(
+                [g.flatten() for g in torch.autograd.grad(inner(fmodel, leaves), list(fmodel.parameters()))]
+            ).norm()
+        )
         outer(fmodel, leaves).backward()
     return [h.grad for h in leaves], gradient_norm
 

@@ -29,7 +29,9 @@ def _assert_flat(problem, mode: str, warmup: int = 2, repeats: int = 3) -> None:
         for _ in range(warmup):
             iteration()
         grown = growth(iteration, repeats)
-    assert grown == (0, 0), f"{mode}: {grown} more (fmodels, tensors) alive after {repeats} meta-iterations than after one: {problem.describe()}"
+    assert grown == (0, 0), (
+        f"{mode}: {grown} more (fmodels, tensors) alive after {repeats} meta-iterations than after one: {problem.describe()}"
+    )
 
 
 @pytest.mark.parametrize("mode", EAGER_MODES)

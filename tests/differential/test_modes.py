@@ -71,7 +71,13 @@ def test_checkpointed_task_batched(problem):
 
 
 @examples(ci=15, fuzz=1000)
-@given(problem=problems(hypers=("leaf", "transformed", "unpacked", "per_task", "per_step", "per_parameter"), first_order=(False,), schedulers=(None,)))
+@given(
+    problem=problems(
+        hypers=("leaf", "transformed", "unpacked", "per_task", "per_step", "per_parameter"),
+        first_order=(False,),
+        schedulers=(None,),
+    )
+)
 def test_forward_mode(problem):
     check_mode(problem, "forward")
 
