@@ -55,19 +55,21 @@ def _call(fn_name: str, rank: int, args: tuple) -> dict:
         return {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}
 
 
-def _init_rank(rank: int, port: int) -> None:
+def _init_rank(rank: int, port: int, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # as tests/conftest.py does for the test process
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # one GPU per rank
     torch.distributed.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+        backend, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
     )
 
 
-def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple) -> None:
+def _entry(rank: int, port: int, out_dir: str, fn_name: str, args: tuple, backend: str = "gloo") -> None:
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        _init_rank(rank, port)
+        _init_rank(rank, port, backend)
         try:
             record = _call(fn_name, rank, args)
         finally:
@@ -178,12 +180,12 @@ def _function(fn_name: str) -> Any:
     return getattr(importlib.import_module(module), name) if module else globals()[name]
 
 
-def _run(fn_name: str, *args: Any) -> list[dict]:
+def _run(fn_name: str, *args: Any, backend: str = "gloo") -> list[dict]:
     """Run ``fn_name(rank, *args)`` on 2 ranks; returns each rank's record (result or error)."""
     ctx = _context(fn_name)
     with tempfile.TemporaryDirectory() as out_dir:
         port = _free_port()
-        procs = [ctx.Process(target=_entry, args=(r, port, out_dir, fn_name, args)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_entry, args=(r, port, out_dir, fn_name, args, backend)) for r in range(WORLD)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -272,10 +274,17 @@ def _task_losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _meta_train(
-    net: nn.Module, model: nn.Module, tasks: range, world: int, mode: str, dtype: torch.dtype, first_order: bool
+    net: nn.Module,
+    model: nn.Module,
+    tasks: range,
+    world: int,
+    mode: str,
+    dtype: torch.dtype,
+    first_order: bool,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """3 outer Adam steps of MAML over ``tasks``; returns the meta-gradients and the final parameters."""
-    data = _data(dtype)
+    """3 outer Adam steps of MAML over ``tasks``; returns the meta-gradients and the final parameters (on the CPU)."""
+    data = [tuple(t.to(device) for t in batch) for batch in _data(dtype)]
     weight = hd.task_weight(TOTAL_TASKS, world)
     meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
     inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -305,12 +314,12 @@ def _meta_train(
                     for _ in range(INNER_STEPS):
                         diffopt.step(F.mse_loss(fmodel(sx[t]), sy[t]))
                     (F.mse_loss(fmodel(qx[t]), qy[t]) * weight).backward()
-        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        grads.append([None if p.grad is None else p.grad.to("cpu", copy=True) for p in model.parameters()])
         meta_opt.step()
     return {
         "grads": grads,
-        "params": [p.detach().clone() for p in model.parameters()],
-        "buffers": [b.clone() for b in model.buffers()],
+        "params": [p.detach().to("cpu", copy=True) for p in model.parameters()],
+        "buffers": [b.to("cpu", copy=True) for b in model.buffers()],
         "stats": hd.sync_stats(net) if ddp else None,
     }
 
@@ -327,6 +336,13 @@ def _distributed_worker(
     net = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     tasks = hd.split_tasks(TOTAL_TASKS)
     return _meta_train(net, model, tasks, WORLD, mode, dtype, first_order)
+
+
+def _nccl_worker(rank: int, mode: str) -> Any:
+    """The MAML of :func:`_distributed_worker` on GPU ``rank``, DDP over NCCL, in float64."""
+    model = _model("mlp", torch.float64).to(f"cuda:{rank}")
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+    return _meta_train(net, model, hd.split_tasks(TOTAL_TASKS), WORLD, mode, torch.float64, False, f"cuda:{rank}")
 
 
 def _assert_close(actual: list, expected: list, dtype: torch.dtype) -> None:
@@ -378,6 +394,18 @@ def test_per_task_no_sync_equals_single_process(dtype, ranks):
 
 def _first_order_worker(rank: int) -> Any:
     return {mode: _distributed_worker(rank, "mlp", mode, torch.float64, True, {}) for mode in ("batched", "per_task")}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+    reason="DDP over NCCL needs 2 GPUs",
+)
+@pytest.mark.parametrize("mode", ["batched", "per_task"])
+def test_nccl_on_two_gpus_equals_single_process(mode):
+    """The gloo tests' meta-gradients on 2 GPUs, one per rank, all-reduced by NCCL (float64; the
+    reference is the whole meta-batch in one CPU process)."""
+    results = _checked(_run("_nccl_worker", mode, backend="nccl"))
+    _check_against_single(results, _single("mlp", mode, torch.float64, False), torch.float64)
 
 
 def test_first_order_both_paths(ranks):
