@@ -45,12 +45,13 @@ def test_sinusoid_demo_tiny_run(tmp_path, capsys):
         (["--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid"),
     ],
 )
-def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, tmp_path, capsys):
+def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, device, tmp_path, capsys):
+    """Every demo (and algorithm family) runs with ``--device`` (CUDA too where present) and prints its JSON."""
     out = tmp_path / "x.png"
-    assert cli.main(["demo", *argv, "--out", str(out), "--no-progress", "--json"]) == 0
+    assert cli.main(["demo", *argv, "--device", str(device), "--out", str(out), "--no-progress", "--json"]) == 0
     lines = capsys.readouterr().out.rstrip("\n").splitlines()
     record = json.loads(lines[-1])
-    assert record["experiment"] == experiment
+    assert record["experiment"] == experiment and record["options"]["device"] == str(device)
     assert record["options"]["out"] == str(out) and record["options"]["threads"] == 1
     assert record["options"]["iterations"] == int(argv[argv.index("--iterations") + 1])
     assert "total_s" in record["timings"]
