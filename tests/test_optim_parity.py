@@ -8,15 +8,15 @@ kernels in torch's order, so the parameters must be bitwise equal to torch's one
 implementation (``foreach=False``; torch's fused and foreach kernels round differently: a
 tolerance there).
 
-On CUDA (the ``device`` fixture's ``[cuda]`` cases) torch's foreach and fused CUDA kernels are
-references too: every configuration that names neither is also compared with torch run with
-``foreach=True`` and, for the optimizers with a fused CUDA kernel (SGD, Adam, AdamW), with
-``fused=True``, within the same tolerance. On the CPU those extra references would add nothing
-to the cases that name ``foreach=True`` and ``fused=True`` (SGD and Adam below): torch's CPU
-foreach kernels are loops of its one-tensor ones, and its fused CPU kernels exist for SGD, Adam,
-AdamW and Adagrad only. Our multi-tensor path uses foreach kernels: on the CPU those are the
-one-tensor kernels (bitwise), on CUDA they are multi-tensor kernels that may contract the
-arithmetic differently (the tolerance).
+On CUDA (the ``[cuda]`` cases, where ``torch.cuda.is_available()``, in two of the dtype settings:
+``CUDA_SETTINGS``) torch's foreach and fused CUDA kernels are references too: every configuration
+that names neither is also compared with torch run with ``foreach=True`` and, for the optimizers
+with a fused CUDA kernel (SGD, Adam, AdamW), with ``fused=True``, within the tolerances of
+``_tolerance``. On the CPU those extra references would repeat the cases that name
+``foreach=True`` and ``fused=True`` (SGD and Adam below): torch's CPU foreach kernels are loops of
+its one-tensor ones, and its fused CPU kernels exist for SGD, Adam, AdamW and Adagrad only. Our
+multi-tensor path uses foreach kernels: on the CPU those are the one-tensor kernels (bitwise), on
+CUDA multi-tensor kernels that may round differently (a tolerance).
 """
 
 import copy
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import higher
+from devices import DEVICES
 
 CASES = {
     "SGD": [
@@ -204,7 +205,20 @@ def _max_difference(a, b):
     return (a.detach() - b.detach()).abs().max().item()
 
 
-@pytest.mark.parametrize(("name", "options", "setting", "path"), MATRIX, ids=[_id(*case) for case in MATRIX])
+# On CUDA every configuration and path in two of the settings: float64 (the exact comparisons) and float32
+# with two groups (a GPU's usual dtype). The other settings check torch's scalar-state dtypes under a
+# float32 default, which do not depend on the device (and the tests' CUDA cases share the GPU check's
+# two minutes).
+CUDA_SETTINGS = [("float64", "float64", False), ("float32", "float32", True)]
+DEVICE_MATRIX = [
+    pytest.param(*case, torch.device(device), id=f"{device}-{_id(*case)}")
+    for device in DEVICES
+    for case in MATRIX
+    if device == "cpu" or case[2] in CUDA_SETTINGS
+]
+
+
+@pytest.mark.parametrize(("name", "options", "setting", "path", "device"), DEVICE_MATRIX)
 def test_twenty_steps_match_torch_optim(name, options, setting, path, device, monkeypatch):
     default, model_dtype, two_groups = setting
     torch.set_default_dtype(getattr(torch, default))  # the conftest fixture restores it
