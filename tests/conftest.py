@@ -25,8 +25,8 @@ def device(request):
     Parametrized over :data:`devices.DEVICES`: ``cpu`` always and ``cuda`` where
     ``torch.cuda.is_available()``, so a test that takes it has a ``[cpu]`` and, on a GPU machine, a
     ``[cuda]`` case (``pytest -k cuda`` runs those). Only the tests whose paths differ on a GPU take
-    it: optimizer parity (torch's foreach and fused CUDA kernels), per-task and task-batched
-    meta-gradients, checkpointed, forward-mode and implicit hypergradients, autocast, a demo run
-    with ``--device``, and peak device memory.
+    it: per-task and task-batched meta-gradients, checkpointed (with peak CUDA memory), forward-mode
+    and implicit hypergradients, autocast. Optimizer parity and the demos' ``--device`` runs
+    parametrize over ``DEVICES`` themselves, to run a subset of their cases on CUDA.
     """
     return torch.device(request.param)
