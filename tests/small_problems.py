@@ -9,29 +9,29 @@ from torch import nn
 LONG_STEPS = 9
 
 
-def seeded_model() -> nn.Module:
-    """A 3-8-2 tanh MLP with fixed initial weights."""
+def seeded_model(device="cpu") -> nn.Module:
+    """A 3-8-2 tanh MLP with fixed initial weights (the same on every device)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
 
 
-def seeded_data():
-    """``LONG_STEPS`` support batches for :func:`seeded_model`, and one query batch."""
+def seeded_data(device="cpu"):
+    """``LONG_STEPS`` support batches for :func:`seeded_model`, and one query batch (drawn on the CPU, then moved)."""
     g = torch.Generator().manual_seed(1)
     return (
-        torch.randn(LONG_STEPS, 5, 3, generator=g),
-        torch.randn(LONG_STEPS, 5, 2, generator=g),
-        torch.randn(6, 3, generator=g),
-        torch.randn(6, 2, generator=g),
+        torch.randn(LONG_STEPS, 5, 3, generator=g).to(device),
+        torch.randn(LONG_STEPS, 5, 2, generator=g).to(device),
+        torch.randn(6, 3, generator=g).to(device),
+        torch.randn(6, 2, generator=g).to(device),
     )
 
 
-def small_problem():
+def small_problem(device="cpu"):
     """A linear model, its SGD optimizer, an inner objective with an L2 term weighted by the
     hyperparameter ``h[0]`` (strongly convex, so the implicit method applies) and an outer one."""
     g = torch.Generator().manual_seed(3)
-    model = nn.Linear(3, 1)
-    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    model = nn.Linear(3, 1).to(device)
+    x, y = torch.randn(8, 3, generator=g).to(device), torch.randn(8, 1, generator=g).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def inner(fm, h):

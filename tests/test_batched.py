@@ -2,7 +2,8 @@
 
 Checked in float64 against the per-task path (itself checked against torch.optim, see
 test_optim_parity.py) and, for the meta-gradients, against a hand-written
-``functional_call`` + ``autograd.grad`` unroll.
+``functional_call`` + ``autograd.grad`` unroll. The tests of the numbers take the ``device``
+fixture (CUDA too where present); those of errors and options run on the CPU only.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ STEPS = 3
 task_mse = vmap(F.mse_loss)
 
 
-def _model():
-    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1))
+def _model(device="cpu"):
+    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).to(device)
 
 
-def _data():
-    return torch.randn(T, 5, 2), torch.randn(T, 5, 1), torch.randn(T, 7, 2), torch.randn(T, 7, 1)
+def _data(device="cpu"):
+    shapes = [(T, 5, 2), (T, 5, 1), (T, 7, 2), (T, 7, 1)]
+    return tuple(torch.randn(shape, device=device) for shape in shapes)
 
 
 def _per_task(model, opt, data, override=None, copy_initial_weights=False, track_higher_grads=True, steps=STEPS):
@@ -106,8 +108,8 @@ def _hand_written_meta_gradient(model, data, optimizer, lr):
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
-def test_meta_gradients_agree_per_task_batched_and_by_hand(optimizer):
-    model, data = _model(), _data()
+def test_meta_gradients_agree_per_task_batched_and_by_hand(optimizer, device):
+    model, data = _model(device), _data(device)
     lr = 0.1 if optimizer == "SGD" else 0.05
     opt = getattr(torch.optim, optimizer)(model.parameters(), lr=lr)
     reference = _hand_written_meta_gradient(model, data, optimizer, lr)
@@ -137,8 +139,8 @@ OPTIMIZERS = [
 
 
 @pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])
-def test_every_optimizer_batched_equals_each_task_run_separately(name, options):
-    model, data = _model(), _data()
+def test_every_optimizer_batched_equals_each_task_run_separately(name, options, device):
+    model, data = _model(device), _data(device)
     opt = getattr(torch.optim, name)(model.parameters(), **options)
     fmodels = _per_task(model, opt, data, steps=6)
     per_task = _grads(model)
@@ -164,11 +166,11 @@ def test_the_optimizer_is_its_class_batched():
 
 
 # ------------------------------------------------------------------ per-task hyperparameters
-def test_per_task_learning_rate_and_momentum_with_hypergradients():
-    model, data = _model(), _data()
+def test_per_task_learning_rate_and_momentum_with_hypergradients(device):
+    model, data = _model(device), _data(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    lr = torch.tensor([0.05, 0.1, 0.2], requires_grad=True)
-    momentum = torch.tensor([0.0, 0.5, 0.9], requires_grad=True)
+    lr = torch.tensor([0.05, 0.1, 0.2], device=device, requires_grad=True)
+    momentum = torch.tensor([0.0, 0.5, 0.9], device=device, requires_grad=True)
     fmodels = _per_task(model, opt, data, override={"lr": lr, "momentum": momentum})
     per_task_weights = [list(f.parameters()) for f in fmodels]
     per_task_hyper = (lr.grad.clone(), momentum.grad.clone())
@@ -253,8 +255,8 @@ def test_copy_initial_weights_false_sums_the_tasks_into_the_model():
         assert torch.equal(initial, p.detach().expand(T, *p.shape))
 
 
-def test_warm_started_optimizer_state_is_per_task():
-    model, data = _model(), _data()
+def test_warm_started_optimizer_state_is_per_task(device):
+    model, data = _model(device), _data(device)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     F.mse_loss(model(data[0][0]), data[1][0]).backward()
     opt.step()  # a state to copy
@@ -279,8 +281,8 @@ class _Net(nn.Module):
         return self.body(x)
 
 
-def test_buffers_are_per_task_and_submodules_and_methods_run_batched():
-    model, data = _Net(), _data()
+def test_buffers_are_per_task_and_submodules_and_methods_run_batched(device):
+    model, data = _Net().to(device), _data(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fmodels = _per_task(model, opt, data)
     fmodel, _ = _batched(model, opt, data)
@@ -298,11 +300,11 @@ def test_buffers_are_per_task_and_submodules_and_methods_run_batched():
     assert _close(fmodel(x)[1], fmodels[1](x[1]))
 
 
-def test_dropout_draws_per_task():
-    model = nn.Sequential(nn.Linear(2, 50), nn.Dropout(0.5))
+def test_dropout_draws_per_task(device):
+    model = nn.Sequential(nn.Linear(2, 50), nn.Dropout(0.5)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with higher.innerloop_ctx(model, opt, tasks=T) as (fmodel, _):
-        out = fmodel(torch.ones(T, 1, 2))
+        out = fmodel(torch.ones(T, 1, 2, device=device))
     assert not torch.equal(out[0] == 0, out[1] == 0)
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from devices import DEVICES
 from higher import cli
 from higher.demos import digits, hyper, sinusoid
 from small_problems import logreg_validation_after_descent
@@ -33,24 +34,33 @@ def test_sinusoid_demo_tiny_run(tmp_path, capsys):
     assert is_png(out)
 
 
-@pytest.mark.parametrize(
-    ("argv", "experiment"),
-    [
-        (["--iterations", "3", "--test-tasks", "4"], "sinusoid"),
-        (["sinusoid", "--algorithm", "anil", "--iterations", "2", "--test-tasks", "3", "--per-task"], "sinusoid"),
-        (["digits", "--iterations", "2", "--test-tasks", "3", "--ways", "3", "--val-tasks", "5"], "digits"),
-        (["hyper", "--iterations", "2", "--inner-steps", "2", "--test-tasks", "2"], "hyper"),
-        (["hyper", "--method", "forward", "--iterations", "1", "--steps", "2", "--test-tasks", "2"], "hyper"),
-        (["sinusoid", "--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid"),
-        (["--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid"),
-    ],
-)
-def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, tmp_path, capsys):
+# (argv, experiment, also on CUDA): on a GPU the first of each kind runs there too (the tests' CUDA cases
+# share the GPU check's two minutes); the CPU runs them all.
+DEMO_RUNS = [
+    (["--iterations", "3", "--test-tasks", "4"], "sinusoid", True),
+    (["sinusoid", "--algorithm", "anil", "--iterations", "2", "--test-tasks", "3", "--per-task"], "sinusoid", False),
+    (["digits", "--iterations", "2", "--test-tasks", "3", "--ways", "3", "--val-tasks", "5"], "digits", True),
+    (["hyper", "--iterations", "2", "--inner-steps", "2", "--test-tasks", "2"], "hyper", True),
+    (["hyper", "--method", "forward", "--iterations", "1", "--steps", "2", "--test-tasks", "2"], "hyper", False),
+    (["sinusoid", "--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid", True),
+    (["--algorithm", "imaml", "--iterations", "1", "--test-tasks", "3"], "sinusoid", False),
+]
+DEMO_CASES = [
+    pytest.param(argv, experiment, torch.device(device), id=f"{device}-argv{index}-{experiment}")
+    for device in DEVICES
+    for index, (argv, experiment, on_gpu) in enumerate(DEMO_RUNS)
+    if device == "cpu" or on_gpu
+]
+
+
+@pytest.mark.parametrize(("argv", "experiment", "device"), DEMO_CASES)
+def test_json_is_the_last_line_with_the_tables_numbers(argv, experiment, device, tmp_path, capsys):
+    """Every demo (and algorithm family) runs with ``--device`` (CUDA too where present) and prints its JSON."""
     out = tmp_path / "x.png"
-    assert cli.main(["demo", *argv, "--out", str(out), "--no-progress", "--json"]) == 0
+    assert cli.main(["demo", *argv, "--device", str(device), "--out", str(out), "--no-progress", "--json"]) == 0
     lines = capsys.readouterr().out.rstrip("\n").splitlines()
     record = json.loads(lines[-1])
-    assert record["experiment"] == experiment
+    assert record["experiment"] == experiment and record["options"]["device"] == str(device)
     assert record["options"]["out"] == str(out) and record["options"]["threads"] == 1
     assert record["options"]["iterations"] == int(argv[argv.index("--iterations") + 1])
     assert "total_s" in record["timings"]

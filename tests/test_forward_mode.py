@@ -1,4 +1,8 @@
-"""forward_hypergradient equals reverse mode through the unroll (float64, 1e-8)."""
+"""forward_hypergradient equals reverse mode through the unroll (float64, 1e-8).
+
+The equalities take the ``device`` fixture (CUDA too where present: the passes replay the CUDA
+random generator's draws); the tests of structure and errors run on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ from small_problems import LONG_STEPS, seeded_data, seeded_model, small_problem
 STEPS = 6
 
 
-def _setup(steps: int = STEPS):
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
-    xs, ys = torch.randn(steps, 8, 3), torch.randn(steps, 8, 1)
-    xq, yq = torch.randn(8, 3), torch.randn(8, 1)
+def _setup(steps: int = STEPS, device="cpu"):
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(device)
+    xs, ys = torch.randn(steps, 8, 3, device=device), torch.randn(steps, 8, 1, device=device)
+    xq, yq = torch.randn(8, 3, device=device), torch.randn(8, 1, device=device)
     inner = lambda fmodel, t, hyper: (fmodel(xs[t]) - ys[t]).pow(2).mean()  # noqa: E731
     outer = lambda fmodel, hyper: (fmodel(xq) - yq).pow(2).mean()  # noqa: E731
     return model, inner, outer
@@ -41,17 +45,17 @@ def _check(model, opt, hyper, inner, outer, override, steps=STEPS):
     return result
 
 
-def test_sgd_lr_momentum_weight_decay():
-    model, inner, outer = _setup()
+def test_sgd_lr_momentum_weight_decay(device):
+    model, inner, outer = _setup(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    hyper = [torch.tensor(0.1), torch.tensor(0.9), torch.tensor(0.01)]
+    hyper = [torch.tensor(v, device=device) for v in (0.1, 0.9, 0.01)]
     _check(model, opt, hyper, inner, outer, lambda h: {"lr": [h[0]], "momentum": [h[1]], "weight_decay": [h[2]]})
 
 
-def test_adam_betas_and_a_learned_schedule():
-    model, inner, outer = _setup()
+def test_adam_betas_and_a_learned_schedule(device):
+    model, inner, outer = _setup(device=device)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    hyper = [torch.linspace(0.02, 0.01, STEPS), torch.tensor(0.8)]  # one rate per step, beta1
+    hyper = [torch.linspace(0.02, 0.01, STEPS, device=device), torch.tensor(0.8, device=device)]  # per-step lr, beta1
     _check(
         model,
         opt,
@@ -89,21 +93,21 @@ def test_adam_with_a_gradient_that_is_exactly_zero_gives_reverse_modes_finite_hy
     assert torch.isfinite(result.hypergradients[0]).all()
 
 
-def test_every_pass_sees_the_same_random_numbers():
+def test_every_pass_sees_the_same_random_numbers(device):
     """With dropout, each pass (one per hyperparameter entry) must draw the masks the reverse-mode
     unroll draws; the passes used to continue the global generator, so every entry of the
     hypergradient belonged to other masks (0.79 relative error in the harness's case)."""
-    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1))
-    _, inner, outer = _setup()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).to(device)
+    _, inner, outer = _setup(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hyper = [torch.tensor([0.1, 0.05])]  # two passes
+    hyper = [torch.tensor([0.1, 0.05], device=device)]  # two passes
     override = lambda h: {"lr": [h[0][0]], "weight_decay": [h[0][1]]}  # noqa: E731
     torch.manual_seed(7)
     result = higher.forward_hypergradient(model, opt, hyper, inner, outer, 3, override=override)
-    after_forward = torch.rand(1)
+    after_forward = torch.rand(1, device=device)
     torch.manual_seed(7)
     expected = _reverse(model, opt, hyper, inner, outer, 3, override)
-    after_reverse = torch.rand(1)
+    after_reverse = torch.rand(1, device=device)
     assert (result.hypergradients[0] - expected[0]).abs().max() <= 1e-10 * expected[0].abs().max()
     assert torch.equal(after_forward, after_reverse)  # the generator is left as one unroll leaves it
 
@@ -128,14 +132,13 @@ def test_memory_does_not_keep_earlier_steps():
     assert len(seen) == STEPS and all(d <= 2 for step in seen for d in step)
 
 
-def test_float32():
+def test_float32(device):
     torch.set_default_dtype(torch.float32)
-    model, inner, outer = _setup()
+    model, inner, outer = _setup(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = higher.forward_hypergradient(
-        model, opt, [torch.tensor(0.1)], inner, outer, STEPS, override=lambda h: {"lr": [h[0]]}
-    )
-    (expected,) = _reverse(model, opt, [torch.tensor(0.1)], inner, outer, STEPS, lambda h: {"lr": [h[0]]})
+    lr = torch.tensor(0.1, device=device)
+    result = higher.forward_hypergradient(model, opt, [lr], inner, outer, STEPS, override=lambda h: {"lr": [h[0]]})
+    (expected,) = _reverse(model, opt, [lr], inner, outer, STEPS, lambda h: {"lr": [h[0]]})
     assert result.hypergradients[0].dtype == torch.float32
     assert torch.allclose(result.hypergradients[0], expected, rtol=1e-4, atol=1e-6)
 
@@ -195,12 +198,13 @@ def _reverse_and_finite_differences(model, opt, hyper, override, inner, outer, s
         ("NAdam", {"lr": 0.01}, {"momentum_decay": 0.004, "beta1": 0.9}),
     ],
 )
-def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, options, hyper):
-    xs, ys, xq, yq = seeded_data()
-    model = seeded_model()
+def test_forward_mode_hyperparameters_that_enter_scalar_optimizer_state(name, options, hyper, device):
+    """ASGD's eta and mu, NAdam's mu_product carry tangents (on CUDA: device tensors beside torch's CPU scalars)."""
+    xs, ys, xq, yq = seeded_data(device)
+    model = seeded_model(device)
     opt = getattr(torch.optim, name)(model.parameters(), **options)
     names = list(hyper)
-    values = [torch.tensor(v) for v in hyper.values()]
+    values = [torch.tensor(v, device=device) for v in hyper.values()]
 
     def override(h):
         out = {}

@@ -197,14 +197,15 @@ def test_hpo_lowers_the_validation_loss_and_refuses_unknown_methods():
 
 # ------------------------------------------------------------------ torch.no_grad around the calls
 @pytest.mark.parametrize("method", ["unrolled", "checkpointed", "forward", "implicit"])
-def test_hypergradients_under_no_grad_are_those_computed_outside_it(method):
+def test_hypergradients_under_no_grad_are_those_computed_outside_it(method, device):
     """A hypergradient asked for inside torch.no_grad() (an evaluation block) used to fail with an
     unrelated error (AttributeError '_sequence_nr' for checkpointed, 'does not depend on any
-    parameter' for forward, a no_grad step error for the others): it computes its own gradients."""
+    parameter' for forward, a no_grad step error for the others): it computes its own gradients.
+    Every method on the ``device`` (CUDA too where present)."""
     from higher.hypergradients import hypergradient
 
-    model, opt, inner, outer = small_problem()
-    hyper = [torch.tensor(0.05)]
+    model, opt, inner, outer = small_problem(device)
+    hyper = [torch.tensor(0.05, device=device)]
     expected = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients
     with torch.no_grad():
         got = hypergradient(method, model, opt, hyper, inner, outer, 30).hypergradients

@@ -1,4 +1,8 @@
-"""implicit_hypergradient against the ridge-regression closed form and long unrolls."""
+"""implicit_hypergradient against the ridge-regression closed form and long unrolls.
+
+The equalities take the ``device`` fixture (CUDA too where present: the Neumann solver's private
+generator is then a CUDA one); the tests of errors run on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,15 @@ import higher
 from higher.hypergradients import hypergradient
 
 
-def _ridge(n=30, d=5, nv=20):
-    x, y = torch.randn(n, d), torch.randn(n)
-    xv, yv = torch.randn(nv, d), torch.randn(nv)
+def _ridge(n=30, d=5, nv=20, device="cpu"):
+    x, y = torch.randn(n, d, device=device), torch.randn(n, device=device)
+    xv, yv = torch.randn(nv, d, device=device), torch.randn(nv, device=device)
     return x, y, xv, yv
 
 
 def _closed_form(x, y, xv, yv, lam):
     """theta* = (X'X + lam I)^-1 X'y; dL/dlam = -theta*' (X'X + lam I)^-1 grad_theta L."""
-    a = x.T @ x + lam * torch.eye(x.shape[1])
+    a = x.T @ x + lam * torch.eye(x.shape[1], device=x.device)
     theta = torch.linalg.solve(a, x.T @ y)
     grad_outer = xv.T @ (xv @ theta - yv)
     return theta, -(theta @ torch.linalg.solve(a, grad_outer))
@@ -30,9 +34,9 @@ def _objectives(x, y, xv, yv):
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
-def test_ridge_regularisation_strength_closed_form(solver):
-    x, y, xv, yv = _ridge()
-    lam = torch.tensor(3.0)
+def test_ridge_regularisation_strength_closed_form(solver, device):
+    x, y, xv, yv = _ridge(device=device)
+    lam = torch.tensor(3.0, device=device)
     theta, expected = _closed_form(x, y, xv, yv, lam)
     inner, outer = _objectives(x, y, xv, yv)
     iterations = 50 if solver == "cg" else 3000
@@ -45,9 +49,9 @@ def test_ridge_regularisation_strength_closed_form(solver):
         assert result.iterations <= x.shape[1] + 1  # exact in d steps (up to rounding)
 
 
-def test_per_feature_regularisation_and_an_early_stopped_solve_reports_its_residual():
-    x, y, xv, yv = _ridge()
-    lam = torch.rand(5) + 0.5
+def test_per_feature_regularisation_and_an_early_stopped_solve_reports_its_residual(device):
+    x, y, xv, yv = _ridge(device=device)
+    lam = torch.rand(5, device=device) + 0.5
     a = x.T @ x + torch.diag(lam)
     theta = torch.linalg.solve(a, x.T @ y)
     expected = -theta * torch.linalg.solve(a, xv.T @ (xv @ theta - yv))  # d/d lam_j: -theta_j v_j
@@ -59,14 +63,14 @@ def test_per_feature_regularisation_and_an_early_stopped_solve_reports_its_resid
     assert rough.iterations == 1 and rough.residual > 1e-6
 
 
-def test_long_unroll_of_a_strongly_convex_problem():
+def test_long_unroll_of_a_strongly_convex_problem(device):
     """Reverse mode through 400 GD steps (converged) equals the implicit hypergradient."""
-    x, y, xv, yv = _ridge()
-    model = torch.nn.Linear(5, 1, bias=False)
+    x, y, xv, yv = _ridge(device=device)
+    model = torch.nn.Linear(5, 1, bias=False).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     inner = lambda fm, h: 0.5 * (fm(x).squeeze(-1) - y).pow(2).sum() + 0.5 * h[0] * fm.weight.pow(2).sum()  # noqa: E731
     outer = lambda fm, h: 0.5 * (fm(xv).squeeze(-1) - yv).pow(2).sum()  # noqa: E731
-    lam = [torch.tensor(3.0)]
+    lam = [torch.tensor(3.0, device=device)]
     unrolled = hypergradient("unrolled", model, opt, lam, inner, outer, 400)
     implicit = hypergradient("implicit", model, opt, lam, inner, outer, 400)
     _, expected = _closed_form(x, y, xv, yv, lam[0])
@@ -79,11 +83,11 @@ def test_long_unroll_of_a_strongly_convex_problem():
     assert abs(early.hypergradients[0].item() - expected.item()) > 1e-6
 
 
-def test_meta_parameters_of_a_proximal_objective():
+def test_meta_parameters_of_a_proximal_objective(device):
     """d theta*/d phi for f = 1/2 |X theta - y|^2 + reg/2 |theta - phi|^2: reg (X'X + reg I)^-1."""
-    x, y, xv, yv = _ridge()
-    phi, reg = torch.randn(5), 2.0
-    a = x.T @ x + reg * torch.eye(5)
+    x, y, xv, yv = _ridge(device=device)
+    phi, reg = torch.randn(5, device=device), 2.0
+    a = x.T @ x + reg * torch.eye(5, device=device)
     theta = torch.linalg.solve(a, x.T @ y + reg * phi)
     expected = reg * torch.linalg.solve(a, xv.T @ (xv @ theta - yv))
     inner = lambda p, h: 0.5 * (x @ p[0] - y).pow(2).sum() + reg / 2 * (p[0] - h[0]).pow(2).sum()  # noqa: E731
@@ -108,19 +112,19 @@ def test_bad_arguments_and_indefinite_hessians():
         higher.implicit_hypergradient(linear, outer, [theta], [lam])
 
 
-def test_the_neumann_solver_leaves_the_global_random_generator_alone():
+def test_the_neumann_solver_leaves_the_global_random_generator_alone(device):
     """Its power iteration (for the default step size) drew its start vector from torch's global
-    generator, shifting the user's random stream (issue 19); now a private generator, and the
-    result is reproducible whatever the global state."""
-    x, y, xv, yv = _ridge()
-    lam = torch.tensor(3.0)
+    generator, shifting the user's random stream (issue 19); now a private generator (on the
+    parameters' device), and the result is reproducible whatever the global state."""
+    x, y, xv, yv = _ridge(device=device)
+    lam = torch.tensor(3.0, device=device)
     theta, _ = _closed_form(x, y, xv, yv, lam)
     inner, outer = _objectives(x, y, xv, yv)
     torch.manual_seed(5)
     first = higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", iterations=50)
-    after = torch.rand(3)
+    after = torch.rand(3, device=device)
     torch.manual_seed(5)
-    expected_after = torch.rand(3)
+    expected_after = torch.rand(3, device=device)
     assert torch.equal(after, expected_after)
     torch.manual_seed(123)
     second = higher.implicit_hypergradient(inner, outer, [theta], [lam], solver="neumann", iterations=50)
