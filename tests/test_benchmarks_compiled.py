@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_versions import needs_compile
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -106,6 +108,7 @@ def test_a_compile_past_the_time_limit_is_reported_not_hidden(tmp_path):
     assert "tfunc_compiled" not in record["median_ms"] and record["median_ms"]["tfunc_eager"] > 0
 
 
+@needs_compile
 def test_conv_through_our_compiled_api_traces_to_the_reference_meta_gradient(tmp_path):
     """The conv workload (BatchNorm with batch statistics, max-pool) compiled whole through our API."""
     results = _run(

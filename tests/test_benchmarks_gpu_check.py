@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from torch_versions import needs_compile
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -52,6 +54,7 @@ def _check_timed_row(where: str, row: dict) -> None:
     assert row["grad_error"] <= gpu_check.CHECK_TOLERANCE or row["grad_error64"] <= gpu_check.CHECK_TOLERANCE_64
 
 
+@needs_compile  # the compiled rows
 def test_the_dry_run_records_every_step_workload_and_implementation(tmp_path):
     report, md = _dry_run(tmp_path, "--tests", "tests/test_imports.py", "--no-jax")
     steps = report["steps"]

@@ -21,6 +21,9 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import higher
+from torch_versions import needs_compile
+
+pytestmark = needs_compile
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
@@ -170,11 +173,11 @@ def test_no_recompilation_over_meta_iterations(make_model):
     assert counters["stats"]["calls_captured"] > 0
 
 
-def test_compiled_with_inductor_matches_eager():
-    """The default backend, end to end (C++ kernels), on the batched sine workload with Adam."""
-    model = sine_mlp()
+def test_compiled_with_inductor_matches_eager(device):
+    """The default backend, end to end (C++ kernels on the CPU, triton on CUDA), on the batched sine workload with Adam."""
+    model = sine_mlp().to(device)
     opt = make_optimizer("adam", model)
-    data = sine_tasks(4)
+    data = tuple(t.to(device) for t in sine_tasks(4))
 
     def run():
         return batched_meta_iteration(model, opt, data, steps=2)
@@ -187,18 +190,18 @@ def test_compiled_with_inductor_matches_eager():
 
 
 @pytest.mark.parametrize("name", ["sgd_weight_decay", "radam"])
-def test_per_task_inner_steps_under_inductor_match_eager(name):
+def test_per_task_inner_steps_under_inductor_match_eager(name, device):
     """torch 2.13's inductor fuses ``add(x, mm(a, b), alpha=c)`` into ``addmm(x, a, b)``, dropping ``c``
     (pytorch/pytorch#167313): a compiled per-task SGD step took ``p - g`` instead of ``p - lr g`` (meta-loss
     209.3 against 6.77 in the report), L2 weight decay added ``p`` instead of ``wd p``, and RAdam's first
     step (``lerp`` from zeros, which inductor decomposes into such an add) lost ``1 - beta1`` (found by the
     differential harness). higher.compiled guards the fusion while it traces an inner loop."""
-    model = sine_mlp()
+    model = sine_mlp().to(device)
     if name == "radam":
         opt = torch.optim.RAdam(model.parameters(), lr=0.03)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
-    data = sine_tasks(2)
+    data = tuple(t.to(device) for t in sine_tasks(2))
 
     def run():
         return per_task_meta_iteration(model, opt, data, steps=1, closure=False)

@@ -38,6 +38,7 @@ import pytest
 import torch
 
 import higher
+from torch_versions import needs_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -162,7 +163,13 @@ def _free_port() -> int:
 RUNNABLE = [p for p in PAGES if any(b.runs for b in parse(p)[0])]
 
 
-@pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
+def _page_param(page: Path) -> object:
+    """A page whose code compiles an inner loop runs where torch can (tests/torch_versions.py)."""
+    compiles = any(b.runs and "torch.compile(" in b.code for b in parse(page)[0])
+    return pytest.param(page, id=str(page.relative_to(ROOT)), marks=[needs_compile] if compiles else [])
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in RUNNABLE])
 def test_code_blocks_run(page, tmp_path, monkeypatch, capsys):
     blocks, problems = parse(page)
     assert not problems, "\n".join(problems)

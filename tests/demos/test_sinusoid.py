@@ -5,6 +5,7 @@ import torch
 
 from higher.data import SinusoidTasks
 from higher.demos import sinusoid
+from torch_versions import needs_compile
 
 from .helpers import is_png
 
@@ -163,6 +164,7 @@ def fresh_dynamo():
 COMPILED = sorted(a for a, learner in sinusoid.ALGORITHMS.items() if learner.compiles)
 
 
+@needs_compile
 @pytest.mark.parametrize(
     ("algorithm", "backward_inside"), [(a, True) for a in COMPILED] + [("maml", False), ("metasgd", False)]
 )
@@ -202,6 +204,7 @@ def test_compiled_meta_step_gives_the_eager_meta_gradient_without_recompiling(al
 def test_compile_choice(monkeypatch):
     """Long task-batched CPU runs compile; short runs, --no-compile and eager-only paths do not."""
     cpu = torch.device("cpu")
+    monkeypatch.setattr(sinusoid._tracing, "compile_supported", lambda: True)  # on every torch, as on >= 2.11
     monkeypatch.setattr(sinusoid, "COMPILE_BY_DEFAULT", False)
     assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000), cpu)[0] is False
     assert sinusoid.compile_choice(sinusoid.SinusoidConfig(iterations=70000, compile=True), cpu)[0] is True
@@ -227,8 +230,18 @@ def test_compile_choice(monkeypatch):
     for options in ({"algorithm": "imaml"}, {"per_task": True}):
         with pytest.raises(sinusoid.DemoError, match="leave out --compile"):
             choice(iterations=5, compile=True, **options)
+    # A torch too old to compile inner loops (< 2.11): the run stays eager and says why; --compile is refused.
+    monkeypatch.setattr(sinusoid._tracing, "compile_supported", lambda: False)
+    too_old = f"torch {torch.__version__} cannot compile an inner loop (that needs torch >= 2.11)"
+    assert choice(iterations=70000) == (False, too_old)
+    assert choice(iterations=70000, compile=False) == (False, "--no-compile")
+    with pytest.raises(
+        sinusoid.DemoError, match=r"--compile: torch .* cannot compile .*>= 2\.11\); leave out --compile"
+    ):
+        choice(iterations=5, compile=True)
 
 
+@needs_compile
 @pytest.mark.parametrize("compile_option", [None, False])
 def test_run_compiles_from_compile_from_iterations_unless_told_not_to(compile_option, tmp_path, monkeypatch):
     """With the threshold lowered to 2, a 2-iteration run compiles (and says so in the record) unless --no-compile."""
@@ -259,6 +272,7 @@ def test_run_compiles_from_compile_from_iterations_unless_told_not_to(compile_op
     torch.compiler.reset()
 
 
+@needs_compile
 def test_a_default_compilation_that_fails_runs_eagerly_and_says_why(tmp_path, monkeypatch, capsys):
     """No C++ compiler for inductor, say: compiling by default falls back to eager; --compile is an error."""
 

@@ -14,6 +14,7 @@ from harness import META_LOSS, _backward, _dtype_and_seed, _forward_mode, build,
 from hypothesis import given
 
 from live_objects import growth
+from torch_versions import needs_compile
 
 EAGER_MODES = ["per_task", "batched", "checkpointed_1", "checkpointed_2", "checkpointed_batched_2", "forward"]
 
@@ -43,6 +44,7 @@ def test_memory_stays_flat(mode, problem):
     _assert_flat(problem, mode)
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", ["compiled_per_task", "compiled_batched", "compiled_whole_batched"])
 def test_memory_stays_flat_compiled(mode):
     from harness import Problem

@@ -27,6 +27,8 @@ from harness import (
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from torch_versions import needs_compile
+
 BOTH = (torch.float64, torch.float32)
 
 
@@ -83,18 +85,21 @@ def test_forward_mode(problem):
 
 
 # Compiled modes also in float32, torch's default dtype (the reference then in float32 too; 2e-3 relative).
+@needs_compile
 @examples(ci=3, fuzz=25)
 @given(problem=problems(max_steps=2, max_tasks=2, dtypes=BOTH))
 def test_compiled_per_task(problem):
     check_mode(problem, "compiled_per_task")
 
 
+@needs_compile
 @examples(ci=3, fuzz=25)
 @given(problem=problems(max_steps=2, max_tasks=3, dtypes=BOTH))
 def test_compiled_task_batched(problem):
     check_mode(problem, "compiled_batched")
 
 
+@needs_compile
 @examples(ci=2, fuzz=15)
 @given(problem=problems(max_steps=2, max_tasks=3, dtypes=BOTH))
 def test_compiled_with_the_backward_inside(problem):

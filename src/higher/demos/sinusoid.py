@@ -120,8 +120,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _tracing, distributed, innerloop_ctx
 from .. import compiled as compiled_api
-from .. import distributed, innerloop_ctx
 from ..algorithms import MetaSGD, anil_step, imaml_step
 from ..data import SinusoidTasks, TaskBatch
 from .common import (
@@ -697,6 +697,8 @@ def compile_choice(config: SinusoidConfig, device: torch.device) -> tuple[bool, 
             raise DemoError(f"--compile: {eager_only}; leave out --compile")
         return False, eager_only
     if config.compile is not None:
+        if config.compile and not _tracing.compile_supported():
+            raise DemoError(f"--compile: {_cannot_compile()}; leave out --compile")
         return config.compile, "--compile" if config.compile else "--no-compile"
     if not COMPILE_BY_DEFAULT:
         return False, "not compiled by default (see higher.demos.sinusoid); --compile compiles"
@@ -704,7 +706,15 @@ def compile_choice(config: SinusoidConfig, device: torch.device) -> tuple[bool, 
         return False, f"not compiled by default on {device.type} (measured on CPU only); --compile compiles"
     if config.iterations < COMPILE_FROM:
         return False, f"{config.iterations} < {COMPILE_FROM} iterations: compiling would not pay; --compile compiles"
+    if not _tracing.compile_supported():
+        return False, _cannot_compile()
     return True, f"{config.iterations} >= {COMPILE_FROM} iterations: compiling pays; --no-compile runs eagerly"
+
+
+def _cannot_compile() -> str:
+    return (
+        f"torch {torch.__version__} cannot compile an inner loop (that needs torch >= {_tracing.COMPILE_NEEDS_TORCH})"
+    )
 
 
 def train_meta(
