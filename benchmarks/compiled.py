@@ -93,11 +93,11 @@ from torch.func import grad_and_value, vmap  # noqa: E402
 
 from benchmarks import competitors  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
-    CHECKING,
     _torch_optimizer,
     build_ours,
     build_ours_batched,
     build_vmap,
+    safe_sqrt,
     vmap_grad_meta_loss,
 )
 from benchmarks.jax_workloads import JAX_WORKLOADS, JaxRunner, export  # noqa: E402
@@ -352,12 +352,9 @@ def _reference(workload: Workload, optimizer: str, dtype: torch.dtype) -> Tensor
     key = (id(workload), optimizer, dtype)
     if key in _REFERENCES and _REFERENCES[key][0] is workload:
         return _REFERENCES[key][1]
-    CHECKING["safe_sqrt"] = True
-    try:
-        model = _model(workload, dtype)
+    model = _model(workload, dtype)
+    with safe_sqrt():
         build_vmap(workload, model, _data(workload, dtype), optimizer)()
-    finally:
-        CHECKING["safe_sqrt"] = False
     _REFERENCES[key] = (workload, _flat_grad(model))  # keeps the workload, so its id is not reused
     return _REFERENCES[key][1]
 
@@ -375,13 +372,14 @@ def _jax_loss(workload: Workload) -> str:
     raise ValueError(f"no JAX version of the loss {workload.loss} of workload {workload.name}")
 
 
-def _start_jax(
-    workload: Workload, optimizer: str, dtype: torch.dtype, folder: Path, xla_flags: str, tasks: str = "vmap"
-) -> JaxRunner:
-    npz = folder / f"{workload.name}-{optimizer}-{str(dtype).split('.')[-1]}-{tasks}.npz"
+def export_workload(
+    workload: Workload, model: nn.Module, data: tuple, optimizer: str, npz: Path, tasks: str = "vmap"
+) -> Path:
+    """``model``'s weights and ``data`` into ``npz`` for the JAX child, with the workload's inner loop
+    (its learning rate for ``optimizer``, its steps and its loss); returns ``npz``."""
     export(
-        _model(workload, dtype),
-        _data(workload, dtype),
+        model,
+        data,
         npz,
         workload=workload.name,
         optimizer=optimizer,
@@ -390,6 +388,14 @@ def _start_jax(
         loss=_jax_loss(workload),
         tasks=tasks,
     )
+    return npz
+
+
+def _start_jax(
+    workload: Workload, optimizer: str, dtype: torch.dtype, folder: Path, xla_flags: str, tasks: str = "vmap"
+) -> JaxRunner:
+    npz = folder / f"{workload.name}-{optimizer}-{str(dtype).split('.')[-1]}-{tasks}.npz"
+    export_workload(workload, _model(workload, dtype), _data(workload, dtype), optimizer, npz, tasks)
     return JaxRunner(npz, cpu=_jax_cpu(), xla_flags=xla_flags)
 
 

@@ -523,14 +523,11 @@ def _builder(name: str, backend: str) -> Callable:
 def _reference_gradient(workload: Workload, base: nn.Module, data: tuple, optimizer: str) -> Tensor:
     """The hand-written per-task loop's meta-gradient on the device (Adam: a sqrt of slope 0 at 0)."""
     from benchmarks.compiled import _flat_grad
-    from benchmarks.implementations import CHECKING, build_loop
+    from benchmarks.implementations import build_loop, safe_sqrt
 
     model = copy.deepcopy(base)
-    CHECKING["safe_sqrt"] = True
-    try:
+    with safe_sqrt():
         build_loop(workload, model, data, optimizer)()
-    finally:
-        CHECKING["safe_sqrt"] = False
     return _flat_grad(model).detach().cpu()
 
 
@@ -557,25 +554,6 @@ def _float64(base: nn.Module, data: tuple) -> tuple[nn.Module, tuple]:
     return copy.deepcopy(base).double(), tuple(t.double() if torch.is_floating_point(t) else t for t in data)
 
 
-def _export(workload: Workload, model: nn.Module, data: tuple, optimizer: str, npz: Path) -> Path:
-    """The JAX child's weights and data (float64 ones: it runs with x64, for the recheck)."""
-    from benchmarks.compiled import _jax_loss
-    from benchmarks.jax_workloads import export
-
-    export(
-        model,
-        data,
-        npz,
-        workload=workload.name,
-        optimizer=optimizer,
-        lr=workload.lr[optimizer],
-        steps=workload.inner_steps,
-        loss=_jax_loss(workload),
-        tasks="vmap",
-    )
-    return npz
-
-
 def measure_workload(
     workload: Workload, device: torch.device, args: argparse.Namespace, end: float, hard_end: float
 ) -> dict:
@@ -590,7 +568,7 @@ def measure_workload(
     """
     import torch
 
-    from benchmarks.compiled import CompileTimeout, _compare, _flat_grad, _time_limit
+    from benchmarks.compiled import CompileTimeout, _compare, _flat_grad, _time_limit, export_workload
     from benchmarks.jax_workloads import JaxRunner
     from benchmarks.run import _data, _model
 
@@ -606,7 +584,7 @@ def measure_workload(
         if not references64:
             references64.append(_reference_gradient(workload, base64, data64, optimizer))
         if entry.name == "jax":
-            npz = _export(workload, base64, data64, optimizer, folder / f"{workload.name}-float64.npz")
+            npz = export_workload(workload, base64, data64, optimizer, folder / f"{workload.name}-float64.npz")
             checker = JaxRunner(npz, environment=jax_environment(device), timeout=limit)
             checker.close()
             got64 = torch.tensor(checker.grads, dtype=torch.float64)
@@ -648,7 +626,7 @@ def measure_workload(
                     row.update(status="skipped", reason="JAX is not importable here (nor in .bench/jax)")
                     continue
                 try:
-                    npz = _export(workload, base, data, optimizer, folder / f"{workload.name}.npz")
+                    npz = export_workload(workload, base, data, optimizer, folder / f"{workload.name}.npz")
                     runner = JaxRunner(npz, environment=jax_environment(device), timeout=left)
                 except Exception as error:  # JAX without its GPU, a compile past the budget: recorded
                     row.update(status="failed", reason=_short(error))

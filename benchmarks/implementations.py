@@ -13,7 +13,9 @@ meta-iteration on ``model`` (each implementation gets its own copy of the same m
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,6 +80,19 @@ def adam_update(
 
 #: Set by the meta-gradient check: hand-written Adam with a derivative of 0 at sqrt(0).
 CHECKING = {"safe_sqrt": False}
+
+
+@contextlib.contextmanager
+def safe_sqrt() -> Iterator[None]:
+    """The meta-gradient check's setting, for the loops built inside the block: hand-written Adam takes
+    a ``sqrt`` whose derivative at 0 is 0 (with the plain one, an exactly-zero gradient entry, such as
+    a dead ReLU unit's, makes the whole meta-gradient NaN)."""
+    previous = CHECKING["safe_sqrt"]
+    CHECKING["safe_sqrt"] = True
+    try:
+        yield
+    finally:
+        CHECKING["safe_sqrt"] = previous
 
 
 def _hand_update(optimizer: str, lr: float):

@@ -42,7 +42,7 @@ for path in (str(ROOT / "src"), str(ROOT)):  # measure this checkout's higher
 import torch  # noqa: E402
 
 from benchmarks import competitors  # noqa: E402
-from benchmarks.implementations import CHECKING, IMPLEMENTATIONS, Implementation  # noqa: E402
+from benchmarks.implementations import IMPLEMENTATIONS, Implementation, safe_sqrt  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, tiny  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam")
@@ -127,11 +127,8 @@ def check_meta_gradients(workload: Workload, optimizer: str, impls: list[Impleme
     implementation are reported and left out of the comparison. Raises ``AssertionError`` on a
     mismatch.
     """
-    CHECKING["safe_sqrt"] = True
-    try:
+    with safe_sqrt():
         reference = _meta_gradient(IMPLEMENTATIONS[REFERENCE], workload, optimizer)
-    finally:
-        CHECKING["safe_sqrt"] = False
     assert torch.isfinite(reference).all(), "the reference meta-gradient is not finite"
     where = f"{workload.name}/{optimizer}"
     notes = []

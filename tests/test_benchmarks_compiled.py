@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import competitors  # noqa: E402
-from benchmarks.implementations import CHECKING, build_vmap  # noqa: E402
+from benchmarks.implementations import build_vmap, safe_sqrt  # noqa: E402
 from benchmarks.jax_workloads import JaxRunner, export  # noqa: E402
 from benchmarks.workloads import Workload, conv_net  # noqa: E402
 
@@ -170,11 +170,8 @@ def test_jax_conv_meta_gradient_matches_the_torch_reference(tmp_path, optimizer,
     runner = JaxRunner(npz)
     runner.close()
     reference = copy.deepcopy(model)
-    CHECKING["safe_sqrt"] = True
-    try:
+    with safe_sqrt():
         build_vmap(workload, reference, data, optimizer)()
-    finally:
-        CHECKING["safe_sqrt"] = False
     expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
     got = torch.tensor(runner.grads, dtype=torch.float64)
     assert got.shape == expected.shape
