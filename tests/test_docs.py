@@ -160,16 +160,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-RUNNABLE = [p for p in PAGES if any(b.runs for b in parse(p)[0])]
+def _runnable_pages() -> list[object]:
+    """The pages with code to run; one whose code compiles an inner loop runs where torch can
+    (tests/torch_versions.py)."""
+    params = []
+    for page in PAGES:
+        running = [b for b in parse(page)[0] if b.runs]
+        if running:
+            compiles = any("torch.compile(" in b.code for b in running)
+            params.append(pytest.param(page, id=str(page.relative_to(ROOT)), marks=[needs_compile] if compiles else []))
+    return params
 
 
-def _page_param(page: Path) -> object:
-    """A page whose code compiles an inner loop runs where torch can (tests/torch_versions.py)."""
-    compiles = any(b.runs and "torch.compile(" in b.code for b in parse(page)[0])
-    return pytest.param(page, id=str(page.relative_to(ROOT)), marks=[needs_compile] if compiles else [])
-
-
-@pytest.mark.parametrize("page", [_page_param(p) for p in RUNNABLE])
+@pytest.mark.parametrize("page", _runnable_pages())
 def test_code_blocks_run(page, tmp_path, monkeypatch, capsys):
     blocks, problems = parse(page)
     assert not problems, "\n".join(problems)
