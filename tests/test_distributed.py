@@ -330,19 +330,15 @@ def _single(kind: str, mode: str, dtype: torch.dtype, first_order: bool) -> dict
 
 
 def _distributed_worker(
-    rank: int, kind: str, mode: str, dtype: torch.dtype, first_order: bool, ddp_kwargs: dict
+    rank: int, kind: str, mode: str, dtype: torch.dtype, first_order: bool, ddp_kwargs: dict, device: str = "cpu"
 ) -> Any:
-    model = _model(kind, dtype)
+    """This rank's share of the MAML of :func:`_meta_train` under DDP; ``device="cuda"``: on GPU ``rank``."""
+    if device == "cuda":
+        device, ddp_kwargs = f"cuda:{rank}", {**ddp_kwargs, "device_ids": [rank]}
+    model = _model(kind, dtype).to(device)
     net = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     tasks = hd.split_tasks(TOTAL_TASKS)
-    return _meta_train(net, model, tasks, WORLD, mode, dtype, first_order)
-
-
-def _nccl_worker(rank: int, mode: str) -> Any:
-    """The MAML of :func:`_distributed_worker` on GPU ``rank``, DDP over NCCL, in float64."""
-    model = _model("mlp", torch.float64).to(f"cuda:{rank}")
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
-    return _meta_train(net, model, hd.split_tasks(TOTAL_TASKS), WORLD, mode, torch.float64, False, f"cuda:{rank}")
+    return _meta_train(net, model, tasks, WORLD, mode, dtype, first_order, device)
 
 
 def _assert_close(actual: list, expected: list, dtype: torch.dtype) -> None:
@@ -404,7 +400,7 @@ def _first_order_worker(rank: int) -> Any:
 def test_nccl_on_two_gpus_equals_single_process(mode):
     """The gloo tests' meta-gradients on 2 GPUs, one per rank, all-reduced by NCCL (float64; the
     reference is the whole meta-batch in one CPU process)."""
-    results = _checked(_run("_nccl_worker", mode, backend="nccl"))
+    results = _checked(_run("_distributed_worker", "mlp", mode, torch.float64, False, {}, "cuda", backend="nccl"))
     _check_against_single(results, _single("mlp", mode, torch.float64, False), torch.float64)
 
 
