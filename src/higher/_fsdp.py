@@ -1,0 +1,391 @@
+"""The fully-sharded mode of ``innerloop_ctx``: FSDP2 (``fully_shard``) models in inner loops.
+
+``innerloop_ctx(model, opt, copy_initial_weights=False)`` with a model wrapped by
+``torch.distributed.fsdp.fully_shard`` (per layer and at the root) runs with the same user code as
+an unsharded model, per task and with ``tasks=T``. The design, the options honoured and those
+refused are described in :mod:`higher.distributed`, the public face of this module.
+
+How, in short. With ``N`` ranks, rank ``s`` holds for every parameter the rows of shard ``s`` of the
+fast weights of *every* rank's task(s): a local stack ``[N, rows_s, ...]`` (``[tasks, N, rows_s,
+...]`` task-batched), index ``r`` being rank ``r``'s task. Those stacks are the fmodel's fast weights.
+The fmodel runs a plain copy of the module tree (the user's classes, without FSDP's hooks and
+dynamic classes; the user's model is never modified); a forward pre-hook on each FSDP unit gathers
+that unit's full weights for this rank's task(s) with one differentiable ``all_to_all`` per
+parameter (rank ``s`` sends row block ``r`` of its stack to rank ``r``) and puts them in the slots
+for the unit's forward; a forward hook puts the stacks back. The inner gradient of each rank's
+loss flows back through the ``all_to_all`` (its backward is again one), so that ``diffopt.step``,
+called by every rank at once, gives rank ``s`` the gradient of every task's loss with respect to
+its rows, and the ordinary update rules (:mod:`higher.rules`, elementwise) update the local stacks:
+the same arithmetic as one process, task by task. The initial stacks are ``param.to_local()``
+repeated ``N`` times; the meta-gradient therefore accumulates, summed over the ranks' tasks, into
+the sharded ``param.grad`` (a DTensor), divided by ``N`` as FSDP's reduce-scatter averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from . import _ddp
+
+__all__ = ["is_fsdp"]
+
+
+def is_fsdp(model: Any) -> bool:
+    """Whether ``model`` is an FSDP2 module (``torch.distributed.fsdp.fully_shard`` was applied to it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+# ---------------------------------------------------------------------------------------- checks
+def _param_groups(model: nn.Module) -> list[Any]:
+    groups = []
+    for m in model.modules():
+        if is_fsdp(m):
+            groups.extend(cast(Any, m)._get_fsdp_state()._fsdp_param_groups)
+    return groups
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The user's class of a module that ``fully_shard`` gave a dynamic ``FSDP<Class>`` class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if not issubclass(cls, FSDPModule):
+        return cls
+    bases = [b for b in cls.__bases__ if b is not FSDPModule]
+    if len(bases) != 1 or FSDPModule not in cls.__bases__:
+        raise NotImplementedError(
+            f"{cls.__name__} is not the class fully_shard makes (FSDP<Class> with FSDPModule and the module's own "
+            f"class as bases); higher cannot find the module's own class to run."
+        )
+    return bases[0]
+
+
+def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> Any:
+    """The settings of an FSDP2 model and of ``innerloop_ctx``'s options that the mode cannot honour raise
+    a clear error here; returns the process group."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "an FSDP (fully_shard) model was passed to innerloop_ctx but torch.distributed's process group is not "
+            "initialised; call torch.distributed.init_process_group first."
+        )
+    problems: list[str] = []
+    meshes: list[Any] = []
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            problems.append(f"parameter {name!r} is not sharded by fully_shard (ignored_params?)")
+            continue
+        mesh = p.device_mesh
+        meshes.append(mesh)
+        if mesh.ndim != 1:
+            problems.append(
+                f"parameter {name!r} is on a {mesh.ndim}-D device mesh (HSDP); only a 1-D mesh is supported"
+            )
+        if tuple(p.placements) != (Shard(0),):
+            problems.append(
+                f"parameter {name!r} has placements {tuple(p.placements)}; only Shard(0) (fully_shard's default, "
+                f"without shard_placement_fn) is supported"
+            )
+    if any(m != meshes[0] for m in meshes):
+        problems.append("the parameters are on different device meshes; use one mesh for the whole model")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    for group in _param_groups(model):
+        mp = group.mp_policy
+        dtypes = {p.dtype for p in group.fsdp_params for p in [p.sharded_param]}
+        for field in ("param_dtype", "reduce_dtype", "output_dtype"):
+            value = getattr(mp, field, None)
+            if value is not None and {value} != dtypes:
+                problems.append(
+                    f"MixedPrecisionPolicy({field}={value}) would compute the inner loop in another precision than "
+                    f"the parameters' ({', '.join(sorted(str(d) for d in dtypes))}); higher does not reproduce it: "
+                    f"cast the model instead"
+                )
+        if isinstance(group.offload_policy, CPUOffloadPolicy):
+            problems.append(
+                "CPUOffloadPolicy (the fast weights live on the parameters' device; offloading them is not implemented)"
+            )
+        if group._all_reduce_hook is not None:
+            problems.append("an all-reduce hook (set_all_reduce_hook)")
+        if type(group._all_gather_comm).__name__ != "DefaultAllGather":
+            problems.append("a custom all-gather (set_custom_all_gather)")
+        if type(group._reduce_scatter_comm).__name__ != "DefaultReduceScatter":
+            problems.append("a custom reduce-scatter (set_custom_reduce_scatter)")
+    if problems:
+        raise NotImplementedError(
+            "higher cannot honour these FSDP (fully_shard) settings in an inner loop: "
+            + "; ".join(dict.fromkeys(problems))
+            + "."
+        )
+    if options.device is not None:
+        raise ValueError(
+            "innerloop_ctx(device=...) cannot move the fast weights of an FSDP model: they stay sharded on the "
+            "parameters' device. Leave device=None (move the model before fully_shard instead)."
+        )
+    if options.share_buffers:
+        raise NotImplementedError(
+            "share_buffers=True is not supported for an FSDP model (its buffers are replicated on every rank, "
+            "the fmodel uses copies); leave it False."
+        )
+    if options.initial_params is not None:
+        raise NotImplementedError(
+            "initial_params= is not supported for an FSDP model: the initial fast weights are the model's sharded "
+            "parameters. Use a plain model (or DDP) for hypernetwork-made initial weights."
+        )
+    params = {id(p) for p in model.parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) in params and opt.state.get(p):
+                raise NotImplementedError(
+                    "the inner optimizer already has state (it was stepped) for a sharded parameter; higher does "
+                    "not copy sharded optimizer state into an FSDP inner loop. Use a fresh optimizer for the inner "
+                    "loop (as MAML does)."
+                )
+    mesh = next(iter(model.parameters())).device_mesh if params else None  # type: ignore[attr-defined]
+    return None if mesh is None else mesh.get_group()
+
+
+# ------------------------------------------------------------------------------- the collectives
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 (``[N, ...]``: block ``r`` goes to rank ``r``), differentiable at any
+    order (a block permutation: its backward is itself), batched along any other dim under ``vmap``."""
+
+    @staticmethod
+    def forward(x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        try:
+            dist.all_to_all_single(out, x, group=group)
+        except Exception as error:
+            peer = _ddp._peer_error(group)
+            if peer is None:
+                raise
+            raise RuntimeError(f"the fast-weight all_to_all failed because {peer}") from error
+        _STATS["all_to_all"] += 1
+        _STATS["bytes"] += x.numel() * x.element_size()
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _AllToAll.apply(grad, ctx.group), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, group: Any) -> tuple[Tensor, int]:
+        dim = in_dims[0]
+        if dim is None:
+            return _AllToAll.apply(x, group), None  # type: ignore[return-value]
+        moved = x.movedim(dim, 1)  # keep the rank dimension first
+        return _AllToAll.apply(moved, group), 1
+
+
+_STATS = {"all_to_all": 0, "bytes": 0}
+
+
+def gather_stats() -> dict[str, int]:
+    """Counters of the fast-weight collectives in this process (``all_to_all`` calls and bytes sent),
+    forward and backward together, since the process started."""
+    return dict(_STATS)
+
+
+class _GradScale(torch.autograd.Function):
+    """The identity, whose backward multiplies by ``scale`` (FSDP's averaging of the gradient over ranks)."""
+
+    @staticmethod
+    def forward(x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class _Unit:
+    """What one FSDP unit's hooks need: its parameters (path below the unit, key, full dim 0) and the group."""
+
+    def __init__(self, entries: list[tuple[str, str, int]], group: Any, world: int) -> None:
+        self.entries = entries
+        self.group = group
+        self.world = world
+        self.saved: list[list[tuple[nn.Module, str, Tensor]]] = []
+
+    def gather(self, stack: Tensor, rows: int) -> Tensor:
+        """This rank's task's full weight from the local stack ``[N, rows_s, ...]``."""
+        world = self.world
+        chunk = -(-rows // world)  # fully_shard's (torch.chunk's) shard size
+        pad = chunk - stack.shape[1]
+        if pad:
+            stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
+        received = _AllToAll.apply(stack, self.group)  # [N, chunk, ...]: shard s of this rank's task at s
+        return received.reshape(world * chunk, *stack.shape[2:])[:rows]
+
+    def pre_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        swapped = []
+        for path, key, rows in self.entries:
+            sub = module.get_submodule(path) if path else module
+            slots = sub.__dict__["_parameters"]
+            stack = slots[key]
+            slots[key] = self.gather(stack, rows)
+            swapped.append((sub, key, stack))
+        self.saved.append(swapped)
+
+    def post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.saved:
+            for sub, key, stack in self.saved.pop():
+                sub.__dict__["_parameters"][key] = stack
+
+
+_FSDP_ATTRIBUTES = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
+
+
+def _is_fsdp_hook(fn: Any) -> bool:
+    owner = getattr(fn, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(fn, "__module__", "") or ""
+    return module.startswith("torch.distributed.fsdp") or module.startswith("torch.distributed._composable")
+
+
+def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: int) -> nn.Module:
+    """A plain copy of ``model``'s tree (the user's classes, FSDP's hooks and state left out) whose parameter
+    slots hold ``stacks`` (by name), with the gathering hooks on every FSDP unit."""
+    from ._fmodel.tree import _HOOK_DICTS
+
+    copies: dict[int, nn.Module] = {}
+    for m in model.modules():
+        cls = _plain_class(m)
+        c = cls.__new__(cls)
+        d = {
+            k: v
+            for k, v in m.__dict__.items()
+            if not k.startswith("__composable_api_state_key") and k not in _FSDP_ATTRIBUTES
+        }
+        for key in _HOOK_DICTS:
+            if key in d:
+                d[key] = type(d[key])((i, fn) for i, fn in d[key].items() if not _is_fsdp_hook(fn))
+        d["_parameters"] = dict(d["_parameters"])
+        d["_modules"] = dict(d["_modules"])
+        object.__setattr__(c, "__dict__", d)
+        copies[id(m)] = c
+    for m in model.modules():
+        d = copies[id(m)].__dict__
+        d["_modules"] = {k: None if v is None else copies[id(v)] for k, v in d["_modules"].items()}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for key in list(copies[id(m)].__dict__["_parameters"]):
+            if copies[id(m)].__dict__["_parameters"][key] is not None:
+                copies[id(m)].__dict__["_parameters"][key] = stacks[prefix + key]
+    # The units: each FSDP module gathers the parameters it manages (those of its subtree not under another unit).
+    for name, m in model.named_modules():
+        if not is_fsdp(m):
+            continue
+        entries = []
+        for sub_name, sub in m.named_modules():
+            if sub is not m and _under_unit(m, sub_name):
+                continue
+            for key, p in sub.named_parameters(recurse=False):
+                entries.append((sub_name, key, int(p.shape[0])))
+        if entries:
+            unit = _Unit(entries, group, world)
+            c = copies[id(m)]
+            nn.Module.register_forward_pre_hook(c, unit.pre_forward, with_kwargs=True)
+            nn.Module.register_forward_hook(c, unit.post_forward, with_kwargs=True, always_call=True)
+    return copies[id(model)]
+
+
+def _under_unit(unit: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` below ``unit`` is, or is inside, another FSDP unit."""
+    module = unit
+    for part in path.split("."):
+        module = module.get_submodule(part)
+        if is_fsdp(module):
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------- the mode
+def _divide_factor(model: nn.Module, world: int) -> float:
+    factors = {g.gradient_divide_factor for g in _param_groups(model)} - {None}
+    if len(factors) > 1:
+        raise NotImplementedError(
+            f"the FSDP units of this model have different gradient divide factors ({sorted(factors)}); use one."
+        )
+    return float(factors.pop()) if factors else float(world)
+
+
+def _check_lockstep(group: Any, tasks: int | None) -> None:
+    """Check that every rank opens the same kind of inner loop (a mismatch would deadlock the collectives)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([-1 if tasks is None else tasks], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    values = [int(t) for t in everyone]
+    if len(set(values)) != 1:
+        shown = ["per task" if v < 0 else f"tasks={v}" for v in values]
+        raise ValueError(
+            f"the ranks opened different inner loops of the FSDP model ({', '.join(shown)}, by rank): every rank must "
+            f"pass the same tasks= (the fast weights are gathered by collectives, in lockstep)."
+        )
+
+
+def _fully_sharded(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> Iterator[tuple[Any, Any]]:
+    """An FSDP2 model: fast weights stay sharded, each unit's full weights are gathered for its forward."""
+    from . import batched
+    from .optim import get_diff_optim
+    from .patch import _patched
+
+    import torch.distributed as dist
+
+    group = _check_fsdp(model, opt, options)
+    try:
+        world = dist.get_world_size(group)
+        _check_lockstep(group, options.tasks)
+        scale = 1.0 / _divide_factor(model, world)
+        names = [n for n, _ in model.named_parameters()]
+        params = list(model.parameters())
+        stacks = {}
+        for name, p in zip(names, params):
+            local = cast(Any, p).to_local()
+            if p.requires_grad and not options.copy_initial_weights:
+                local = _GradScale.apply(local, scale)
+            stacks[name] = local.unsqueeze(0).expand(world, *local.shape)
+        skeleton = _skeleton(model, stacks, group, world)
+        track = options.track_higher_grads
+        if options.tasks is None:
+            fmodel: Any = _patched(skeleton, None, options.copy_initial_weights, track, False, None)
+            diffopt = get_diff_optim(
+                opt,
+                params,
+                fmodel=fmodel,
+                override=options.override,
+                track_higher_grads=track,
+                first_order=options.first_order,
+            )
+        else:
+            fmodel = batched._patched(skeleton, options.tasks, None, options.copy_initial_weights, track, "different")
+            diffopt = batched._optimizer(
+                opt, params, fmodel, options.tasks, None, options.override, track, first_order=options.first_order
+            )
+        diffopt._reference_shapes = [t.shape for t in fmodel._hg_core.latest]
+        yield fmodel, diffopt
+    except Exception as error:
+        _ddp._report_error(group, error)  # the other ranks fail with it instead of hanging
+        raise

@@ -1,0 +1,167 @@
+"""FSDP2 (``fully_shard``) models in inner loops (higher._fsdp), on 2 gloo ranks.
+
+The ranks are those of tests/test_distributed.py's launcher (a pair started once, running this module's
+functions by name; ``_run`` for tests whose ranks fail on purpose). The reference is one process
+running the whole meta-batch with higher on the unsharded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import higher
+from higher import distributed as hd
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available in this torch build",
+)
+
+from test_distributed import WORLD, _checked, _Ranks, _run  # noqa: E402
+
+TOTAL_TASKS = 4  # 2 per rank: FSDP's collectives need the same number of inner loops on every rank
+OUTER_STEPS = 2
+INNER_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pair = _Ranks()
+    yield pair
+    pair.close()
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        # dim 0 of 5, 7 and 1 rows: uneven shards on 2 ranks (3 + 2, 4 + 3, 1 + 0)
+        return nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _sharded(dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(dtype)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _data(dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(OUTER_STEPS):
+        amp = torch.empty(TOTAL_TASKS, 1, 1).uniform_(0.5, 3.0, generator=g)
+        phase = torch.empty(TOTAL_TASKS, 1, 1).uniform_(0.0, 3.0, generator=g)
+        x = torch.empty(TOTAL_TASKS, 10, 1).uniform_(-3.0, 3.0, generator=g)
+        y = amp * torch.sin(x + phase)
+        batches.append(tuple(t.to(dtype) for t in (x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])))
+    return batches
+
+
+def _task_losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
+
+
+def _full(t: Any) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _meta_train(
+    model: nn.Module,
+    tasks: range,
+    world: int,
+    mode: str,
+    dtype: torch.dtype,
+    inner: str = "sgd",
+    first_order: bool = False,
+    lr_tensor: bool = False,
+) -> dict[str, Any]:
+    """OUTER_STEPS outer Adam steps of MAML over ``tasks``; the meta-gradients (full tensors) and final parameters."""
+    data = _data(dtype)
+    weight = hd.task_weight(TOTAL_TASKS, world)
+    meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    lr = torch.tensor(0.1, dtype=dtype, requires_grad=True)
+    override = {"lr": [lr]} if lr_tensor else None
+    grads, lr_grads = [], []
+    idx = list(tasks)
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    for sx, sy, qx, qy in data:
+        meta_opt.zero_grad()
+        lr.grad = None
+        inner_opt = (
+            torch.optim.SGD(model.parameters(), lr=0.1)
+            if inner == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=0.03)
+        )
+        if mode == "batched":
+            with higher.innerloop_ctx(
+                model, inner_opt, copy_initial_weights=False, tasks=len(idx), first_order=first_order, override=override
+            ) as (fmodel, diffopt):
+                for _ in range(INNER_STEPS):
+                    diffopt.step(_task_losses(fmodel(sx[idx]), sy[idx]))
+                (_task_losses(fmodel(qx[idx]), qy[idx]).sum() * weight).backward()
+        else:
+            for k, t in enumerate(idx):
+                if fsdp:
+                    model.set_requires_gradient_sync(k == len(idx) - 1)
+                with higher.innerloop_ctx(
+                    model, inner_opt, copy_initial_weights=False, first_order=first_order, override=override
+                ) as (fmodel, diffopt):
+                    for _ in range(INNER_STEPS):
+                        diffopt.step(F.mse_loss(fmodel(sx[t]), sy[t]))
+                    (F.mse_loss(fmodel(qx[t]), qy[t]) * weight).backward()
+        grads.append([_full(p.grad) for p in model.parameters()])
+        lr_grads.append(None if lr.grad is None else lr.grad.clone())
+        meta_opt.step()
+    return {"grads": grads, "lr_grads": lr_grads, "params": [_full(p) for p in model.parameters()]}
+
+
+def _single(mode: str, dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
+    return _meta_train(_model(dtype), range(TOTAL_TASKS), 1, mode, dtype, **kwargs)
+
+
+def _worker(rank: int, mode: str, dtype: torch.dtype, kwargs: dict) -> Any:
+    model = _sharded(dtype)
+    return _meta_train(model, hd.split_tasks(TOTAL_TASKS), WORLD, mode, dtype, **kwargs)
+
+
+def _check(results: list[dict], reference: dict, dtype: torch.dtype) -> None:
+    for result in results:
+        for step in range(OUTER_STEPS):
+            _assert_close(result["grads"][step], reference["grads"][step], dtype)
+            _assert_close([result["lr_grads"][step]], [reference["lr_grads"][step]], dtype)
+        _assert_close(result["params"], reference["params"], dtype)
+
+
+def _assert_close(actual: list, expected: list, dtype: torch.dtype) -> None:
+    for a, e in zip(actual, expected):
+        if e is None:
+            assert a is None
+            continue
+        assert a is not None
+        scale = e.abs().max().item()
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * scale)
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("mode", ["per_task", "batched"])
+def test_proto(mode, ranks):
+    results = ranks.results("test_fsdp:_worker", mode, torch.float64, {})
+    _check(results, _single(mode, torch.float64), torch.float64)
