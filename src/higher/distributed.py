@@ -50,9 +50,12 @@ import torch
 from torch import Tensor, nn
 
 from ._ddp import is_ddp, sync_stats
+from ._fsdp import is_fsdp
 
 __all__ = [
+    "average_grads",
     "is_ddp",
+    "is_fsdp",
     "launched",
     "maml_step",
     "mean_over_ranks",
@@ -165,6 +168,34 @@ def share(*tensors: Tensor, num_tasks: int | None = None) -> tuple[Tensor, ...]:
     total = tensors[0].shape[0] if num_tasks is None else num_tasks
     mine = split_tasks(total)
     return tuple(t[mine.start : mine.stop] for t in tensors)
+
+
+def average_grads(tensors: Any, group: Any = None) -> None:
+    """Replace the ``.grad`` of each of ``tensors`` by its average over the ranks (one all-reduce of them all).
+
+    For tensors that every rank holds but that neither DDP nor FSDP manages, e.g. the hyperparameter
+    tensors given in ``override`` (``override={"lr": [lr]}``): after ``meta_loss.backward()`` each rank's
+    ``lr.grad`` holds only its part of the hypergradient (under DDP, its own tasks'; under FSDP, the part
+    that flows through the shard of the fast weights it updates), and the average over ranks, as DDP and
+    FSDP average the parameters' gradients, is what one process computes over the whole meta-batch when the
+    meta-losses are weighted by :func:`task_weight`. A tensor without ``.grad`` counts as zero on that rank.
+    A no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    world = rank_and_world_size(group)[1]
+    if world <= 1 or not tensors:
+        return
+    flat = torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).reshape(-1) for t in tensors])
+    if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
+        flat = flat.cuda()
+    dist.all_reduce(flat, group=group)
+    flat = flat.to(tensors[0].device).div_(world)
+    offset = 0
+    for t in tensors:
+        t.grad = flat[offset : offset + t.numel()].view_as(t).clone()
+        offset += t.numel()
 
 
 def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None) -> float:
