@@ -7,7 +7,6 @@ running the whole meta-batch with higher on the unsharded model.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with gloo is not available in this torch build",
 )
 
-from test_distributed import WORLD, _checked, _Ranks, _run  # noqa: E402
+from test_distributed import WORLD, _Ranks, _run  # noqa: E402
 
 TOTAL_TASKS = 4  # 2 per rank: FSDP's collectives need the same number of inner loops on every rank
 OUTER_STEPS = 2
@@ -203,3 +202,141 @@ def test_checkpointed_unroll_equals_single_process(mode, ranks):
     kwargs = {"inner": "adam", "checkpointed": True}
     results = ranks.results("test_fsdp:_worker", mode, torch.float64, kwargs)
     _check(results, _single(mode, torch.float64, **kwargs), torch.float64)
+
+
+def _structure_worker(rank: int) -> Any:
+    """What each rank holds: the shapes of the fast weights, the collectives per forward, the model untouched."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    from higher import _fsdp
+
+    model = _sharded(torch.float64)
+    before = {
+        "class": type(model).__name__,
+        "ids": [id(p) for p in model.parameters()],
+        "hooks": [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()],
+    }
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.ones(2, 3, 1)
+    out: dict[str, Any] = {}
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        out["per_task_shapes"] = [tuple(p.shape) for p in fmodel.parameters()]
+        stats = _fsdp.gather_stats()
+        y = fmodel(x[0])
+        after = _fsdp.gather_stats()
+        out["forward_all_to_alls"] = after["all_to_all"] - stats["all_to_all"]
+        out["forward_bytes"] = after["bytes"] - stats["bytes"]
+        out["output_shape"] = tuple(y.shape)
+        diffopt.step(y.pow(2).mean())
+        out["stepped_shapes"] = [tuple(p.shape) for p in fmodel.parameters()]
+        fmodel(x[0]).pow(2).mean().backward()
+    out["grads"] = [
+        (isinstance(p.grad, DTensor), tuple(p.grad.placements) == (Shard(0),), tuple(p.grad.to_local().shape))
+        for p in model.parameters()
+    ]
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=3) as (fmodel, diffopt):
+        out["batched_shapes"] = [tuple(p.shape) for p in fmodel.parameters()]
+        out["batched_output_shape"] = tuple(fmodel(torch.ones(3, 4, 1)).shape)
+    out["model_unchanged"] = before == {
+        "class": type(model).__name__,
+        "ids": [id(p) for p in model.parameters()],
+        "hooks": [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()],
+    } and all(isinstance(m, FSDPModule) for m in (model, model[0], model[2], model[4]))
+    return out
+
+
+def test_fast_weights_stay_sharded(ranks):
+    """Each rank holds rows_s of every rank's task(s) for each parameter; each unit is gathered with one
+    all_to_all per forward; the meta-gradient lands in the sharded DTensor .grad; the model is untouched."""
+    results = ranks.results("test_fsdp:_structure_worker")
+    # weights and biases of Linear(1, 5), Linear(5, 7), Linear(7, 1): rows 3 + 2, 4 + 3, 1 + 0
+    rows = [(3, 2), (3, 2), (4, 3), (4, 3), (1, 0), (1, 0)]
+    rest = [(1,), (), (5,), (), (7,), ()]
+    for rank, result in enumerate(results):
+        expected = [(WORLD, r[rank], *t) for r, t in zip(rows, rest)]
+        assert result["per_task_shapes"] == expected
+        assert result["stepped_shapes"] == expected
+        assert result["batched_shapes"] == [(3, *shape) for shape in expected]
+        assert result["output_shape"] == (3, 1) and result["batched_output_shape"] == (3, 4, 1)
+        assert result["forward_all_to_alls"] == 3  # one per unit that holds parameters (the root holds none)
+        # each rank sends its padded shards of the whole model once: (3*1 + 3 + 4*5 + 4 + 1*7 + 1) * WORLD doubles
+        assert result["forward_bytes"] == (3 + 3 + 20 + 4 + 7 + 1) * WORLD * 8
+        assert result["grads"] == [(True, True, (r[rank], *t)) for r, t in zip(rows, rest)]
+        assert result["model_unchanged"]
+
+
+def _options_worker(rank: int) -> Any:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    errors: dict[str, str] = {}
+
+    def refused(name: str, error: type, model: nn.Module, opt: Any = None, **kwargs: Any) -> None:
+        opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(error) as info:
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=False, **kwargs):
+                pass
+        errors[name] = str(info.value)
+
+    refused("param_dtype", NotImplementedError, _sharded(torch.float64, mp_policy=MixedPrecisionPolicy(torch.float32)))
+    refused(
+        "reduce_dtype",
+        NotImplementedError,
+        _sharded(torch.float64, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32)),
+    )
+    try:
+        offloaded = _sharded(torch.float64, offload_policy=CPUOffloadPolicy())
+    except Exception as error:  # noqa: BLE001 - fully_shard itself may refuse it on a CPU mesh
+        errors["offload"] = f"fully_shard refused: {error}"
+    else:
+        refused("offload", NotImplementedError, offloaded)
+    model = _sharded(torch.float64)
+    refused("device", ValueError, model, device="cpu")
+    refused("share_buffers", NotImplementedError, model, share_buffers=True)
+    refused("initial_params", NotImplementedError, model, initial_params=[p.detach() for p in model.parameters()])
+    stepped = torch.optim.Adam(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    stepped.step()
+    refused("optimizer_state", NotImplementedError, model, stepped)
+    refused("tasks_mismatch", ValueError, model, tasks=2 + rank)
+    # the same mixed-precision policy that matches the parameters' dtype changes nothing: accepted
+    same = _sharded(torch.float64, mp_policy=MixedPrecisionPolicy(torch.float64, torch.float64))
+    with higher.innerloop_ctx(same, torch.optim.SGD(same.parameters(), lr=0.1), copy_initial_weights=False) as (
+        fmodel,
+        diffopt,
+    ):
+        diffopt.step(fmodel(torch.ones(3, 1)).pow(2).mean())
+    return errors
+
+
+def test_unsupported_options_raise(ranks):
+    """Options that would change the arithmetic, or that the mode cannot honour, raise clear errors on every rank."""
+    for errors in ranks.results("test_fsdp:_options_worker"):
+        assert "MixedPrecisionPolicy(param_dtype=torch.float32)" in errors["param_dtype"]
+        assert "MixedPrecisionPolicy(reduce_dtype=torch.float32)" in errors["reduce_dtype"]
+        assert "CPUOffloadPolicy" in errors["offload"] or errors["offload"].startswith("fully_shard refused")
+        assert "device=" in errors["device"]
+        assert "share_buffers" in errors["share_buffers"]
+        assert "initial_params" in errors["initial_params"]
+        assert "fresh optimizer" in errors["optimizer_state"]
+        assert "tasks=2, tasks=3" in errors["tasks_mismatch"]
+
+
+def _failing_worker(rank: int) -> Any:
+    model = _sharded(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=2) as (fmodel, diffopt):
+        x = torch.ones(2, 4, 1)
+        diffopt.step(_task_losses(fmodel(x), x))
+        if rank == 1:
+            raise FloatingPointError("rank 1: the inner loss of task 3 is nan")
+        fmodel(x).pow(2).sum().backward()  # rank 0 waits in the gather for rank 1
+    return "finished"
+
+
+def test_an_error_on_one_rank_ends_every_rank():
+    records = _run("test_fsdp:_failing_worker")
+    assert not records[1]["ok"] and records[1]["type"] == "FloatingPointError"
+    assert not records[0]["ok"], records[0]
+    assert "rank 1 raised FloatingPointError" in records[0]["message"] and "task 3 is nan" in records[0]["message"]

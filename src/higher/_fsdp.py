@@ -103,13 +103,18 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
     for group in _param_groups(model):
         mp = group.mp_policy
         dtypes = {p.dtype for p in group.fsdp_params for p in [p.sharded_param]}
-        for field in ("param_dtype", "reduce_dtype", "output_dtype"):
+        what = {
+            "param_dtype": "run the forwards",
+            "reduce_dtype": "reduce the gradients",
+            "output_dtype": "return the outputs",
+        }
+        for field, effect in what.items():
             value = getattr(mp, field, None)
             if value is not None and {value} != dtypes:
                 problems.append(
-                    f"MixedPrecisionPolicy({field}={value}) would compute the inner loop in another precision than "
-                    f"the parameters' ({', '.join(sorted(str(d) for d in dtypes))}); higher does not reproduce it: "
-                    f"cast the model instead"
+                    f"MixedPrecisionPolicy({field}={value}) would {effect} in another precision than the parameters' "
+                    f"({', '.join(sorted(str(d) for d in dtypes))}); higher does not reproduce it: cast the model "
+                    f"instead, or leave the policy's dtypes None"
                 )
         if isinstance(group.offload_policy, CPUOffloadPolicy):
             problems.append(
@@ -226,32 +231,43 @@ class _Unit:
         self.entries = entries
         self.group = group
         self.world = world
-        self.saved: list[list[tuple[nn.Module, str, Tensor]]] = []
+        self.saved: list[list[tuple[dict[str, Any], str, Tensor]]] = []
 
-    def gather(self, stack: Tensor, rows: int) -> Tensor:
-        """This rank's task's full weight from the local stack ``[N, rows_s, ...]``."""
+    def gather(self, stacks: list[Tensor]) -> list[Tensor]:
+        """This rank's task's full weights from the local stacks ``[N, rows_s, ...]`` of the unit's parameters:
+        one ``all_to_all`` for the whole unit (the padded shards side by side), as FSDP gathers a unit at once."""
         world = self.world
-        chunk = -(-rows // world)  # fully_shard's (torch.chunk's) shard size
-        pad = chunk - stack.shape[1]
-        if pad:
-            stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
-        received = _AllToAll.apply(stack, self.group)  # [N, chunk, ...]: shard s of this rank's task at s
-        return received.reshape(world * chunk, *stack.shape[2:])[:rows]
+        pieces, layout = [], []
+        for stack, (_, _, rows) in zip(stacks, self.entries):
+            chunk = -(-rows // world)  # fully_shard's (torch.chunk's) shard size
+            pad = chunk - stack.shape[1]
+            if pad:
+                stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
+            pieces.append(stack.reshape(world, -1))
+            layout.append((chunk, rows, stack.shape[2:]))
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        received = _AllToAll.apply(flat, self.group)  # [N, ...]: shard s of this rank's task(s) at s
+        full, offset = [], 0
+        for chunk, rows, rest in layout:
+            size = chunk * rest.numel()
+            block = received[:, offset : offset + size] if len(layout) > 1 else received
+            offset += size
+            full.append(block.reshape(world * chunk, *rest)[:rows])
+        return full
 
     def pre_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        swapped = []
-        for path, key, rows in self.entries:
-            sub = module.get_submodule(path) if path else module
-            slots = sub.__dict__["_parameters"]
-            stack = slots[key]
-            slots[key] = self.gather(stack, rows)
-            swapped.append((sub, key, stack))
-        self.saved.append(swapped)
+        slots = [
+            (module.get_submodule(path) if path else module).__dict__["_parameters"] for path, _, _ in self.entries
+        ]
+        stacks = [slot[key] for slot, (_, key, _) in zip(slots, self.entries)]
+        for slot, (_, key, _), full in zip(slots, self.entries, self.gather(stacks)):
+            slot[key] = full
+        self.saved.append(list(zip(slots, [key for _, key, _ in self.entries], stacks)))
 
     def post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.saved:
-            for sub, key, stack in self.saved.pop():
-                sub.__dict__["_parameters"][key] = stack
+            for slot, key, stack in self.saved.pop():
+                slot[key] = stack
 
 
 _FSDP_ATTRIBUTES = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
