@@ -7,6 +7,7 @@ running the whole meta-batch with higher on the unsharded model.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -340,3 +341,46 @@ def test_an_error_on_one_rank_ends_every_rank():
     assert not records[1]["ok"] and records[1]["type"] == "FloatingPointError"
     assert not records[0]["ok"], records[0]
     assert "rank 1 raised FloatingPointError" in records[0]["message"] and "task 3 is nan" in records[0]["message"]
+
+
+def _reshard_worker(rank: int) -> Any:
+    """One second-order inner step and a meta-loss, with and without FSDP's reshard_after_forward."""
+    from higher import _fsdp
+
+    out = {}
+    for reshard in (True, False):
+        gc.collect()  # what earlier functions in this rank left
+        baseline = _fsdp.gathered_bytes()
+        model = _sharded(torch.float64, reshard_after_forward=reshard)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.linspace(-1, 1, 6).reshape(6, 1) + rank
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            diffopt.step(F.mse_loss(fmodel(x), x.sin()))
+            meta_loss = F.mse_loss(fmodel(x), x.cos())
+            kept = _fsdp.gathered_bytes() - baseline  # gathered weights alive after the forwards, before backward
+            before = _fsdp.gather_stats()["all_to_all"]
+            meta_loss.backward()
+            backward_all_to_alls = _fsdp.gather_stats()["all_to_all"] - before
+        out[reshard] = {
+            "kept": kept,
+            "backward_all_to_alls": backward_all_to_alls,
+            "grads": [p.grad.to_local().clone() for p in model.parameters()],
+        }
+    return out
+
+
+def test_reshard_after_forward_frees_the_gathered_weights(ranks):
+    """reshard_after_forward=True: no gathered weight outlives its unit's forward (autograd's saved views are
+    gathered again in backward, differentiably); False: they are kept. The meta-gradients are bitwise equal."""
+    for result in ranks.results("test_fsdp:_reshard_worker"):
+        assert result[True]["kept"] == 0
+        # kept for backward, in each of the 2 forwards (the step's and the meta-loss's): the second Linear's
+        # weight (its 2 padded shards of 4 x 5, copied out of the unit's buffer) and the last unit's buffer
+        # (2 shards of 1 x 7 + 1, of which the weight is a view); not the first Linear's (its input needs no
+        # gradient), in doubles
+        assert result[False]["kept"] == 2 * (2 * 4 * 5 + 2 * 8) * 8
+        # backward of the meta-loss: one all_to_all per unit and forward, plus, resharded, one per saved weight
+        # (Linear saves its weight once), both forwards' and, second order, the step's backward's
+        assert result[False]["backward_all_to_alls"] < result[True]["backward_all_to_alls"]
+        for a, b in zip(result[True]["grads"], result[False]["grads"]):
+            assert torch.equal(a, b)

@@ -224,33 +224,52 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class _Unit:
-    """What one FSDP unit's hooks need: its parameters (path below the unit, key, full dim 0) and the group."""
+class _Regather:
+    """A saved tensor that was a view of a unit's gathered weights: gathered again when backward needs it."""
 
-    def __init__(self, entries: list[tuple[str, str, int]], group: Any, world: int) -> None:
+    __slots__ = ("unit", "stacks", "index", "size", "stride", "offset")
+
+    def __init__(self, unit: _Unit, stacks: list[Tensor], index: int, saved: Tensor) -> None:
+        self.unit, self.stacks, self.index = unit, stacks, index
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+
+
+class _Unit:
+    """One FSDP unit's hooks: gather its parameters' full weights for its forward, put the stacks back after.
+
+    ``entries``: the parameters it manages, as (path below the unit, key, full dim 0). With ``reshard``
+    (FSDP's ``reshard_after_forward``), the tensors that autograd saves from the gathered weights during the
+    unit's forward are not kept: they are gathered again, differentiably, when backward unpacks them."""
+
+    def __init__(self, entries: list[tuple[str, str, int]], group: Any, world: int, reshard: bool) -> None:
         self.entries = entries
         self.group = group
         self.world = world
-        self.saved: list[list[tuple[dict[str, Any], str, Tensor]]] = []
+        self.reshard = reshard
+        self.saved: list[tuple[list[tuple[dict[str, Any], str, Tensor]], Any]] = []
 
-    def gather(self, stacks: list[Tensor]) -> list[Tensor]:
-        """This rank's task's full weights from the local stacks ``[N, rows_s, ...]`` of the unit's parameters:
-        one ``all_to_all`` for the whole unit (the padded shards side by side), as FSDP gathers a unit at once."""
+    def exchange(self, stacks: list[Tensor]) -> Tensor:
+        """One ``all_to_all`` for the whole unit (the padded shards side by side, as FSDP gathers a unit at once):
+        ``[N, ...]`` whose block ``s`` holds shard ``s`` of every parameter of this rank's task(s)."""
         world = self.world
-        pieces, layout = [], []
+        pieces = []
         for stack, (_, _, rows) in zip(stacks, self.entries):
             chunk = -(-rows // world)  # fully_shard's (torch.chunk's) shard size
             pad = chunk - stack.shape[1]
             if pad:
                 stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
             pieces.append(stack.reshape(world, -1))
-            layout.append((chunk, rows, stack.shape[2:]))
         flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        received = _AllToAll.apply(flat, self.group)  # [N, ...]: shard s of this rank's task(s) at s
+        return _AllToAll.apply(flat, self.group)
+
+    def split(self, received: Tensor, stacks: list[Tensor]) -> list[Tensor]:
+        """The full weights (views of ``received``), in the order of ``entries``."""
+        world = self.world
         full, offset = [], 0
-        for chunk, rows, rest in layout:
+        for stack, (_, _, rows) in zip(stacks, self.entries):
+            chunk, rest = -(-rows // world), stack.shape[2:]
             size = chunk * rest.numel()
-            block = received[:, offset : offset + size] if len(layout) > 1 else received
+            block = received[:, offset : offset + size] if len(stacks) > 1 else received
             offset += size
             full.append(block.reshape(world * chunk, *rest)[:rows])
         return full
@@ -260,14 +279,81 @@ class _Unit:
             (module.get_submodule(path) if path else module).__dict__["_parameters"] for path, _, _ in self.entries
         ]
         stacks = [slot[key] for slot, (_, key, _) in zip(slots, self.entries)]
-        for slot, (_, key, _), full in zip(slots, self.entries, self.gather(stacks)):
-            slot[key] = full
-        self.saved.append(list(zip(slots, [key for _, key, _ in self.entries], stacks)))
+        full = self.split(self.exchange(stacks), stacks)
+        hooks = None
+        if self.reshard and torch.is_grad_enabled() and not _batched(stacks[0]):
+            hooks = torch.autograd.graph.saved_tensors_hooks(*self._regathering(full, stacks))
+            hooks.__enter__()
+        _track(full)
+        for slot, (_, key, _), weight in zip(slots, self.entries, full):
+            slot[key] = weight
+        self.saved.append(
+            ([(slot, key, stack) for slot, (_, key, _), stack in zip(slots, self.entries, stacks)], hooks)
+        )
 
     def post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.saved:
-            for slot, key, stack in self.saved.pop():
+            swapped, hooks = self.saved.pop()
+            for slot, key, stack in swapped:
                 slot[key] = stack
+            if hooks is not None:
+                hooks.__exit__(None, None, None)
+
+    def _regathering(self, full: list[Tensor], stacks: list[Tensor]) -> tuple[Any, Any]:
+        """Saved-tensor hooks that pack a tensor sharing storage with one of the gathered weights ``full`` as a
+        recipe (:class:`_Regather`) and unpack it by gathering again. (The hooks must not refer to ``full``:
+        autograd keeps them with every tensor they pack.)"""
+        device = full[0].device if full else None
+        storages = {}
+        for i, weight in enumerate(full):
+            if weight.numel() and not _batched(weight):
+                storages.setdefault(weight.untyped_storage().data_ptr(), i)
+
+        def pack(tensor: Tensor) -> Any:
+            if not _batched(tensor) and tensor.device == device:
+                index = storages.get(tensor.untyped_storage().data_ptr())
+                if index is not None:
+                    return _Regather(self, stacks, index, tensor)
+            return tensor
+
+        def unpack(packed: Any) -> Tensor:
+            if isinstance(packed, _Regather):
+                unit = packed.unit
+                base = unit.split(unit.exchange(packed.stacks), packed.stacks)[packed.index]
+                return base.as_strided(packed.size, packed.stride, packed.offset)
+            return packed
+
+        return pack, unpack
+
+
+def _batched(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``vmap`` level's view of a batch (the task-batched fmodel's forward)."""
+    return bool(torch._C._functorch.is_batchedtensor(tensor))
+
+
+#: The storages of the gathered weights, weakly (for :func:`gathered_bytes`).
+_GATHERED: list[tuple[Any, int]] = []
+
+
+def _track(full: list[Tensor]) -> None:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    _GATHERED[:] = [(ref, size) for ref, size in _GATHERED if not ref.expired()]
+    seen = set()
+    for weight in full:
+        if _batched(weight):
+            continue
+        storage = weight.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            _GATHERED.append((StorageWeakRef(storage), storage.nbytes()))
+
+
+def gathered_bytes() -> int:
+    """Bytes of gathered (full) weights still alive in this process: those that autograd keeps for backward
+    (units with ``reshard_after_forward=False``, and task-batched forwards); a resharded unit's are freed as its
+    forward ends (backward gathers them again)."""
+    return sum(size for ref, size in _GATHERED if not ref.expired())
 
 
 _FSDP_ATTRIBUTES = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
@@ -319,11 +405,20 @@ def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: in
             for key, p in sub.named_parameters(recurse=False):
                 entries.append((sub_name, key, int(p.shape[0])))
         if entries:
-            unit = _Unit(entries, group, world)
+            unit = _Unit(entries, group, world, _reshards(m, m is model))
             c = copies[id(m)]
             nn.Module.register_forward_pre_hook(c, unit.pre_forward, with_kwargs=True)
             nn.Module.register_forward_hook(c, unit.post_forward, with_kwargs=True, always_call=True)
     return copies[id(model)]
+
+
+def _reshards(unit: nn.Module, root: bool) -> bool:
+    """FSDP's ``reshard_after_forward`` of ``unit`` (the root's default, decided by FSDP at its first forward, is
+    ``False``)."""
+    state = cast(Any, unit)._get_fsdp_state()
+    if root and getattr(state, "_auto_reshard_after_forward", False):
+        return False
+    return any(g.post_forward_mesh_info is not None for g in state._fsdp_param_groups)
 
 
 def _under_unit(unit: nn.Module, path: str) -> bool:
