@@ -114,7 +114,7 @@ def _meta_train(
             with higher.innerloop_ctx(
                 model, inner_opt, copy_initial_weights=False, tasks=len(idx), first_order=first_order, override=override
             ) as (fmodel, diffopt):
-                _unroll(fmodel, diffopt, lambda fm: _task_losses(fm(sx[idx]), sy[idx]), checkpointed)
+                _unroll(fmodel, diffopt, lambda fm, sx=sx, sy=sy: _task_losses(fm(sx[idx]), sy[idx]), checkpointed)
                 (_task_losses(fmodel(qx[idx]), qy[idx]).sum() * weight).backward()
         else:
             for k, t in enumerate(idx):
@@ -123,7 +123,7 @@ def _meta_train(
                 with higher.innerloop_ctx(
                     model, inner_opt, copy_initial_weights=False, first_order=first_order, override=override
                 ) as (fmodel, diffopt):
-                    _unroll(fmodel, diffopt, lambda fm, t=t: F.mse_loss(fm(sx[t]), sy[t]), checkpointed)
+                    _unroll(fmodel, diffopt, lambda fm, t=t, sx=sx, sy=sy: F.mse_loss(fm(sx[t]), sy[t]), checkpointed)
                     (F.mse_loss(fmodel(qx[t]), qy[t]) * weight).backward()
         if lr_tensor:
             hd.average_grads([lr])

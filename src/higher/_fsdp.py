@@ -328,7 +328,9 @@ class _Unit:
 
 def _batched(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``vmap`` level's view of a batch (the task-batched fmodel's forward)."""
-    return bool(torch._C._functorch.is_batchedtensor(tensor))
+    from torch._C import _functorch  # type: ignore[attr-defined]
+
+    return bool(_functorch.is_batchedtensor(tensor))
 
 
 #: The storages of the gathered weights, weakly (for :func:`gathered_bytes`).
@@ -372,7 +374,7 @@ def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: in
 
     copies: dict[int, nn.Module] = {}
     for m in model.modules():
-        cls = _plain_class(m)
+        cls: Any = _plain_class(m)
         c = cls.__new__(cls)
         d = {
             k: v
@@ -395,7 +397,7 @@ def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: in
             if copies[id(m)].__dict__["_parameters"][key] is not None:
                 copies[id(m)].__dict__["_parameters"][key] = stacks[prefix + key]
     # The units: each FSDP module gathers the parameters it manages (those of its subtree not under another unit).
-    for name, m in model.named_modules():
+    for m in model.modules():
         if not is_fsdp(m):
             continue
         entries = []
@@ -459,11 +461,11 @@ def _check_lockstep(group: Any, tasks: int | None) -> None:
 
 def _fully_sharded(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> Iterator[tuple[Any, Any]]:
     """An FSDP2 model: fast weights stay sharded, each unit's full weights are gathered for its forward."""
+    import torch.distributed as dist
+
     from . import batched
     from .optim import get_diff_optim
     from .patch import _patched
-
-    import torch.distributed as dist
 
     group = _check_fsdp(model, opt, options)
     try:
