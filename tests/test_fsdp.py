@@ -210,8 +210,6 @@ def _structure_worker(rank: int) -> Any:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Shard
 
-    from higher import _fsdp
-
     model = _sharded(torch.float64)
     before = {
         "class": type(model).__name__,
@@ -223,9 +221,9 @@ def _structure_worker(rank: int) -> Any:
     out: dict[str, Any] = {}
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         out["per_task_shapes"] = [tuple(p.shape) for p in fmodel.parameters()]
-        stats = _fsdp.gather_stats()
+        stats = hd.gather_stats()
         y = fmodel(x[0])
-        after = _fsdp.gather_stats()
+        after = hd.gather_stats()
         out["forward_all_to_alls"] = after["all_to_all"] - stats["all_to_all"]
         out["forward_bytes"] = after["bytes"] - stats["bytes"]
         out["output_shape"] = tuple(y.shape)
@@ -345,22 +343,21 @@ def test_an_error_on_one_rank_ends_every_rank():
 
 def _reshard_worker(rank: int) -> Any:
     """One second-order inner step and a meta-loss, with and without FSDP's reshard_after_forward."""
-    from higher import _fsdp
 
     out = {}
     for reshard in (True, False):
         gc.collect()  # what earlier functions in this rank left
-        baseline = _fsdp.gathered_bytes()
+        baseline = hd.gathered_bytes()
         model = _sharded(torch.float64, reshard_after_forward=reshard)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x = torch.linspace(-1, 1, 6).reshape(6, 1) + rank
         with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
             diffopt.step(F.mse_loss(fmodel(x), x.sin()))
             meta_loss = F.mse_loss(fmodel(x), x.cos())
-            kept = _fsdp.gathered_bytes() - baseline  # gathered weights alive after the forwards, before backward
-            before = _fsdp.gather_stats()["all_to_all"]
+            kept = hd.gathered_bytes() - baseline  # gathered weights alive after the forwards, before backward
+            before = hd.gather_stats()["all_to_all"]
             meta_loss.backward()
-            backward_all_to_alls = _fsdp.gather_stats()["all_to_all"] - before
+            backward_all_to_alls = hd.gather_stats()["all_to_all"] - before
         out[reshard] = {
             "kept": kept,
             "backward_all_to_alls": backward_all_to_alls,

@@ -1,4 +1,13 @@
-"""Meta-learning across processes: ``DistributedDataParallel`` models in inner loops.
+"""Meta-learning across processes: ``DistributedDataParallel`` and FSDP2 (``fully_shard``) models in inner loops.
+
+FSDP2: a model wrapped by ``torch.distributed.fsdp.fully_shard`` (per layer and at the root) works
+in ``innerloop_ctx`` with the same code; the fast weights stay sharded, each FSDP unit's full
+weights are gathered for its forward (one differentiable ``all_to_all`` per unit) and freed after
+it, and the meta-gradient arrives in the sharded ``.grad``, averaged over ranks as FSDP does. The
+design, what is honoured and what is refused: ``docs/scaling.md`` and :mod:`higher._fsdp`;
+:func:`gather_stats` and :func:`gathered_bytes` count the collectives and the gathered weights alive.
+
+The rest of this docstring is about DDP.
 
 ``higher.innerloop_ctx(DistributedDataParallel(model), opt, copy_initial_weights=False)`` works
 per task and with ``tasks=T``. Each rank (process) runs the inner loops of its own share of the
@@ -50,10 +59,12 @@ import torch
 from torch import Tensor, nn
 
 from ._ddp import is_ddp, sync_stats
-from ._fsdp import is_fsdp
+from ._fsdp import gather_stats, gathered_bytes, is_fsdp
 
 __all__ = [
     "average_grads",
+    "gather_stats",
+    "gathered_bytes",
     "is_ddp",
     "is_fsdp",
     "launched",
