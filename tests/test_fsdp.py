@@ -381,3 +381,27 @@ def test_reshard_after_forward_frees_the_gathered_weights(ranks):
         assert result[False]["backward_all_to_alls"] < result[True]["backward_all_to_alls"]
         for a, b in zip(result[True]["grads"], result[False]["grads"]):
             assert torch.equal(a, b)
+
+
+def _divide_factor_worker(rank: int) -> Any:
+    grads = {}
+    for factor in (None, 1.0):
+        model = _sharded(torch.float64)
+        if factor is not None:
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    layer.set_gradient_divide_factor(factor)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.linspace(-1, 1, 4).reshape(4, 1) * (rank + 1)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            diffopt.step(F.mse_loss(fmodel(x), x))
+            F.mse_loss(fmodel(x), x.sin()).backward()
+        grads[factor] = [p.grad.to_local().clone() for p in model.parameters()]
+    return grads
+
+
+def test_gradient_divide_factor_is_honoured(ranks):
+    """FSDP averages the gradient over ranks (divides the sum by N); set_gradient_divide_factor(1.0): the sum."""
+    for grads in ranks.results("test_fsdp:_divide_factor_worker"):
+        for averaged, summed in zip(grads[None], grads[1.0]):
+            torch.testing.assert_close(summed, averaged * WORLD, rtol=1e-14, atol=0)
