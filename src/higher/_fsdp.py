@@ -234,6 +234,48 @@ class _Regather:
         self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
 
 
+# The storages of the gathered weights of resharding units that are alive: data pointer -> (weak reference to
+# the storage, unit, stacks, index of the weight in the unit). A tensor that autograd saves and that lives in
+# one of them is packed as a recipe (:class:`_Regather`) instead of being kept: in the unit's forward, and, in
+# an inner loop's backward (create_graph), for the weights gathered again, which the graph of the inner
+# gradient would otherwise keep. The weak reference tells a live storage from a new one at the same address.
+_RESHARDED: dict[int, tuple[Any, _Unit, list[Tensor], int]] = {}
+
+
+def _register(weights: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> None:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    for key in [key for key, entry in _RESHARDED.items() if entry[0].expired()]:
+        del _RESHARDED[key]
+    for index, weight in enumerate(weights):
+        if weight.numel() and not _batched(weight):
+            storage = weight.untyped_storage()
+            _RESHARDED.setdefault(storage.data_ptr(), (StorageWeakRef(storage), unit, stacks, index))
+
+
+def _pack(tensor: Tensor) -> Any:
+    if _RESHARDED and not _batched(tensor) and tensor.layout == torch.strided:
+        entry = _RESHARDED.get(tensor.untyped_storage().data_ptr())
+        if entry is not None and not entry[0].expired():
+            return _Regather(entry[1], entry[2], entry[3], tensor)
+    return tensor
+
+
+def _unpack(packed: Any) -> Tensor:
+    if isinstance(packed, _Regather):
+        unit = packed.unit
+        weights = unit.split(unit.exchange(packed.stacks), packed.stacks)
+        if torch.is_grad_enabled():  # a backward with create_graph: what its graph saves of them is resharded too
+            _register(weights, unit, packed.stacks)
+        return weights[packed.index].as_strided(packed.size, packed.stride, packed.offset)
+    return packed
+
+
+def resharding() -> Any:
+    """The saved-tensor hooks that reshard gathered weights (entered around an FSDP inner loop)."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
 class _Unit:
     """One FSDP unit's hooks: gather its parameters' full weights for its forward, put the stacks back after.
 
@@ -282,7 +324,8 @@ class _Unit:
         full = self.split(self.exchange(stacks), stacks)
         hooks = None
         if self.reshard and torch.is_grad_enabled() and not _batched(stacks[0]):
-            hooks = torch.autograd.graph.saved_tensors_hooks(*self._regathering(full, stacks))
+            _register(full, self, stacks)
+            hooks = resharding()
             hooks.__enter__()
         _track(full)
         for slot, (_, key, _), weight in zip(slots, self.entries, full):
@@ -298,32 +341,6 @@ class _Unit:
                 slot[key] = stack
             if hooks is not None:
                 hooks.__exit__(None, None, None)
-
-    def _regathering(self, full: list[Tensor], stacks: list[Tensor]) -> tuple[Any, Any]:
-        """Saved-tensor hooks that pack a tensor sharing storage with one of the gathered weights ``full`` as a
-        recipe (:class:`_Regather`) and unpack it by gathering again. (The hooks must not refer to ``full``:
-        autograd keeps them with every tensor they pack.)"""
-        device = full[0].device if full else None
-        storages = {}
-        for i, weight in enumerate(full):
-            if weight.numel() and not _batched(weight):
-                storages.setdefault(weight.untyped_storage().data_ptr(), i)
-
-        def pack(tensor: Tensor) -> Any:
-            if not _batched(tensor) and tensor.device == device:
-                index = storages.get(tensor.untyped_storage().data_ptr())
-                if index is not None:
-                    return _Regather(self, stacks, index, tensor)
-            return tensor
-
-        def unpack(packed: Any) -> Tensor:
-            if isinstance(packed, _Regather):
-                unit = packed.unit
-                base = unit.split(unit.exchange(packed.stacks), packed.stacks)[packed.index]
-                return base.as_strided(packed.size, packed.stride, packed.offset)
-            return packed
-
-        return pack, unpack
 
 
 def _batched(tensor: Tensor) -> bool:
@@ -423,6 +440,29 @@ def _reshards(unit: nn.Module, root: bool) -> bool:
     return any(g.post_forward_mesh_info is not None for g in state._fsdp_param_groups)
 
 
+_RESHARDING_CLASSES: dict[type, type] = {}
+
+
+def _resharding_class(cls: type) -> type:
+    """``cls`` whose inner gradients (``create_graph``) reshard the weights that backward gathers again, so that
+    the graph of the inner gradient does not keep them either."""
+    made = _RESHARDING_CLASSES.get(cls)
+    if made is None:
+
+        def _gradients(self: Any, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+            with resharding():
+                return super(made, self)._gradients(loss, params)  # type: ignore[misc]
+
+        made = type(cls.__name__, (cls,), {"_gradients": _gradients, "__module__": cls.__module__})
+        made.__qualname__ = cls.__qualname__
+        _RESHARDING_CLASSES[cls] = made
+    return made
+
+
+def _reshards_any(model: nn.Module) -> bool:
+    return any(_reshards(m, m is model) for m in model.modules() if is_fsdp(m))
+
+
 def _under_unit(unit: nn.Module, path: str) -> bool:
     """Whether the module at ``path`` below ``unit`` is, or is inside, another FSDP unit."""
     module = unit
@@ -498,6 +538,8 @@ def _fully_sharded(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -
                 opt, params, fmodel, options.tasks, None, options.override, track, first_order=options.first_order
             )
         diffopt._reference_shapes = [t.shape for t in fmodel._hg_core.latest]
+        if _reshards_any(model):
+            diffopt.__class__ = _resharding_class(type(diffopt))
         yield fmodel, diffopt
     except Exception as error:
         _ddp._report_error(group, error)  # the other ranks fail with it instead of hanging
