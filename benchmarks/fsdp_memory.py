@@ -16,7 +16,10 @@ tasks per rank, second-order inner SGD, outer Adam) with ``higher.innerloop_ctx`
 * ``FSDP, keep``: the same with ``reshard_after_forward=False``: the gathered weights that autograd
   saves are kept until backward.
 
-Memory: the peak resident set size of each rank (Linux ``VmHWM``, reset through ``clear_refs``
+Memory, two ways. The peak of the bytes of the live tensors (a second run of the same meta-iterations,
+under a ``TorchDispatchMode`` that weakly tracks the storage of every op's output, forward and backward:
+the tensors' own memory, what a GPU allocator's peak would show, without the CPU allocator's retention).
+And the peak resident set size of each rank (Linux ``VmHWM``, reset through ``clear_refs``
 after a warm-up run on a tiny model) minus its resident size then, the largest of the 2 ranks:
 what the model, the optimizer state and the meta-iterations added at their peak (CPU memory that
 the allocator keeps after a free counts as used, as it does for the machine). Also: the bytes of
@@ -246,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{TASKS_PER_RANK} tasks per rank, {WORLD} gloo ranks; worst rank:"
     )
     print(
-        "| variant | peak MiB added | parameters MiB | gathered MiB kept at backward | all_to_all MiB sent | s/meta-it | = DDP |"
+        "| variant | peak tensor MiB | peak resident MiB added | parameters MiB | gathered MiB kept at backward "
+        "| all_to_all MiB sent | s/meta-it | meta-gradient vs DDP |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for variant, r in results.items():
         difference = r.get("meta_gradient_difference")
         same = "(reference)" if difference is None else f"{difference:.1e}"
