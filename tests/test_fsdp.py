@@ -405,3 +405,24 @@ def test_gradient_divide_factor_is_honoured(ranks):
     for grads in ranks.results("test_fsdp:_divide_factor_worker"):
         for averaged, summed in zip(grads[None], grads[1.0]):
             torch.testing.assert_close(summed, averaged * WORLD, rtol=1e-14, atol=0)
+
+
+def test_example_prints_the_same_on_one_and_two_ranks():
+    """examples/fsdp_maml.py (learned inner lr, tasks=T): one process and `torchrun --nproc-per-node 2` agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "fsdp_maml.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    runs = []
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]):
+        done = subprocess.run(
+            [sys.executable, *launcher, example], capture_output=True, text=True, timeout=240, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append([line for line in done.stdout.splitlines() if line.startswith("iteration")])
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
