@@ -237,6 +237,19 @@ def _structure_worker(rank: int) -> Any:
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=3) as (fmodel, diffopt):
         out["batched_shapes"] = [tuple(p.shape) for p in fmodel.parameters()]
         out["batched_output_shape"] = tuple(fmodel(torch.ones(3, 4, 1)).shape)
+    # copy_initial_weights=True: the initial fast weights are detached copies, nothing reaches the model
+    model.zero_grad()
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(fmodel(x[0]).pow(2).mean())
+        fmodel(x[0]).pow(2).mean().backward()
+        out["copied_initial_leaves"] = all(p.is_leaf and p.grad is not None for p in fmodel.parameters(time=0))
+    out["copied_no_model_grad"] = all(p.grad is None for p in model.parameters())
+    # track_higher_grads=False: every step's fast weights are fresh leaves, and the loop still matches
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(fmodel(x[0]).pow(2).mean())
+        out["untracked_leaves"] = all(p.is_leaf for p in fmodel.parameters())
+        out["untracked_output"] = fmodel(x[0]).detach()
     out["model_unchanged"] = before == {
         "class": type(model).__name__,
         "ids": [id(p) for p in model.parameters()],
@@ -263,6 +276,18 @@ def test_fast_weights_stay_sharded(ranks):
         assert result["forward_bytes"] == (3 + 3 + 20 + 4 + 7 + 1) * WORLD * 8
         assert result["grads"] == [(True, True, (r[rank], *t)) for r, t in zip(rows, rest)]
         assert result["model_unchanged"]
+        assert result["copied_initial_leaves"] and result["copied_no_model_grad"]
+        assert result["untracked_leaves"]
+    # the untracked loop against one process's
+    model = _model(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.ones(3, 1)
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(fmodel(x).pow(2).mean())
+        expected = fmodel(x).detach()
+    for result in results:
+        torch.testing.assert_close(result["untracked_output"], expected, rtol=1e-12, atol=1e-12)
 
 
 def _options_worker(rank: int) -> Any:

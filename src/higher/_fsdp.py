@@ -265,6 +265,7 @@ def _unpack(packed: Any) -> Tensor:
     if isinstance(packed, _Regather):
         unit = packed.unit
         weights = unit.split(unit.exchange(packed.stacks), packed.stacks)
+        _track(weights)
         if torch.is_grad_enabled():  # a backward with create_graph: what its graph saves of them is resharded too
             _register(weights, unit, packed.stacks)
         return weights[packed.index].as_strided(packed.size, packed.stride, packed.offset)
