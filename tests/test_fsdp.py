@@ -451,3 +451,39 @@ def test_example_prints_the_same_on_one_and_two_ranks():
         assert done.returncode == 0, done.stderr
         runs.append([line for line in done.stdout.splitlines() if line.startswith("iteration")])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
+def _maml_step_run(model: nn.Module, net: nn.Module) -> dict[str, Any]:
+    from higher.data import SinusoidTasks
+
+    meta_opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = SinusoidTasks(shots=5, seed=3)
+    losses, grads = [], []
+    for _ in range(OUTER_STEPS):
+        tasks = sampler.sample(TOTAL_TASKS).tasks()
+        meta_opt.zero_grad()
+        losses.append(hd.maml_step(net, inner_opt, tasks, F.mse_loss, inner_steps=2))
+        grads.append([_full(p.grad) for p in model.parameters()])
+        meta_opt.step()
+    return {"losses": losses, "grads": grads, "params": [_full(p) for p in model.parameters()]}
+
+
+def _maml_step_worker(rank: int) -> Any:
+    model = _sharded(torch.float64)
+    result = _maml_step_run(model, model)
+    with pytest.raises(ValueError, match="multiple of 2 tasks") as info:
+        hd.maml_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [result] * 3, F.mse_loss)
+    result["uneven"] = str(info.value)
+    return result
+
+
+def test_distributed_maml_step_equals_maml_step(ranks):
+    """higher.distributed.maml_step on an FSDP model: each rank adapts its share; the one-process values."""
+    model = _model(torch.float64)
+    reference = _maml_step_run(model, model)  # a plain model: higher.algorithms.maml_step
+    for result in ranks.results("test_fsdp:_maml_step_worker"):
+        assert result["losses"] == pytest.approx(reference["losses"], rel=1e-12)
+        for step in range(OUTER_STEPS):
+            _assert_close(result["grads"][step], reference["grads"][step], torch.float64)
+        _assert_close(result["params"], reference["params"], torch.float64)

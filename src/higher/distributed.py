@@ -141,29 +141,42 @@ def maml_step(
     holds the meta-gradient of the mean query loss over the whole meta-batch, as one process
     computes it with ``higher.algorithms.maml_step`` (up to the order of the sums). Returns that
     mean query loss (one more all-reduce, of a single number). ``model`` is a
-    ``DistributedDataParallel`` model; a plain model (one process) gives ``maml_step`` itself.
+    ``DistributedDataParallel`` model, or an FSDP2 (``fully_shard``) one, whose sharded ``.grad``
+    receives its shard of that meta-gradient (the number of tasks must then be a multiple of the
+    number of ranks); a plain model (one process) gives ``maml_step`` itself.
     """
     from . import algorithms
 
     tasks = list(tasks)
-    if not is_ddp(model):
+    fsdp = is_fsdp(model)
+    if not (is_ddp(model) or fsdp):
         return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
     import torch.distributed as dist
 
-    ddp: Any = model
-    group = ddp.process_group
+    net: Any = model
+    group = net.process_group if not fsdp else next(iter(model.parameters())).device_mesh.get_group()  # type: ignore[attr-defined]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if len(tasks) < world:
         raise ValueError(
             f"a meta-batch of {len(tasks)} tasks cannot be split across {world} ranks: every rank needs at "
             f"least one task (its backward takes part in the all-reduce)."
         )
+    if fsdp and len(tasks) % world:
+        raise ValueError(
+            f"a meta-batch of {len(tasks)} tasks cannot be split evenly across {world} ranks, which an FSDP model "
+            f"needs (every rank runs the same inner loops: the sharded fast weights are gathered in lockstep); "
+            f"use a multiple of {world} tasks."
+        )
     mine = split_tasks(len(tasks), rank, world)
     weight = task_weight(len(tasks), world)
     total = 0.0
     for k in mine:
         support_x, support_y, query_x, query_y = algorithms._unpack(tasks[k])
-        sync = contextlib.nullcontext() if k == mine[-1] else ddp.no_sync()
+        if fsdp:  # FSDP's gradient accumulation control (the same values either way, see docs/scaling.md)
+            net.set_requires_gradient_sync(k == mine[-1])
+            sync: Any = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if k == mine[-1] else net.no_sync()
         with sync:
             fmodel = algorithms.adapt(
                 model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order
