@@ -49,13 +49,13 @@ def _model(dtype: torch.dtype) -> nn.Module:
         torch.set_default_dtype(previous)
 
 
-def _sharded(dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+def _sharded(dtype: torch.dtype, layers: tuple[int, ...] = (0, 2, 4), **kwargs: Any) -> nn.Module:
+    """The model with ``fully_shard`` on the Linear layers at ``layers`` and at the root (which manages the rest)."""
     from torch.distributed.fsdp import fully_shard
 
     model = _model(dtype)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, **kwargs)
+    for index in layers:
+        fully_shard(model[index], **kwargs)
     fully_shard(model, **kwargs)
     return model
 
@@ -146,8 +146,8 @@ def _single(mode: str, dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
     return _meta_train(_model(dtype), range(TOTAL_TASKS), 1, mode, dtype, **kwargs)
 
 
-def _worker(rank: int, mode: str, dtype: torch.dtype, kwargs: dict) -> Any:
-    model = _sharded(dtype)
+def _worker(rank: int, mode: str, dtype: torch.dtype, kwargs: dict, layers: tuple[int, ...] = (0, 2, 4)) -> Any:
+    model = _sharded(dtype, layers)
     return _meta_train(model, hd.split_tasks(TOTAL_TASKS), WORLD, mode, dtype, **kwargs)
 
 
@@ -195,6 +195,14 @@ def test_float32_meta_gradient_equals_single_process(mode, inner, ranks):
     kwargs = {"inner": inner}
     results = ranks.results("test_fsdp:_worker", mode, torch.float32, kwargs)
     _check(results, _single(mode, torch.float32, **kwargs), torch.float32, later_rtol=1e-5 if inner == "adam" else None)
+
+
+@pytest.mark.parametrize("mode", ["per_task", "batched"])
+def test_root_unit_gathers_the_layers_it_manages(mode, ranks):
+    """fully_shard on the first and last Linear and the root only: the root unit gathers the middle Linear."""
+    kwargs = {"inner": "adam"}
+    results = ranks.results("test_fsdp:_worker", mode, torch.float64, kwargs, (0, 4))
+    _check(results, _single(mode, torch.float64, **kwargs), torch.float64)
 
 
 @pytest.mark.parametrize("mode", ["per_task", "batched"])
@@ -324,6 +332,13 @@ def _options_worker(rank: int) -> Any:
     stepped.step()
     refused("optimizer_state", NotImplementedError, model, stepped)
     refused("tasks_mismatch", ValueError, model, tasks=2 + rank)
+    from torch.distributed.fsdp import fully_shard
+
+    tied = _model(torch.float64)
+    tied.append(nn.Linear(1, 1))
+    tied[5].weight = tied[4].weight
+    fully_shard(tied)
+    refused("tied", NotImplementedError, tied)
     # the same mixed-precision policy that matches the parameters' dtype changes nothing: accepted
     same = _sharded(torch.float64, mp_policy=MixedPrecisionPolicy(torch.float64, torch.float64))
     with higher.innerloop_ctx(same, torch.optim.SGD(same.parameters(), lr=0.1), copy_initial_weights=False) as (
@@ -345,6 +360,7 @@ def test_unsupported_options_raise(ranks):
         assert "initial_params" in errors["initial_params"]
         assert "fresh optimizer" in errors["optimizer_state"]
         assert "tasks=2, tasks=3" in errors["tasks_mismatch"]
+        assert "'5.weight' is the same tensor as '4.weight' (tied weights)" in errors["tied"]
 
 
 def _failing_worker(rank: int) -> Any:

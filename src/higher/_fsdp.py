@@ -96,6 +96,11 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
                 f"parameter {name!r} has placements {tuple(p.placements)}; only Shard(0) (fully_shard's default, "
                 f"without shard_placement_fn) is supported"
             )
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            problems.append(f"parameter {name!r} is the same tensor as {seen[id(p)]!r} (tied weights)")
+        seen.setdefault(id(p), name)
     if any(m != meshes[0] for m in meshes):
         problems.append("the parameters are on different device meshes; use one mesh for the whole model")
     from torch.distributed.fsdp import CPUOffloadPolicy
