@@ -382,9 +382,8 @@ def test_an_error_on_one_rank_ends_every_rank():
     assert "rank 1 raised FloatingPointError" in records[0]["message"] and "task 3 is nan" in records[0]["message"]
 
 
-def _reshard_worker(rank: int) -> Any:
+def _reshard_worker(rank: int, tasks: int | None) -> Any:
     """One second-order inner step and a meta-loss, with and without FSDP's reshard_after_forward."""
-
     out = {}
     for reshard in (True, False):
         gc.collect()  # what earlier functions in this rank left
@@ -392,8 +391,10 @@ def _reshard_worker(rank: int) -> Any:
         model = _sharded(torch.float64, reshard_after_forward=reshard)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x = torch.linspace(-1, 1, 6).reshape(6, 1) + rank
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
-            diffopt.step(F.mse_loss(fmodel(x), x.sin()))
+        if tasks:
+            x = torch.stack([x * (t + 1) for t in range(tasks)])
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks) as (fmodel, diffopt):
+            diffopt.step(_task_losses(fmodel(x), x.sin()) if tasks else F.mse_loss(fmodel(x), x.sin()))
             meta_loss = F.mse_loss(fmodel(x), x.cos())
             kept = hd.gathered_bytes() - baseline  # gathered weights alive after the forwards, before backward
             before = hd.gather_stats()["all_to_all"]
@@ -407,16 +408,18 @@ def _reshard_worker(rank: int) -> Any:
     return out
 
 
-def test_reshard_after_forward_frees_the_gathered_weights(ranks):
+@pytest.mark.parametrize("tasks", [None, 3], ids=["per_task", "batched"])
+def test_reshard_after_forward_frees_the_gathered_weights(tasks, ranks):
     """reshard_after_forward=True: no gathered weight outlives its unit's forward (autograd's saved views are
-    gathered again in backward, differentiably); False: they are kept. The meta-gradients are bitwise equal."""
-    for result in ranks.results("test_fsdp:_reshard_worker"):
+    gathered again in backward, differentiably, and so are those the inner gradient's graph saves); False: they
+    are kept. The meta-gradients are bitwise equal."""
+    for result in ranks.results("test_fsdp:_reshard_worker", tasks):
         assert result[True]["kept"] == 0
         # kept for backward, in each of the 2 forwards (the step's and the meta-loss's): the second Linear's
         # weight (its 2 padded shards of 4 x 5, copied out of the unit's buffer) and the last unit's buffer
         # (2 shards of 1 x 7 + 1, of which the weight is a view); not the first Linear's (its input needs no
         # gradient), in doubles
-        assert result[False]["kept"] == 2 * (2 * 4 * 5 + 2 * 8) * 8
+        assert result[False]["kept"] == 2 * (2 * 4 * 5 + 2 * 8) * 8 * (tasks or 1)
         # backward of the meta-loss: one all_to_all per unit and forward, plus, resharded, one per saved weight
         # (Linear saves its weight once), both forwards' and, second order, the step's backward's
         assert result[False]["backward_all_to_alls"] < result[True]["backward_all_to_alls"]

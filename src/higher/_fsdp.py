@@ -229,25 +229,47 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+class _Recipe:
+    """How to gather a unit's full weights again: from its local stacks, or, for a task-batched forward (under
+    ``vmap``), from the stacks' batched (physical) tensors and their batch dimensions, under a ``vmap`` of its own,
+    which lays the weights out as the forward did."""
+
+    __slots__ = ("unit", "stacks", "bdims")
+
+    def __init__(self, unit: _Unit, stacks: list[Tensor], bdims: tuple[int, ...] | None) -> None:
+        self.unit, self.stacks, self.bdims = unit, stacks, bdims
+
+    def weights(self) -> list[Tensor]:
+        unit = self.unit
+        if self.bdims is None:
+            return unit.split(unit.exchange(self.stacks), self.stacks)
+
+        def gather(*stacks: Tensor) -> list[Tensor]:
+            return unit.split(unit.exchange(list(stacks)), list(stacks))
+
+        return torch.func.vmap(gather, in_dims=self.bdims)(*self.stacks)
+
+
 class _Regather:
     """A saved tensor that was a view of a unit's gathered weights: gathered again when backward needs it."""
 
-    __slots__ = ("unit", "stacks", "index", "size", "stride", "offset")
+    __slots__ = ("recipe", "index", "size", "stride", "offset", "nbytes")
 
-    def __init__(self, unit: _Unit, stacks: list[Tensor], index: int, saved: Tensor) -> None:
-        self.unit, self.stacks, self.index = unit, stacks, index
+    def __init__(self, recipe: _Recipe, index: int, saved: Tensor) -> None:
+        self.recipe, self.index = recipe, index
         self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+        self.nbytes = saved.untyped_storage().nbytes()
 
 
 # The storages of the gathered weights of resharding units that are alive: data pointer -> (weak reference to
-# the storage, unit, stacks, index of the weight in the unit). A tensor that autograd saves and that lives in
-# one of them is packed as a recipe (:class:`_Regather`) instead of being kept: in the unit's forward, and, in
-# an inner loop's backward (create_graph), for the weights gathered again, which the graph of the inner
-# gradient would otherwise keep. The weak reference tells a live storage from a new one at the same address.
-_RESHARDED: dict[int, tuple[Any, _Unit, list[Tensor], int]] = {}
+# the storage, recipe, index of the weight in the unit). A tensor that autograd saves and that lives in one of
+# them is packed as a :class:`_Regather` instead of being kept: in the unit's forward, and, in an inner loop's
+# backward (create_graph), for the weights gathered again, which the graph of the inner gradient would
+# otherwise keep. The weak reference tells a live storage from a new one at the same address.
+_RESHARDED: dict[int, tuple[Any, _Recipe, int]] = {}
 
 
-def _register(weights: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> None:
+def _register(weights: list[Tensor], recipe: _Recipe) -> None:
     from torch.multiprocessing.reductions import StorageWeakRef
 
     for key in [key for key, entry in _RESHARDED.items() if entry[0].expired()]:
@@ -255,25 +277,30 @@ def _register(weights: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> None:
     for index, weight in enumerate(weights):
         if weight.numel() and not _batched(weight):
             storage = weight.untyped_storage()
-            _RESHARDED.setdefault(storage.data_ptr(), (StorageWeakRef(storage), unit, stacks, index))
+            _RESHARDED.setdefault(storage.data_ptr(), (StorageWeakRef(storage), recipe, index))
 
 
 def _pack(tensor: Tensor) -> Any:
     if _RESHARDED and not _batched(tensor) and tensor.layout == torch.strided:
         entry = _RESHARDED.get(tensor.untyped_storage().data_ptr())
         if entry is not None and not entry[0].expired():
-            return _Regather(entry[1], entry[2], entry[3], tensor)
+            return _Regather(entry[1], entry[2], tensor)
     return tensor
 
 
 def _unpack(packed: Any) -> Tensor:
     if isinstance(packed, _Regather):
-        unit = packed.unit
-        weights = unit.split(unit.exchange(packed.stacks), packed.stacks)
+        weights = packed.recipe.weights()
+        base = weights[packed.index]
+        if base.untyped_storage().nbytes() != packed.nbytes:  # the layout is not the forward's: never guess
+            raise RuntimeError(
+                "higher: a resharded FSDP weight was gathered again with another memory layout than in the forward "
+                "pass; please report this (and use reshard_after_forward=False meanwhile)."
+            )
         _track(weights)
         if torch.is_grad_enabled():  # a backward with create_graph: what its graph saves of them is resharded too
-            _register(weights, unit, packed.stacks)
-        return weights[packed.index].as_strided(packed.size, packed.stride, packed.offset)
+            _register(weights, packed.recipe)
+        return base.as_strided(packed.size, packed.stride, packed.offset)
     return packed
 
 
@@ -329,10 +356,11 @@ class _Unit:
         stacks = [slot[key] for slot, (_, key, _) in zip(slots, self.entries)]
         full = self.split(self.exchange(stacks), stacks)
         hooks = None
-        if self.reshard and torch.is_grad_enabled() and not _batched(stacks[0]):
-            _register(full, self, stacks)
-            hooks = resharding()
-            hooks.__enter__()
+        if self.reshard and torch.is_grad_enabled():
+            registered = _register_forward(full, self, stacks)
+            if registered:
+                hooks = resharding()
+                hooks.__enter__()
         _track(full)
         for slot, (_, key, _), weight in zip(slots, self.entries, full):
             slot[key] = weight
@@ -347,6 +375,25 @@ class _Unit:
                 slot[key] = stack
             if hooks is not None:
                 hooks.__exit__(None, None, None)
+
+
+def _register_forward(full: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> bool:
+    """Register the gathered weights of a resharding unit's forward (task-batched: their physical tensors, when
+    the forward runs under one level of ``vmap``); whether it could."""
+    if not _batched(stacks[0]):
+        _register(full, _Recipe(unit, stacks, None))
+        return True
+    from torch._C import _functorch  # type: ignore[attr-defined]
+
+    if not all(_batched(t) for t in (*stacks, *full)):
+        return False
+    physical = [_functorch.get_unwrapped(t) for t in stacks]
+    weights = [_functorch.get_unwrapped(t) for t in full]
+    if any(_batched(t) for t in (*physical, *weights)):  # nested vmap: not handled, the weights are kept
+        return False
+    bdims = tuple(int(_functorch.maybe_get_bdim(t)) for t in stacks)
+    _register(weights, _Recipe(unit, physical, bdims))
+    return True
 
 
 def _batched(tensor: Tensor) -> bool:
@@ -367,7 +414,11 @@ def _track(full: list[Tensor]) -> None:
     seen = set()
     for weight in full:
         if _batched(weight):
-            continue
+            from torch._C import _functorch  # type: ignore[attr-defined]
+
+            weight = _functorch.get_unwrapped(weight)  # the batch of them
+            if _batched(weight):
+                continue
         storage = weight.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
