@@ -18,11 +18,21 @@ called by every rank at once, gives rank ``s`` the gradient of every task's loss
 its rows, and the ordinary update rules (:mod:`higher.rules`, elementwise) update the local stacks:
 the same arithmetic as one process, task by task. The initial stacks are ``param.to_local()``
 repeated ``N`` times; the meta-gradient therefore accumulates, summed over the ranks' tasks, into
-the sharded ``param.grad`` (a DTensor), divided by ``N`` as FSDP's reduce-scatter averages.
+the sharded ``param.grad`` (a DTensor), divided by ``N`` (or FSDP's gradient divide factor) as FSDP's
+reduce-scatter averages.
+
+Resharding (FSDP's ``reshard_after_forward``, per unit): during a resharding unit's forward,
+saved-tensor hooks pack every tensor that autograd saves from the gathered weights' storage as a
+recipe (:class:`_Recipe`: the unit and its stacks), so that the gathered weights die with the
+forward; backward gathers them again, differentiably (so second-order unrolls stay exact), and the
+differentiable optimizer's inner gradient (``create_graph``) packs what its own graph saves of those
+the same way. Under ``tasks=T`` the forward runs under ``vmap``: the physical (batched) weights are
+registered, and gathered again under a ``vmap`` of their own.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -234,7 +244,7 @@ class _Recipe:
     ``vmap``), from the stacks' batched (physical) tensors and their batch dimensions, under a ``vmap`` of its own,
     which lays the weights out as the forward did."""
 
-    __slots__ = ("unit", "stacks", "bdims")
+    __slots__ = ("unit", "stacks", "bdims", "__weakref__")
 
     def __init__(self, unit: _Unit, stacks: list[Tensor], bdims: tuple[int, ...] | None) -> None:
         self.unit, self.stacks, self.bdims = unit, stacks, bdims
@@ -262,29 +272,34 @@ class _Regather:
 
 
 # The storages of the gathered weights of resharding units that are alive: data pointer -> (weak reference to
-# the storage, recipe, index of the weight in the unit). A tensor that autograd saves and that lives in one of
-# them is packed as a :class:`_Regather` instead of being kept: in the unit's forward, and, in an inner loop's
-# backward (create_graph), for the weights gathered again, which the graph of the inner gradient would
-# otherwise keep. The weak reference tells a live storage from a new one at the same address.
-_RESHARDED: dict[int, tuple[Any, _Recipe, int]] = {}
+# the storage, weak reference to the recipe, index of the weight in the unit). A tensor that autograd saves and
+# that lives in one of them is packed as a :class:`_Regather` instead of being kept: in the unit's forward, and,
+# in an inner loop's backward (create_graph), for the weights gathered again, which the graph of the inner
+# gradient would otherwise keep. The weak reference to the storage tells a live storage from a new one at the
+# same address; the recipe (and the fast weights it holds) lives as long as the forward that made it or the
+# packed tensors that use it, never because of this table.
+_RESHARDED: dict[int, tuple[Any, Any, int]] = {}
 
 
 def _register(weights: list[Tensor], recipe: _Recipe) -> None:
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    for key in [key for key, entry in _RESHARDED.items() if entry[0].expired()]:
+    for key in [key for key, entry in _RESHARDED.items() if entry[0].expired() or entry[1]() is None]:
         del _RESHARDED[key]
+    reference = weakref.ref(recipe)
     for index, weight in enumerate(weights):
         if weight.numel() and not _batched(weight):
             storage = weight.untyped_storage()
-            _RESHARDED.setdefault(storage.data_ptr(), (StorageWeakRef(storage), recipe, index))
+            _RESHARDED.setdefault(storage.data_ptr(), (StorageWeakRef(storage), reference, index))
 
 
 def _pack(tensor: Tensor) -> Any:
     if _RESHARDED and not _batched(tensor) and tensor.layout == torch.strided:
         entry = _RESHARDED.get(tensor.untyped_storage().data_ptr())
         if entry is not None and not entry[0].expired():
-            return _Regather(entry[1], entry[2], tensor)
+            recipe = entry[1]()
+            if recipe is not None:
+                return _Regather(recipe, entry[2], tensor)
     return tensor
 
 
@@ -357,10 +372,10 @@ class _Unit:
         full = self.split(self.exchange(stacks), stacks)
         hooks = None
         if self.reshard and torch.is_grad_enabled():
-            registered = _register_forward(full, self, stacks)
-            if registered:
-                hooks = resharding()
-                hooks.__enter__()
+            recipe = _register_forward(full, self, stacks)
+            if recipe is not None:
+                hooks = (resharding(), recipe)  # the recipe lives as long as the forward (the table's is weak)
+                hooks[0].__enter__()
         _track(full)
         for slot, (_, key, _), weight in zip(slots, self.entries, full):
             slot[key] = weight
@@ -374,26 +389,28 @@ class _Unit:
             for slot, key, stack in swapped:
                 slot[key] = stack
             if hooks is not None:
-                hooks.__exit__(None, None, None)
+                hooks[0].__exit__(None, None, None)
 
 
-def _register_forward(full: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> bool:
+def _register_forward(full: list[Tensor], unit: _Unit, stacks: list[Tensor]) -> _Recipe | None:
     """Register the gathered weights of a resharding unit's forward (task-batched: their physical tensors, when
-    the forward runs under one level of ``vmap``); whether it could."""
+    the forward runs under one level of ``vmap``); the recipe (to keep for the forward), or ``None``."""
     if not _batched(stacks[0]):
-        _register(full, _Recipe(unit, stacks, None))
-        return True
+        recipe = _Recipe(unit, stacks, None)
+        _register(full, recipe)
+        return recipe
     from torch._C import _functorch  # type: ignore[attr-defined]
 
     if not all(_batched(t) for t in (*stacks, *full)):
-        return False
+        return None
     physical = [_functorch.get_unwrapped(t) for t in stacks]
     weights = [_functorch.get_unwrapped(t) for t in full]
     if any(_batched(t) for t in (*physical, *weights)):  # nested vmap: not handled, the weights are kept
-        return False
+        return None
     bdims = tuple(int(_functorch.maybe_get_bdim(t)) for t in stacks)
-    _register(weights, _Recipe(unit, physical, bdims))
-    return True
+    recipe = _Recipe(unit, physical, bdims)
+    _register(weights, recipe)
+    return recipe
 
 
 def _batched(tensor: Tensor) -> bool:
