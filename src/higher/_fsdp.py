@@ -117,7 +117,7 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
 
     for group in _param_groups(model):
         mp = group.mp_policy
-        dtypes = {p.dtype for p in group.fsdp_params for p in [p.sharded_param]}
+        dtypes = {fsdp_param.sharded_param.dtype for fsdp_param in group.fsdp_params}
         what = {
             "param_dtype": "run the forwards",
             "reduce_dtype": "reduce the gradients",
@@ -171,8 +171,9 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
                     "not copy sharded optimizer state into an FSDP inner loop. Use a fresh optimizer for the inner "
                     "loop (as MAML does)."
                 )
-    mesh = next(iter(model.parameters())).device_mesh if params else None  # type: ignore[attr-defined]
-    return None if mesh is None else mesh.get_group()
+    if not params:
+        raise ValueError("the FSDP model has no parameters: there is nothing to adapt in an inner loop.")
+    return cast(Any, next(iter(model.parameters()))).device_mesh.get_group()
 
 
 # ------------------------------------------------------------------------------- the collectives
@@ -557,11 +558,11 @@ def _divide_factor(model: nn.Module, world: int) -> float:
     return float(factors.pop()) if factors else float(world)
 
 
-def _check_lockstep(group: Any, tasks: int | None) -> None:
+def _check_lockstep(group: Any, tasks: int | None, device: torch.device) -> None:
     """Check that every rank opens the same kind of inner loop (a mismatch would deadlock the collectives)."""
     import torch.distributed as dist
 
-    mine = torch.tensor([-1 if tasks is None else tasks], dtype=torch.int64)
+    mine = torch.tensor([-1 if tasks is None else tasks], dtype=torch.int64, device=device)  # NCCL: on the GPU
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     values = [int(t) for t in everyone]
@@ -584,7 +585,7 @@ def _fully_sharded(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -
     group = _check_fsdp(model, opt, options)
     try:
         world = dist.get_world_size(group)
-        _check_lockstep(group, options.tasks)
+        _check_lockstep(group, options.tasks, next(model.parameters()).device)
         scale = 1.0 / _divide_factor(model, world)
         names = [n for n, _ in model.named_parameters()]
         params = list(model.parameters())
