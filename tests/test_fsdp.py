@@ -506,3 +506,15 @@ def test_distributed_maml_step_equals_maml_step(ranks):
         for step in range(OUTER_STEPS):
             _assert_close(result["grads"][step], reference["grads"][step], torch.float64)
         _assert_close(result["params"], reference["params"], torch.float64)
+
+
+def _ddp_worker(rank: int, mode: str) -> Any:
+    net = nn.parallel.DistributedDataParallel(_model(torch.float64))
+    return _meta_train(net, hd.split_tasks(TOTAL_TASKS), WORLD, mode, torch.float64, inner="adam")
+
+
+@pytest.mark.parametrize("mode", ["per_task", "batched"])
+def test_average_grads_gives_ddp_the_single_process_hypergradient(mode, ranks):
+    """hd.average_grads([lr]) after backward: under DDP too, the lr hypergradient of the whole meta-batch."""
+    results = ranks.results("test_fsdp:_ddp_worker", mode)
+    _check(results, _single(mode, torch.float64, inner="adam"), torch.float64)
