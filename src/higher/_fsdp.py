@@ -2,16 +2,16 @@
 
 ``innerloop_ctx(model, opt, copy_initial_weights=False)`` with a model wrapped by
 ``torch.distributed.fsdp.fully_shard`` (per layer and at the root) runs with the same user code as
-an unsharded model, per task and with ``tasks=T``. The design, the options honoured and those
-refused are described in :mod:`higher.distributed`, the public face of this module.
+an unsharded model, per task and with ``tasks=T``. What a user sees, the options honoured and those
+refused: ``docs/scaling.md``; the public face of this module is :mod:`higher.distributed`.
 
 How, in short. With ``N`` ranks, rank ``s`` holds for every parameter the rows of shard ``s`` of the
 fast weights of *every* rank's task(s): a local stack ``[N, rows_s, ...]`` (``[tasks, N, rows_s,
 ...]`` task-batched), index ``r`` being rank ``r``'s task. Those stacks are the fmodel's fast weights.
 The fmodel runs a plain copy of the module tree (the user's classes, without FSDP's hooks and
 dynamic classes; the user's model is never modified); a forward pre-hook on each FSDP unit gathers
-that unit's full weights for this rank's task(s) with one differentiable ``all_to_all`` per
-parameter (rank ``s`` sends row block ``r`` of its stack to rank ``r``) and puts them in the slots
+that unit's full weights for this rank's task(s) with one differentiable ``all_to_all`` for the
+whole unit (rank ``s`` sends row block ``r`` of its stacks to rank ``r``) and puts them in the slots
 for the unit's forward; a forward hook puts the stacks back. The inner gradient of each rank's
 loss flows back through the ``all_to_all`` (its backward is again one), so that ``diffopt.step``,
 called by every rank at once, gives rank ``s`` the gradient of every task's loss with respect to
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from . import _ddp
 
-__all__ = ["is_fsdp"]
+__all__ = ["gather_stats", "gathered_bytes", "is_fsdp"]
 
 
 def is_fsdp(model: Any) -> bool:
