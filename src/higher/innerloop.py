@@ -1,4 +1,4 @@
-"""``innerloop_ctx``: one entry point, four modes, chosen in one place.
+"""``innerloop_ctx``: one entry point, five modes, chosen in one place.
 
 :func:`innerloop_ctx` checks its options once (:meth:`_Options.checked`), picks the mode that fits
 the model and the caller (:func:`_mode_for`), and yields what that mode opens. A mode is a
