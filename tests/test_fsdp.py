@@ -7,7 +7,7 @@ running the whole meta-batch with higher on the unsharded model.
 
 from __future__ import annotations
 
-import gc
+import time
 from typing import Any
 
 import pytest
@@ -384,10 +384,12 @@ def test_an_error_on_one_rank_ends_every_rank():
 
 def _reshard_worker(rank: int, tasks: int | None) -> Any:
     """One second-order inner step and a meta-loss, with and without FSDP's reshard_after_forward."""
+    from higher import _fsdp
+
     out = {}
     for reshard in (True, False):
-        gc.collect()  # what earlier functions in this rank left
-        baseline = hd.gathered_bytes()
+        earlier_refs = [ref for ref, _ in _fsdp._GATHERED]  # what earlier functions in this rank left (kept, so
+        earlier = {id(ref) for ref in earlier_refs}  # that no new reference gets one of their ids)
         model = _sharded(torch.float64, reshard_after_forward=reshard)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x = torch.linspace(-1, 1, 6).reshape(6, 1) + rank
@@ -396,7 +398,10 @@ def _reshard_worker(rank: int, tasks: int | None) -> Any:
         with higher.innerloop_ctx(model, opt, copy_initial_weights=False, tasks=tasks) as (fmodel, diffopt):
             diffopt.step(_task_losses(fmodel(x), x.sin()) if tasks else F.mse_loss(fmodel(x), x.sin()))
             meta_loss = F.mse_loss(fmodel(x), x.cos())
-            kept = hd.gathered_bytes() - baseline  # gathered weights alive after the forwards, before backward
+            # the gathered weights of this loop alive after the forwards and the step, before backward (after a
+            # moment: gloo's worker thread lets go of the last all_to_all's buffers shortly after the call returns)
+            time.sleep(0.3)
+            kept = sum(size for ref, size in list(_fsdp._GATHERED) if id(ref) not in earlier and not ref.expired())
             before = hd.gather_stats()["all_to_all"]
             meta_loss.backward()
             backward_all_to_alls = hd.gather_stats()["all_to_all"] - before
@@ -415,11 +420,12 @@ def test_reshard_after_forward_frees_the_gathered_weights(tasks, ranks):
     are kept. The meta-gradients are bitwise equal."""
     for result in ranks.results("test_fsdp:_reshard_worker", tasks):
         assert result[True]["kept"] == 0
-        # kept for backward, in each of the 2 forwards (the step's and the meta-loss's): the second Linear's
-        # weight (its 2 padded shards of 4 x 5, copied out of the unit's buffer) and the last unit's buffer
-        # (2 shards of 1 x 7 + 1, of which the weight is a view); not the first Linear's (its input needs no
-        # gradient), in doubles
-        assert result[False]["kept"] == 2 * (2 * 4 * 5 + 2 * 8) * 8 * (tasks or 1)
+        # kept for backward, in each of the 2 forwards (the step's and the meta-loss's), for each of the T tasks:
+        # the second Linear's weight (its 2 padded shards of 4 x 5, copied out of the unit's buffer) and the last
+        # unit's buffer (2 shards of 1 x 7 + 1, plus the lockstep tag of each rank's block, once per call), of
+        # which the weight is a view; not the first Linear's (its input needs no gradient), in doubles
+        t = tasks or 1
+        assert result[False]["kept"] == 2 * (t * 2 * 4 * 5 + 2 * (t * 8 + 1)) * 8
         # backward of the meta-loss: one all_to_all per unit and forward, plus, resharded, one per saved weight
         # (Linear saves its weight once), both forwards' and, second order, the step's backward's
         assert result[False]["backward_all_to_alls"] < result[True]["backward_all_to_alls"]
@@ -518,3 +524,29 @@ def test_average_grads_gives_ddp_the_single_process_hypergradient(mode, ranks):
     """hd.average_grads([lr]) after backward: under DDP too, the lr hypergradient of the whole meta-batch."""
     results = ranks.results("test_fsdp:_ddp_worker", mode)
     _check(results, _single(mode, torch.float64, inner="adam"), torch.float64)
+
+
+def _out_of_step_worker(rank: int) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    for index in (0, 2, 4):  # units whose gathers have the same size: the backend cannot tell them apart
+        fully_shard(model[index])
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(2 + rank):  # rank 1 takes one inner step more
+            diffopt.step(F.mse_loss(fmodel(x), x.sin()))
+        F.mse_loss(fmodel(x), x.cos()).backward()
+    return "finished"
+
+
+def test_ranks_out_of_lockstep_raise():
+    """A rank that runs an extra inner step: both ranks raise a clear error, as soon as a gather meets another
+    call of the same size (calls of different sizes are the backend's to refuse: gloo aborts the process)."""
+    records = _run("test_fsdp:_out_of_step_worker")
+    for record in records:
+        assert not record["ok"], record
+        assert "out of lockstep" in record["message"], record["message"]

@@ -179,16 +179,22 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
 # ------------------------------------------------------------------------------- the collectives
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` along dim 0 (``[N, ...]``: block ``r`` goes to rank ``r``), differentiable at any
-    order (a block permutation: its backward is itself), batched along any other dim under ``vmap``."""
+    order (a block permutation: its backward is itself), batched along any other dim under ``vmap``.
+
+    ``tag`` names the call (a unit's gather: ``unit + 1``; its backward: the opposite): every rank sends it
+    along with its blocks and checks that it received its own, so that ranks out of lockstep (one ran an
+    extra step, or a backward while another ran a forward) raise an error instead of mixing their blocks
+    any further."""
 
     @staticmethod
-    def forward(x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, group: Any, tag: int) -> Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
-        x = x.contiguous()
-        out = torch.empty_like(x)
+        rows = x.shape[0]
+        sent = torch.cat([x.reshape(rows, -1), x.new_full((rows, 1), tag)], 1)
+        received = torch.empty_like(sent)
         try:
-            dist.all_to_all_single(out, x, group=group)
+            dist.all_to_all_single(received, sent, group=group)
         except Exception as error:
             peer = _ddp._peer_error(group)
             if peer is None:
@@ -196,23 +202,35 @@ class _AllToAll(torch.autograd.Function):
             raise RuntimeError(f"the fast-weight all_to_all failed because {peer}") from error
         _STATS["all_to_all"] += 1
         _STATS["bytes"] += x.numel() * x.element_size()
-        return out
+        tags = received[:, -1].tolist()
+        if any(t != tag for t in tags):
+            raise RuntimeError(
+                f"the ranks of an FSDP inner loop are out of lockstep: this rank ran {_described(tag)} while "
+                + ", ".join(f"rank {r} ran {_described(int(t))}" for r, t in enumerate(tags) if t != tag)
+                + ". Every rank must run the same inner steps and fmodel calls (and backward passes) in the same "
+                "order: the fast weights are gathered by collectives."
+            )
+        return received[:, :-1].reshape(x.shape)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.group = inputs[1]
+        ctx.group, ctx.tag = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return _AllToAll.apply(grad, ctx.group), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return _AllToAll.apply(grad, ctx.group, -ctx.tag), None, None
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, group: Any) -> tuple[Tensor, int]:
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, group: Any, tag: int) -> tuple[Tensor, int]:
         dim = in_dims[0]
         if dim is None:
-            return _AllToAll.apply(x, group), None  # type: ignore[return-value]
+            return _AllToAll.apply(x, group, tag), None  # type: ignore[return-value]
         moved = x.movedim(dim, 1)  # keep the rank dimension first
-        return _AllToAll.apply(moved, group), 1
+        return _AllToAll.apply(moved, group, tag), 1
+
+
+def _described(tag: int) -> str:
+    return f"the gather of FSDP unit #{tag - 1}" if tag > 0 else f"the backward of the gather of FSDP unit #{-tag - 1}"
 
 
 _STATS = {"all_to_all": 0, "bytes": 0}
@@ -332,7 +350,8 @@ class _Unit:
     (FSDP's ``reshard_after_forward``), the tensors that autograd saves from the gathered weights during the
     unit's forward are not kept: they are gathered again, differentiably, when backward unpacks them."""
 
-    def __init__(self, entries: list[tuple[str, str, int]], group: Any, world: int, reshard: bool) -> None:
+    def __init__(self, index: int, entries: list[tuple[str, str, int]], group: Any, world: int, reshard: bool) -> None:
+        self.index = index  # among the model's units, in modules() order (the same on every rank)
         self.entries = entries
         self.group = group
         self.world = world
@@ -351,7 +370,7 @@ class _Unit:
                 stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
             pieces.append(stack.reshape(world, -1))
         flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        return _AllToAll.apply(flat, self.group)
+        return _AllToAll.apply(flat, self.group, self.index + 1)
 
     def split(self, received: Tensor, stacks: list[Tensor]) -> list[Tensor]:
         """The full weights (views of ``received``), in the order of ``entries``."""
@@ -489,6 +508,7 @@ def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: in
             if copies[id(m)].__dict__["_parameters"][key] is not None:
                 copies[id(m)].__dict__["_parameters"][key] = stacks[prefix + key]
     # The units: each FSDP module gathers the parameters it manages (those of its subtree not under another unit).
+    units: list[_Unit] = []
     for m in model.modules():
         if not is_fsdp(m):
             continue
@@ -499,7 +519,8 @@ def _skeleton(model: nn.Module, stacks: dict[str, Tensor], group: Any, world: in
             for key, p in sub.named_parameters(recurse=False):
                 entries.append((sub_name, key, int(p.shape[0])))
         if entries:
-            unit = _Unit(entries, group, world, _reshards(m, m is model))
+            unit = _Unit(len(units), entries, group, world, _reshards(m, m is model))
+            units.append(unit)
             c = copies[id(m)]
             nn.Module.register_forward_pre_hook(c, unit.pre_forward, with_kwargs=True)
             nn.Module.register_forward_hook(c, unit.post_forward, with_kwargs=True, always_call=True)
