@@ -422,10 +422,10 @@ def test_reshard_after_forward_frees_the_gathered_weights(tasks, ranks):
         assert result[True]["kept"] == 0
         # kept for backward, in each of the 2 forwards (the step's and the meta-loss's), for each of the T tasks:
         # the second Linear's weight (its 2 padded shards of 4 x 5, copied out of the unit's buffer) and the last
-        # unit's buffer (2 shards of 1 x 7 + 1, plus the lockstep tag of each rank's block, once per call), of
+        # unit's buffer (2 shards of 1 x 7 + 1, plus the lockstep tag of each rank's block, per task), of
         # which the weight is a view; not the first Linear's (its input needs no gradient), in doubles
         t = tasks or 1
-        assert result[False]["kept"] == 2 * (t * 2 * 4 * 5 + 2 * (t * 8 + 1)) * 8
+        assert result[False]["kept"] == 2 * (t * 2 * 4 * 5 + 2 * t * (8 + 1)) * 8
         # backward of the meta-loss: one all_to_all per unit and forward, plus, resharded, one per saved weight
         # (Linear saves its weight once), both forwards' and, second order, the step's backward's
         assert result[False]["backward_all_to_alls"] < result[True]["backward_all_to_alls"]

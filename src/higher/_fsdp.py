@@ -181,17 +181,16 @@ class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` along dim 0 (``[N, ...]``: block ``r`` goes to rank ``r``), differentiable at any
     order (a block permutation: its backward is itself), batched along any other dim under ``vmap``.
 
-    ``tag`` names the call (a unit's gather: ``unit + 1``; its backward: the opposite): every rank sends it
-    along with its blocks and checks that it received its own, so that ranks out of lockstep (one ran an
-    extra step, or a backward while another ran a forward) raise an error instead of mixing their blocks
-    any further."""
+    ``x``'s last column holds ``tag``, which names the call (a unit's gather: ``unit + 1``; its backward: the
+    opposite): every rank checks that it received its own from every rank, so that ranks out of lockstep
+    (one ran an extra step, or a backward while another ran a forward) raise an error instead of mixing
+    their blocks any further. The output keeps the column (the caller ignores it; its gradient is ignored)."""
 
     @staticmethod
     def forward(x: Tensor, group: Any, tag: int) -> Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
-        rows = x.shape[0]
-        sent = torch.cat([x.reshape(rows, -1), x.new_full((rows, 1), tag)], 1)
+        sent = x.contiguous()
         received = torch.empty_like(sent)
         try:
             dist.all_to_all_single(received, sent, group=group)
@@ -201,16 +200,16 @@ class _AllToAll(torch.autograd.Function):
                 raise
             raise RuntimeError(f"the fast-weight all_to_all failed because {peer}") from error
         _STATS["all_to_all"] += 1
-        _STATS["bytes"] += x.numel() * x.element_size()
-        tags = received[:, -1].tolist()
-        if any(t != tag for t in tags):
+        _STATS["bytes"] += (x.numel() - x[..., 0].numel()) * x.element_size()  # without the tags
+        tags = received[..., -1].reshape(received.shape[0], -1)[:, 0].tolist()
+        if any(t != tag for t in tags) or bool((received[..., -1] != tag).any()):
             raise RuntimeError(
                 f"the ranks of an FSDP inner loop are out of lockstep: this rank ran {_described(tag)} while "
                 + ", ".join(f"rank {r} ran {_described(int(t))}" for r, t in enumerate(tags) if t != tag)
                 + ". Every rank must run the same inner steps and fmodel calls (and backward passes) in the same "
                 "order: the fast weights are gathered by collectives."
             )
-        return received[:, :-1].reshape(x.shape)
+        return received
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -218,15 +217,20 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return _AllToAll.apply(grad, ctx.group, -ctx.tag), None, None
+        return _AllToAll.apply(_tagged(grad[..., :-1], -ctx.tag), ctx.group, -ctx.tag), None, None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, group: Any, tag: int) -> tuple[Tensor, int]:
         dim = in_dims[0]
         if dim is None:
             return _AllToAll.apply(x, group, tag), None  # type: ignore[return-value]
-        moved = x.movedim(dim, 1)  # keep the rank dimension first
+        moved = x.movedim(dim, 1)  # keep the rank dimension first (and the tags last)
         return _AllToAll.apply(moved, group, tag), 1
+
+
+def _tagged(x: Tensor, tag: int) -> Tensor:
+    """``x`` (``[N, ..., K]``) with a last column holding ``tag`` (see :class:`_AllToAll`)."""
+    return torch.cat([x, x.new_full((*x.shape[:-1], 1), float(tag))], -1)
 
 
 def _described(tag: int) -> str:
@@ -369,17 +373,19 @@ class _Unit:
             if pad:
                 stack = torch.cat([stack, stack.new_zeros((world, pad, *stack.shape[2:]))], 1)
             pieces.append(stack.reshape(world, -1))
-        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        return _AllToAll.apply(flat, self.group, self.index + 1)
+        tag = self.index + 1
+        pieces.append(pieces[0].new_full((world, 1), float(tag)))  # see _AllToAll
+        return _AllToAll.apply(torch.cat(pieces, 1), self.group, tag)
 
     def split(self, received: Tensor, stacks: list[Tensor]) -> list[Tensor]:
-        """The full weights (views of ``received``), in the order of ``entries``."""
+        """The full weights (views of ``received``, or copies where its blocks are not contiguous), in the order
+        of ``entries``."""
         world = self.world
         full, offset = [], 0
         for stack, (_, _, rows) in zip(stacks, self.entries):
             chunk, rest = -(-rows // world), stack.shape[2:]
             size = chunk * rest.numel()
-            block = received[:, offset : offset + size] if len(stacks) > 1 else received
+            block = received[:, offset : offset + size]
             offset += size
             full.append(block.reshape(world * chunk, *rest)[:rows])
         return full
