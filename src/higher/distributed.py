@@ -1,4 +1,13 @@
-"""Meta-learning across processes: ``DistributedDataParallel`` models in inner loops.
+"""Meta-learning across processes: ``DistributedDataParallel`` and FSDP2 (``fully_shard``) models in inner loops.
+
+FSDP2: a model wrapped by ``torch.distributed.fsdp.fully_shard`` (per layer and at the root) works
+in ``innerloop_ctx`` with the same code; the fast weights stay sharded, each FSDP unit's full
+weights are gathered for its forward (one differentiable ``all_to_all`` per unit) and freed after
+it, and the meta-gradient arrives in the sharded ``.grad``, averaged over ranks as FSDP does. The
+design, what is honoured and what is refused: ``docs/scaling.md`` and :mod:`higher._fsdp`;
+:func:`gather_stats` and :func:`gathered_bytes` count the collectives and the gathered weights alive.
+
+The rest of this docstring is about DDP.
 
 ``higher.innerloop_ctx(DistributedDataParallel(model), opt, copy_initial_weights=False)`` works
 per task and with ``tasks=T``. Each rank (process) runs the inner loops of its own share of the
@@ -50,9 +59,14 @@ import torch
 from torch import Tensor, nn
 
 from ._ddp import is_ddp, sync_stats
+from ._fsdp import gather_stats, gathered_bytes, is_fsdp
 
 __all__ = [
+    "average_grads",
+    "gather_stats",
+    "gathered_bytes",
     "is_ddp",
+    "is_fsdp",
     "launched",
     "maml_step",
     "mean_over_ranks",
@@ -127,29 +141,42 @@ def maml_step(
     holds the meta-gradient of the mean query loss over the whole meta-batch, as one process
     computes it with ``higher.algorithms.maml_step`` (up to the order of the sums). Returns that
     mean query loss (one more all-reduce, of a single number). ``model`` is a
-    ``DistributedDataParallel`` model; a plain model (one process) gives ``maml_step`` itself.
+    ``DistributedDataParallel`` model, or an FSDP2 (``fully_shard``) one, whose sharded ``.grad``
+    receives its shard of that meta-gradient (the number of tasks must then be a multiple of the
+    number of ranks); a plain model (one process) gives ``maml_step`` itself.
     """
     from . import algorithms
 
     tasks = list(tasks)
-    if not is_ddp(model):
+    fsdp = is_fsdp(model)
+    if not (is_ddp(model) or fsdp):
         return algorithms.maml_step(model, inner_opt, tasks, loss_fn, inner_steps, first_order)
     import torch.distributed as dist
 
-    ddp: Any = model
-    group = ddp.process_group
+    net: Any = model
+    group = net.process_group if not fsdp else next(iter(model.parameters())).device_mesh.get_group()  # type: ignore[attr-defined]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if len(tasks) < world:
         raise ValueError(
             f"a meta-batch of {len(tasks)} tasks cannot be split across {world} ranks: every rank needs at "
             f"least one task (its backward takes part in the all-reduce)."
         )
+    if fsdp and len(tasks) % world:
+        raise ValueError(
+            f"a meta-batch of {len(tasks)} tasks cannot be split evenly across {world} ranks, which an FSDP model "
+            f"needs (every rank runs the same inner loops: the sharded fast weights are gathered in lockstep); "
+            f"use a multiple of {world} tasks."
+        )
     mine = split_tasks(len(tasks), rank, world)
     weight = task_weight(len(tasks), world)
     total = 0.0
     for k in mine:
         support_x, support_y, query_x, query_y = algorithms._unpack(tasks[k])
-        sync = contextlib.nullcontext() if k == mine[-1] else ddp.no_sync()
+        if fsdp:  # FSDP's gradient accumulation control (the same values either way, see docs/scaling.md)
+            net.set_requires_gradient_sync(k == mine[-1])
+            sync: Any = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if k == mine[-1] else net.no_sync()
         with sync:
             fmodel = algorithms.adapt(
                 model, inner_opt, support_x, support_y, loss_fn, inner_steps, first_order=first_order
@@ -165,6 +192,34 @@ def share(*tensors: Tensor, num_tasks: int | None = None) -> tuple[Tensor, ...]:
     total = tensors[0].shape[0] if num_tasks is None else num_tasks
     mine = split_tasks(total)
     return tuple(t[mine.start : mine.stop] for t in tensors)
+
+
+def average_grads(tensors: Any, group: Any = None) -> None:
+    """Replace the ``.grad`` of each of ``tensors`` by its average over the ranks (one all-reduce of them all).
+
+    For tensors that every rank holds but that neither DDP nor FSDP manages, e.g. the hyperparameter
+    tensors given in ``override`` (``override={"lr": [lr]}``): after ``meta_loss.backward()`` each rank's
+    ``lr.grad`` holds only its part of the hypergradient (under DDP, its own tasks'; under FSDP, the part
+    that flows through the shard of the fast weights it updates), and the average over ranks, as DDP and
+    FSDP average the parameters' gradients, is what one process computes over the whole meta-batch when the
+    meta-losses are weighted by :func:`task_weight`. A tensor without ``.grad`` counts as zero on that rank.
+    A no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    world = rank_and_world_size(group)[1]
+    if world <= 1 or not tensors:
+        return
+    flat = torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).reshape(-1) for t in tensors])
+    if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
+        flat = flat.cuda()
+    dist.all_reduce(flat, group=group)
+    flat = flat.to(tensors[0].device).div_(world)
+    offset = 0
+    for t in tensors:
+        t.grad = flat[offset : offset + t.numel()].view_as(t).clone()
+        offset += t.numel()
 
 
 def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None) -> float:

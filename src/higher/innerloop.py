@@ -1,4 +1,4 @@
-"""``innerloop_ctx``: one entry point, four modes, chosen in one place.
+"""``innerloop_ctx``: one entry point, five modes, chosen in one place.
 
 :func:`innerloop_ctx` checks its options once (:meth:`_Options.checked`), picks the mode that fits
 the model and the caller (:func:`_mode_for`), and yields what that mode opens. A mode is a
@@ -13,7 +13,9 @@ it (the data-parallel mode reports the errors raised inside it to the other rank
   (:mod:`higher.compiled`) with the same optimizers (per task or task-batched);
 * :func:`_data_parallel`: a ``DistributedDataParallel`` model; the per-task or task-batched mode
   runs on the model it wraps, and the meta-gradients are averaged over ranks once per backward
-  pass (:mod:`higher.distributed`).
+  pass (:mod:`higher.distributed`);
+* ``_fsdp._fully_sharded``: a model wrapped by FSDP2's ``fully_shard``; sharded fast weights, per
+  task or task-batched (:mod:`higher._fsdp`, public face :mod:`higher.distributed`).
 
 The modes receive checked options and build with the unchecked builders of their layers
 (``patch._patched``, ``batched._patched``, ``batched._optimizer``); the public builders
@@ -29,7 +31,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
-from . import _ddp, _tracing, batched, compiled
+from . import _ddp, _fsdp, _tracing, batched, compiled
 from .optim import DifferentiableOptimizer, get_diff_optim
 from .patch import FunctionalModule, _check_shared_buffers, _check_track_higher_grads, _patched
 
@@ -79,7 +81,9 @@ def innerloop_ctx(
 
     A ``torch.nn.parallel.DistributedDataParallel`` model works too: the inner loops run on the
     model it wraps, and the meta-gradient is averaged over ranks once per backward pass, as DDP
-    does (see :mod:`higher.distributed`).
+    does (see :mod:`higher.distributed`). So does a model wrapped by FSDP2's ``fully_shard``: the
+    fast weights stay sharded, each FSDP unit's full weights are gathered for its forward, and the
+    meta-gradient arrives in the sharded ``.grad``, averaged over ranks as FSDP does.
 
     Nothing is torn down on exit: both objects stay usable after the ``with`` block.
     """
@@ -95,7 +99,7 @@ def innerloop_ctx(
         initial_params,
         tasks,
     )
-    yield from _mode_for(ddp, options)(model, opt, options)
+    yield from _mode_for(ddp, options, fsdp=_fsdp.is_fsdp(model))(model, opt, options)
 
 
 class _Options(NamedTuple):
@@ -147,9 +151,13 @@ class _Options(NamedTuple):
 _Mode = Callable[[Any, torch.optim.Optimizer, _Options], Iterator[tuple[Any, DifferentiableOptimizer]]]
 
 
-def _mode_for(ddp: bool, options: _Options) -> _Mode:
+def _mode_for(ddp: bool, options: _Options, fsdp: bool = False) -> _Mode:
     """The mode that runs an inner loop (the one place where it is chosen)."""
     if _tracing.tracing():  # torch.compile is tracing this inner loop
+        if fsdp:
+            raise NotImplementedError(
+                "innerloop_ctx of an FSDP (fully_shard) model cannot be traced by torch.compile; run it eagerly."
+            )
         if ddp:
             raise NotImplementedError(
                 "innerloop_ctx of a DistributedDataParallel model cannot be traced by torch.compile; compile "
@@ -159,6 +167,8 @@ def _mode_for(ddp: bool, options: _Options) -> _Mode:
         return _traced
     if ddp:
         return _data_parallel
+    if fsdp:
+        return _fsdp._fully_sharded
     return _local_mode(options)
 
 
