@@ -9,10 +9,12 @@ same numbers (to rounding: float64 here).
 Run:
     python examples/fsdp_maml.py                         # one process (a 1-rank process group)
     torchrun --nproc-per-node 2 examples/fsdp_maml.py    # two processes, 8 tasks each
+    python examples/fsdp_maml.py --iterations 3          # shorter (the test suite's run)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 
@@ -30,6 +32,10 @@ TASKS = 16  # the meta-batch; divisible by the number of ranks (every rank adapt
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="MAML with a learned inner lr through a fully_shard model")
+    parser.add_argument("--iterations", type=int, default=30, help="meta-iterations (a line after every third of them)")
+    iterations = parser.parse_args().iterations
+    every = max(1, iterations // 3)
     if not dist.is_initialized():  # torchrun sets these; one process makes a group of its own
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -52,7 +58,7 @@ def main() -> None:
     sampler = SinusoidTasks(shots=10, seed=0)  # the same tasks on every rank
     mine = hd.split_tasks(TASKS)
 
-    for iteration in range(30):
+    for iteration in range(iterations):
         batch = sampler.sample(TASKS)
         sx, sy, qx, qy = (
             t[mine.start : mine.stop] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -69,7 +75,7 @@ def main() -> None:
         hd.average_grads([log_lr])  # each rank holds its part of the learning rate's hypergradient
         meta_opt.step()
         loss = hd.mean_over_ranks(query.sum().item(), TASKS)
-        if iteration % 10 == 9 and dist.get_rank() == 0:
+        if (iteration + 1) % every == 0 and dist.get_rank() == 0:
             print(f"iteration {iteration + 1}: query loss {loss:.6f}, inner lr {lr.item():.6f}")
     dist.destroy_process_group()
 

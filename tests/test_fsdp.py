@@ -471,7 +471,11 @@ def test_example_prints_the_same_on_one_and_two_ranks():
     runs = []
     for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]):
         done = subprocess.run(
-            [sys.executable, *launcher, example], capture_output=True, text=True, timeout=240, env=env
+            [sys.executable, *launcher, example, "--iterations", "3"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
         )
         assert done.returncode == 0, done.stderr
         runs.append([line for line in done.stdout.splitlines() if line.startswith("iteration")])
