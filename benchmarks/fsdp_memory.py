@@ -34,6 +34,7 @@ DDP one (per tensor, relative to its largest element).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -173,12 +174,12 @@ def _train(variant: str, width: int, steps: int, dtype: torch.dtype) -> dict[str
         for k, t in enumerate(mine):
             last = k == len(mine) - 1
             if variant == ONE:
-                sync: Any = _Null()
+                sync: Any = contextlib.nullcontext()
             elif variant == "DDP":
-                sync = net.no_sync() if not last else _Null()  # type: ignore[operator]
+                sync = net.no_sync() if not last else contextlib.nullcontext()  # type: ignore[operator]
             else:
                 model.set_requires_gradient_sync(last)  # type: ignore[operator]
-                sync = _Null()
+                sync = contextlib.nullcontext()
             with sync, higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                 sx, sy = x[it, t, :10], y[it, t, :10]
                 for _ in range(steps):
@@ -203,14 +204,6 @@ def _train(variant: str, width: int, steps: int, dtype: torch.dtype) -> dict[str
         "seconds": min(seconds),
         "grads": grads,
     }
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

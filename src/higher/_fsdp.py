@@ -173,6 +173,11 @@ def _check_fsdp(model: nn.Module, opt: torch.optim.Optimizer, options: Any) -> A
                 )
     if not params:
         raise ValueError("the FSDP model has no parameters: there is nothing to adapt in an inner loop.")
+    return process_group(model)
+
+
+def process_group(model: nn.Module) -> Any:
+    """The process group an FSDP model is sharded over (its parameters' device mesh's)."""
     return cast(Any, next(iter(model.parameters()))).device_mesh.get_group()
 
 

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from ._ddp import is_ddp, sync_stats
-from ._fsdp import gather_stats, gathered_bytes, is_fsdp
+from ._fsdp import gather_stats, gathered_bytes, is_fsdp, process_group
 
 __all__ = [
     "average_grads",
@@ -154,7 +154,7 @@ def maml_step(
     import torch.distributed as dist
 
     net: Any = model
-    group = net.process_group if not fsdp else next(iter(model.parameters())).device_mesh.get_group()  # type: ignore[attr-defined]
+    group = process_group(model) if fsdp else net.process_group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if len(tasks) < world:
         raise ValueError(
@@ -205,17 +205,12 @@ def average_grads(tensors: Any, group: Any = None) -> None:
     meta-losses are weighted by :func:`task_weight`. A tensor without ``.grad`` counts as zero on that rank.
     A no-op without a process group.
     """
-    import torch.distributed as dist
-
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     world = rank_and_world_size(group)[1]
     if world <= 1 or not tensors:
         return
     flat = torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).reshape(-1) for t in tensors])
-    if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
-        flat = flat.cuda()
-    dist.all_reduce(flat, group=group)
-    flat = flat.to(tensors[0].device).div_(world)
+    flat = _summed_over_ranks(flat, group).div_(world)
     offset = 0
     for t in tensors:
         t.grad = flat[offset : offset + t.numel()].view_as(t).clone()
@@ -228,16 +223,21 @@ def mean_over_ranks(local_sum: float | Tensor, num_tasks: int, group: Any = None
     One all-reduce of one number (none without a process group), e.g. for the running meta-loss
     that a progress bar shows.
     """
-    import torch.distributed as dist
-
     value = float(local_sum)
     if rank_and_world_size(group)[1] > 1:
-        summed = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend(group) == "nccl":
-            summed = summed.cuda()
-        dist.all_reduce(summed, group=group)
-        value = float(summed)
+        value = float(_summed_over_ranks(torch.tensor([value], dtype=torch.float64), group))
     return value / num_tasks
+
+
+def _summed_over_ranks(tensor: Tensor, group: Any = None) -> Tensor:
+    """``tensor`` all-reduced (summed) over the ranks, on its own device (NCCL reduces a CPU tensor on the GPU)."""
+    import torch.distributed as dist
+
+    device = tensor.device
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, group=group)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager
